@@ -1,0 +1,5 @@
+"""Lightning callbacks of lightning_xai."""
+
+from lightning_xai.callbacks.self_compression import SelfCompression
+
+__all__ = ["SelfCompression"]

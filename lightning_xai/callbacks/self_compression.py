@@ -1,0 +1,328 @@
+"""``SelfCompression``: learnable bit depths during training, with physical removal of 0-bit channels."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+
+from lightning_xai.logging import flush, log_histogram, log_scalars
+from lightning_xai.mixin import CompressionMixin
+from lightning_xai.pruning.surgery import remove_dead_channels, resize_to_state_dict
+from lightning_xai.quantization.engine import SelfCompressor, validate_number
+from lightning_xai.quantization.export import export_compressed
+from lightning_xai.quantization.install import gate_batchnorm, quantized_layers
+
+__all__ = ["SelfCompression"]
+
+
+class SelfCompression(Callback):
+    r"""Learn a bit depth per output channel while training, and remove channels that reach 0 bits.
+
+    The callback works on an unmodified ``LightningModule``:
+
+    * ``setup``: puts a quantizer ``q(w, b, e)`` on every selected Conv1d/Conv2d/Linear (and attention input
+      projection), before optimizers exist and before a checkpoint is restored.
+    * ``on_fit_start``: takes ``b``/``e`` out of your optimizer(s) and trains them with their own Adam
+      (``bits_lr``, ``bits_eps``; the settings of the self-compression paper by default). Your optimizer, its
+      learning-rate schedulers and its settings keep driving the weights.
+    * every optimizer step: adds the gradient of ``γ·Q + α·L1`` (exact; the penalty depends on parameters only) to
+      the gradients your loss produced, then steps ``b``/``e``.
+    * every ``remove_every_n_steps``: physically removes 0-bit channels (and the inputs of the layers that consume
+      them, batch norms and residual partners), carrying optimizer state along; the outputs are checked unchanged.
+      Under multi-process strategies removal waits for ``on_fit_end`` (the channels output zero meanwhile).
+    * every ``log_every_n_steps``: logs ``compression/bits_total``, ``compression/bits_ratio``,
+      ``compression/size_ratio``, ``compression/channels_alive``, per-layer channels and bit histograms.
+
+    Args:
+        gamma: weight ``γ`` of the size penalty ``Q`` (average stored bits per original weight).
+        alpha: weight ``α`` of the L1 penalty on the weights.
+        init_bits: initial bit depth of every channel.
+        include: regex (``re.search``) of layer names to quantize; ``None`` means all Conv/Linear layers.
+        exclude: regex of layer names to keep in float.
+        bits_lr: Adam learning rate of ``b`` and ``e``.
+        bits_eps: Adam epsilon of ``b`` and ``e``.
+        remove_every_n_steps: removal period in optimizer steps; 0 disables removal during training.
+        remove_at_fit_end: remove 0-bit channels once more when fitting ends.
+        log_every_n_steps: logging period in optimizer steps; 0 disables periodic logging.
+        export_path: if given, the packed model is written there at fit end (rank zero).
+
+    Example:
+        >>> cb = SelfCompression(gamma=0.05, exclude=r"classifier")
+        >>> cb.compressor.gamma
+        0.05
+    """
+
+    def __init__(
+        self,
+        gamma: float = 0.01,
+        alpha: float = 0.0,
+        init_bits: float = 8.0,
+        include: str | None = None,
+        exclude: str | None = None,
+        bits_lr: float = 0.5,
+        bits_eps: float = 1e-3,
+        remove_every_n_steps: int = 100,
+        remove_at_fit_end: bool = True,
+        log_every_n_steps: int = 50,
+        export_path: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.compressor = SelfCompressor(gamma=gamma, alpha=alpha, init_bits=init_bits, include=include, exclude=exclude)
+        validate_number("bits_lr", bits_lr, low=0.0, low_open=True)
+        validate_number("bits_eps", bits_eps, low=0.0, low_open=True)
+        validate_number("remove_every_n_steps", remove_every_n_steps, low=0, integer=True)
+        validate_number("log_every_n_steps", log_every_n_steps, low=0, integer=True)
+        if not isinstance(remove_at_fit_end, bool):
+            raise ValueError(f"`remove_at_fit_end` must be True or False, got {remove_at_fit_end!r}")
+        if export_path is not None and not isinstance(export_path, (str, os.PathLike)):
+            raise ValueError(f"`export_path` must be a file path or None, got {export_path!r}")
+        self.bits_lr = float(bits_lr)
+        self.bits_eps = float(bits_eps)
+        self.remove_every_n_steps = int(remove_every_n_steps)
+        self.remove_at_fit_end = remove_at_fit_end
+        self.log_every_n_steps = int(log_every_n_steps)
+        self.export_path = None if export_path is None else os.fspath(export_path)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.channels_removed = 0
+        self.last_removal: Any = None
+        self.exported_bytes: int | None = None
+        self._bn_pairs: list[tuple[str, str]] | None = None  # (batch-norm name, quantized layer name)
+        self._pending_state: dict[str, Any] | None = None
+        self._last_step = -1
+        self._example_inputs: Any = None
+        self._hooks: list[Any] = []
+        self._detect_hooks: list[Any] = []
+        self._detect_record: dict[int, tuple[Tensor, str]] = {}
+        self._detect_found: list[tuple[str, str]] = []
+        self._unremovable: dict[str, str] = {}
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            gamma=self.compressor.gamma, include=self.compressor.include, exclude=self.compressor.exclude
+        )
+
+    # -- set-up ---------------------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.compressor.install(pl_module)
+        if isinstance(pl_module, CompressionMixin):
+            pl_module._lxai_compressor = self.compressor
+        if not self._hooks:
+            self._hooks.append(pl_module.register_load_state_dict_pre_hook(_resize_hook))
+            self._hooks.append(pl_module.register_forward_pre_hook(self._capture_inputs, with_kwargs=True))
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for handle in self._hooks + self._detect_hooks:
+            handle.remove()
+        self._hooks, self._detect_hooks = [], []
+        self._example_inputs = None
+
+    def _capture_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if module.training:
+            self._example_inputs = (
+                tuple(a.detach() if isinstance(a, Tensor) else a for a in args),
+                {k: v.detach() if isinstance(v, Tensor) else v for k, v in kwargs.items()},
+            )
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        params = self.compressor.quant_parameters()
+        ids = {id(p) for p in params}
+        taken = 0
+        for opt in trainer.optimizers:
+            for group in opt.param_groups:
+                kept = [p for p in group["params"] if id(p) not in ids]
+                taken += len(group["params"]) - len(kept)
+                for p in group["params"]:
+                    if id(p) in ids:
+                        opt.state.pop(p, None)
+                group["params"] = kept
+        if taken:
+            rank_zero_info(
+                f"SelfCompression: {taken} bit-depth/exponent tensors moved from your optimizer to their own Adam "
+                f"(lr={self.bits_lr}, eps={self.bits_eps})"
+            )
+        self.optimizer = torch.optim.Adam(params, lr=self.bits_lr, eps=self.bits_eps)
+        pending = self._pending_state
+        if pending is not None:
+            if pending.get("optimizer") is not None:
+                self.optimizer.load_state_dict(pending["optimizer"])
+            self._pending_state = None
+        if self._bn_pairs is not None:
+            self._apply_gates(pl_module)
+
+    # -- batch-norm detection (first training forward) ------------------------------------------------------
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._bn_pairs is not None or self._detect_hooks:
+            return
+        names = {m: n for n, m in pl_module.named_modules()}
+        self._detect_record, self._detect_found = {}, []
+        for layer in quantized_layers(pl_module):
+            if layer.tensor != "weight":
+                continue
+
+            def record(module: nn.Module, args: tuple, output: Any, _name: str = layer.name) -> None:
+                if isinstance(output, Tensor):
+                    self._detect_record[id(output)] = (output, _name)
+
+            self._detect_hooks.append(layer.module.register_forward_hook(record))
+        for module in pl_module.modules():
+            if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+
+                def consume(module: nn.Module, args: tuple, _bn: str = names[module]) -> None:
+                    hit = self._detect_record.get(id(args[0])) if args else None
+                    if hit is not None and hit[0] is args[0]:
+                        self._detect_found.append((_bn, hit[1]))
+
+                self._detect_hooks.append(module.register_forward_pre_hook(consume))
+
+    def _finish_detection(self, pl_module: pl.LightningModule) -> None:
+        if not self._detect_hooks:
+            return
+        for handle in self._detect_hooks:
+            handle.remove()
+        self._detect_hooks = []
+        self._detect_record = {}
+        self._bn_pairs = sorted(set(self._detect_found))
+        self._apply_gates(pl_module)
+
+    def _apply_gates(self, pl_module: pl.LightningModule) -> None:
+        modules = dict(pl_module.named_modules())
+        layers = {layer.name: layer for layer in quantized_layers(pl_module)}
+        for bn_name, layer_name in self._bn_pairs or []:
+            if bn_name in modules and layer_name in layers:
+                gate_batchnorm(modules[bn_name], layers[layer_name].quantizer)
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        self._finish_detection(pl_module)
+
+    # -- the optimizer step of b and e ----------------------------------------------------------------------
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self.optimizer is None or trainer.global_step == self._last_step:
+            return  # second optimizer of the same step (e.g. GANs): b/e are stepped once
+        self._last_step = trainer.global_step
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None and hasattr(scaler, "get_scale"):
+            inv = 1.0 / float(scaler.get_scale())
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(inv)
+        uses_mixin = isinstance(pl_module, CompressionMixin) and pl_module._lxai_penalty_step == trainer.global_step
+        if not uses_mixin:
+            self.compressor.add_penalty_gradients()
+        finite = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+        if finite:
+            self.optimizer.step()
+            with torch.no_grad():
+                for layer in self.compressor.layers:
+                    layer.quantizer.b.clamp_(0.0, 32.0)
+        else:
+            rank_zero_warn(f"SelfCompression: non-finite bit-depth gradients at step {trainer.global_step}; step skipped")
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # -- periodic work --------------------------------------------------------------------------------------
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._finish_detection(pl_module)
+        step = trainer.global_step
+        if step == 0 or getattr(self, "_last_periodic", -1) == step:
+            return
+        self._last_periodic = step
+        if self.remove_every_n_steps and step % self.remove_every_n_steps == 0 and trainer.world_size == 1:
+            self._remove(trainer, pl_module)
+        if self.log_every_n_steps and step % self.log_every_n_steps == 0:
+            self.log_state(trainer, step)
+
+    def _inputs(self, pl_module: pl.LightningModule) -> Any:
+        if self._example_inputs is not None:
+            return self._example_inputs
+        example = getattr(pl_module, "example_input_array", None)
+        if example is not None:
+            return example
+        return None
+
+    def _remove(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        inputs = self._inputs(pl_module)
+        if inputs is None:
+            if not getattr(self, "_warned_inputs", False):
+                self._warned_inputs = True
+                rank_zero_warn(
+                    "SelfCompression: cannot remove 0-bit channels physically because no example input is known; "
+                    "call `self(x)` in training_step or set `example_input_array` (the channels still output zero "
+                    "and are counted as 0 bits)"
+                )
+            return
+        optimizers = list(trainer.optimizers) + ([self.optimizer] if self.optimizer is not None else [])
+        report = remove_dead_channels(pl_module, inputs, optimizers)
+        removed = sum(report.removed.values())
+        self.channels_removed += removed
+        self.last_removal = report
+        if removed:
+            rank_zero_info(
+                f"SelfCompression: removed {removed} channels at step {trainer.global_step} "
+                f"({report.params_before} -> {report.params_after} parameters)"
+            )
+
+    def log_state(self, trainer: pl.Trainer, step: int) -> dict[str, float]:
+        """Log the current compression state (and return the scalars)."""
+        size = self.compressor.size()
+        terms = self.compressor.penalty()
+        metrics = {f"compression/{k}": v for k, v in size.as_dict().items()}
+        metrics["compression/q"] = float(terms.q)
+        metrics["compression/penalty"] = float(terms.total)
+        metrics["compression/channels_removed"] = float(self.channels_removed)
+        metrics["compression/channels_alive"] = float(sum(ls.alive_channels for ls in size.layers.values()))
+        for name, ls in size.layers.items():
+            metrics[f"compression/channels_alive/{name}"] = float(ls.alive_channels)
+            metrics[f"compression/mean_bits/{name}"] = ls.mean_bits
+        log_scalars(trainer, metrics, step)
+        for name, ls in size.layers.items():
+            log_histogram(trainer, f"compression/bits/{name}", ls.bits, step)
+        return metrics
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._finish_detection(pl_module)
+        if self.remove_at_fit_end:
+            self._remove(trainer, pl_module)
+        self.log_state(trainer, trainer.global_step)
+        if self.export_path is not None and trainer.is_global_zero:
+            self.exported_bytes = export_compressed(pl_module, self.export_path)
+            rank_zero_info(f"SelfCompression: packed model written to {self.export_path} ({self.exported_bytes} bytes)")
+        flush(trainer)
+
+    # -- checkpointing --------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "compressor": self.compressor.state_dict(),
+            "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
+            "bn_pairs": None if self._bn_pairs is None else [list(p) for p in self._bn_pairs],
+            "channels_removed": self.channels_removed,
+            "last_step": self._last_step,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.compressor.load_state_dict(state_dict.get("compressor", {}))
+        pairs = state_dict.get("bn_pairs")
+        self._bn_pairs = None if pairs is None else [tuple(p) for p in pairs]  # type: ignore[misc]
+        self.channels_removed = int(state_dict.get("channels_removed", 0))
+        self._last_step = int(state_dict.get("last_step", -1))
+        self._pending_state = {"optimizer": state_dict.get("optimizer")}
+
+
+def _resize_hook(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    """Before a checkpoint is loaded, give pruned layers the checkpoint's shapes (the values follow)."""
+    if prefix:
+        return
+    resize_to_state_dict(module, state_dict)
+
+

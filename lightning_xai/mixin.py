@@ -1,0 +1,56 @@
+"""``CompressionMixin``: the self-compression loss terms made explicit in the user's ``training_step``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch  # noqa: F401  (used in the docstring example)
+from torch import Tensor
+
+__all__ = ["CompressionMixin"]
+
+
+class CompressionMixin:
+    """Mix into a ``LightningModule`` to write the compression objective yourself.
+
+    The quantizers, ``γ`` and ``α`` still come from the :class:`~lightning_xai.callbacks.SelfCompression` callback
+    (one implementation); the mixin only moves the penalty into your loss and logs each term as its own scalar
+    (``compression/task_loss``, ``compression/q_penalty``, ``compression/l1_penalty``, ``compression/q``).
+
+    Example:
+        >>> import lightning as L
+        >>> class Model(CompressionMixin, L.LightningModule):
+        ...     def training_step(self, batch, batch_idx):
+        ...         x, y = batch
+        ...         task = torch.nn.functional.cross_entropy(self(x), y)
+        ...         return self.compressed_loss(task)
+    """
+
+    _lxai_compressor: Any = None
+    _lxai_penalty_step: int = -1
+
+    def compressed_loss(self, task_loss: Tensor, log: bool = True) -> Tensor:
+        """``task_loss + γ·Q + α·L1``; logs the terms when ``log`` is true."""
+        compressor = self._lxai_compressor
+        if compressor is None:
+            raise RuntimeError(
+                "CompressionMixin.compressed_loss() needs the SelfCompression callback: add "
+                "`SelfCompression(...)` to `Trainer(callbacks=[...])`; it installs the quantizers and owns gamma/alpha"
+            )
+        terms = compressor.penalty()
+        total = task_loss + terms.total
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None and getattr(self, "training", False):
+            self._lxai_penalty_step = trainer.global_step
+        if log and trainer is not None:
+            self.log_dict(  # type: ignore[attr-defined]
+                {
+                    "compression/task_loss": task_loss.detach(),
+                    "compression/q_penalty": compressor.gamma * terms.q.detach(),
+                    "compression/l1_penalty": compressor.alpha * terms.l1.detach(),
+                    "compression/q": terms.q.detach(),
+                },
+                on_step=True,
+                on_epoch=False,
+            )
+        return total

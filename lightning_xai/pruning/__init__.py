@@ -1,0 +1,1 @@
+"""Physical pruning: dependency-aware channel removal and related utilities."""

@@ -1,0 +1,473 @@
+"""Physical channel removal that keeps a model, its quantizers and its optimizer state consistent.
+
+Dependencies (residual additions, concatenations, flatten → Linear, batch norms) come from torch-pruning's
+dependency graph; the slicing itself is done here, so that quantizer parameters ``b``/``e``, parametrized weights
+and the optimizer state (Adam moments, momentum buffers) shrink with their tensors. Every removal is a transaction:
+outputs are compared before and after on example inputs, and any mismatch or error restores the model (and the
+optimizers) exactly as they were.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+from torch.utils._pytree import tree_flatten
+
+from lightning_xai.quantization.install import QuantizedLayer, quantized_layers
+
+__all__ = [
+    "resize_to_state_dict",
+    "remove_dead_channels",
+    "RemovalReport",
+    "dead_channels",
+    "ChannelCut",
+    "apply_cuts",
+]
+
+_PASS_THROUGH = {
+    tp.ops.OPTYPE.ELEMENTWISE,
+    tp.ops.OPTYPE.RESHAPE,
+    tp.ops.OPTYPE.CONCAT,
+    tp.ops.OPTYPE.SPLIT,
+    tp.ops.OPTYPE.UNBIND,
+    tp.ops.OPTYPE.EXPAND,
+    tp.ops.OPTYPE.SLICE,
+}
+_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tensor access that sees through parametrizations
+
+
+def _param_slot(module: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """(owner, attribute) holding the stored tensor ``name`` of ``module`` (the original if parametrized)."""
+    if parametrize.is_parametrized(module, name):
+        return module.parametrizations[name], "original"  # type: ignore[index]
+    return module, name
+
+
+def _get(module: nn.Module, name: str) -> Tensor | None:
+    owner, attr = _param_slot(module, name)
+    return getattr(owner, attr, None)
+
+
+def _quantizer(module: nn.Module, name: str = "weight") -> nn.Module | None:
+    if parametrize.is_parametrized(module, name):
+        return module.parametrizations[name][0]  # type: ignore[index]
+    return None
+
+
+def _set_tensor(owner: nn.Module, attr: str, value: Tensor, like: Tensor) -> Tensor:
+    if isinstance(like, nn.Parameter):
+        new: Tensor = nn.Parameter(value, requires_grad=like.requires_grad)
+        setattr(owner, attr, new)
+    else:
+        owner._buffers[attr] = value
+        new = value
+    return new
+
+
+def _sync_attributes(module: nn.Module) -> None:
+    """Make ``out_channels``/``in_features``/``num_features``... agree with the stored tensors."""
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        w = _get(module, "weight")
+        assert w is not None
+        depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
+        module.out_channels = w.shape[0]
+        if depthwise:
+            module.in_channels = module.groups = w.shape[0]
+        else:
+            module.in_channels = w.shape[1] * module.groups
+    elif isinstance(module, nn.Linear):
+        w = _get(module, "weight")
+        assert w is not None
+        module.out_features, module.in_features = w.shape[0], w.shape[1]
+    elif isinstance(module, _BN_TYPES + (nn.BatchNorm3d,)):
+        ref = module.running_mean if module.running_mean is not None else _get(module, "weight")
+        if ref is not None:
+            module.num_features = ref.shape[0]
+
+
+def resize_to_state_dict(model: nn.Module, state_dict: dict[str, Tensor]) -> list[str]:
+    """Resize every tensor of ``model`` whose shape differs from ``state_dict`` (e.g. a checkpoint of a pruned model).
+
+    Works for plain and parametrized (quantized) models; module attributes such as ``out_channels`` follow. The
+    values are not copied: call ``load_state_dict`` afterwards. Returns the resized keys.
+    """
+    resized: list[str] = []
+    touched: set[nn.Module] = set()
+    modules = dict(model.named_modules())
+    for key, value in state_dict.items():
+        if not isinstance(value, Tensor):
+            continue
+        owner_name, _, attr = key.rpartition(".")
+        owner = modules.get(owner_name)
+        if owner is None:
+            continue
+        current = owner._parameters.get(attr, owner._buffers.get(attr))
+        if current is None or current.shape == value.shape:
+            continue
+        fresh = torch.empty(value.shape, dtype=current.dtype, device=current.device)
+        _set_tensor(owner, attr, fresh, current)
+        resized.append(key)
+        # the module that the tensor belongs to (skip ParametrizationList / quantizer levels)
+        parts = owner_name.split(".")
+        for cut in range(len(parts), -1, -1):
+            base = ".".join(parts[:cut])
+            if ".parametrizations" in f".{base}" or base.endswith("parametrizations"):
+                continue
+            candidate = modules.get(base)
+            if candidate is not None and not isinstance(candidate, (parametrize.ParametrizationList,)):
+                if "parametrizations" not in base.split(".")[-1:]:
+                    touched.add(candidate)
+                    break
+    for module in touched:
+        _sync_attributes(module)
+    return resized
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dead channels and their dependency groups
+
+
+def dead_channels(layer: QuantizedLayer) -> list[int]:
+    """Output channels of ``layer`` at 0 bits (they output exactly zero)."""
+    return torch.nonzero(~layer.quantizer.alive()).flatten().tolist()
+
+
+@dataclass(frozen=True)
+class ChannelCut:
+    """Remove indices ``idxs`` along the output (``out``) or input (``in``) dimension of module ``name``."""
+
+    name: str
+    kind: str  # "out" | "in"
+    idxs: tuple[int, ...]
+
+
+@dataclass
+class RemovalReport:
+    """What :func:`remove_dead_channels` did."""
+
+    removed: dict[str, int] = field(default_factory=dict)  # layer -> output channels removed
+    rejected: dict[str, str] = field(default_factory=dict)  # layer -> reason the dead channels stayed
+    params_before: int = 0
+    params_after: int = 0
+    max_abs_diff: float = 0.0
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.removed)
+
+
+def _group_cuts(
+    group: Any, DG: tp.DependencyGraph, names: dict[nn.Module, str], dead: dict[str, set[int]]
+) -> tuple[list[ChannelCut], str | None]:
+    """Translate a torch-pruning group into cuts, or give the reason it cannot be removed exactly."""
+    cuts: list[ChannelCut] = []
+    for dep, idxs in group:
+        target = dep.target
+        if target.type in _PASS_THROUGH:
+            continue
+        module = target.module
+        if target.type == tp.ops.OPTYPE.OUTPUT:
+            return [], "its channels are model outputs"
+        name = names.get(module)
+        if name is None:
+            return [], f"it is coupled with {type(module).__name__}, which cannot be sliced here"
+        is_out = DG.is_out_channel_pruning_fn(dep.handler)
+        is_in = DG.is_in_channel_pruning_fn(dep.handler)
+        if target.type == tp.ops.OPTYPE.CONV and module.groups != 1:
+            return [], f"{name} is a grouped convolution"
+        if target.type in (tp.ops.OPTYPE.CONV, tp.ops.OPTYPE.LINEAR):
+            if is_out:
+                missing = set(idxs) - dead.get(name, set())
+                if missing:
+                    return [], f"coupled layer {name} still uses channels {sorted(missing)[:8]}"
+                cuts.append(ChannelCut(name, "out", tuple(sorted(set(idxs)))))
+            elif is_in:
+                cuts.append(ChannelCut(name, "in", tuple(sorted(set(idxs)))))
+            else:  # pragma: no cover - defensive
+                return [], f"unknown pruning function on {name}"
+        elif target.type == tp.ops.OPTYPE.BN and isinstance(module, _BN_TYPES):
+            cuts.append(ChannelCut(name, "out", tuple(sorted(set(idxs)))))
+        else:
+            return [], f"it is coupled with {name} ({type(module).__name__}), which cannot be sliced here"
+    if not any(c.kind == "in" for c in cuts):
+        return [], "no layer consumes its channels (they are model outputs)"
+    return cuts, None
+
+
+def _out_tensors(module: nn.Module) -> list[str]:
+    if isinstance(module, _BN_TYPES):
+        return ["weight", "bias", "running_mean", "running_var"]
+    return ["weight", "bias"]
+
+
+@dataclass
+class _Edit:
+    owner: nn.Module
+    attr: str
+    old: Tensor
+    new: Tensor
+    dim: int
+    keep: Tensor
+
+
+def apply_cuts(
+    model: nn.Module, cuts: Iterable[ChannelCut], optimizers: Sequence[torch.optim.Optimizer] = ()
+) -> list[_Edit]:
+    """Slice the tensors named by ``cuts`` (merging duplicates) and carry the optimizer state along.
+
+    Returns the list of edits (used by the caller to roll back).
+    """
+    modules = dict(model.named_modules())
+    merged: dict[tuple[str, str], set[int]] = defaultdict(set)
+    for cut in cuts:
+        merged[(cut.name, cut.kind)].update(cut.idxs)
+    edits: list[_Edit] = []
+    touched: set[nn.Module] = set()
+    for (name, kind), idxs in merged.items():
+        module = modules[name]
+        specs: list[tuple[nn.Module, str, int]] = []
+        if kind == "out":
+            for tensor in _out_tensors(module):
+                if _get(module, tensor) is not None:
+                    owner, attr = _param_slot(module, tensor)
+                    specs.append((owner, attr, 0))
+            q = _quantizer(module)
+            if q is not None:
+                specs += [(q, "b", 0), (q, "e", 0)]
+        else:
+            owner, attr = _param_slot(module, "weight")
+            specs.append((owner, attr, 1))
+        for owner, attr, dim in specs:
+            old = getattr(owner, attr)
+            size = old.shape[dim]
+            drop = torch.tensor(sorted(i for i in idxs if i < size), dtype=torch.long)
+            keep_mask = torch.ones(size, dtype=torch.bool)
+            keep_mask[drop] = False
+            keep = torch.nonzero(keep_mask).flatten().to(old.device)
+            new_value = old.detach().index_select(dim, keep).clone()
+            new = _set_tensor(owner, attr, new_value, old)
+            edits.append(_Edit(owner, attr, old, new, dim, keep))
+        touched.add(module)
+    for module in touched:
+        _sync_attributes(module)
+    _remap_optimizers(optimizers, edits)
+    return edits
+
+
+def _remap_optimizers(optimizers: Sequence[torch.optim.Optimizer], edits: list[_Edit]) -> None:
+    by_old = {id(e.old): e for e in edits if isinstance(e.old, nn.Parameter)}
+    for opt in optimizers:
+        for group in opt.param_groups:
+            new_params = []
+            for p in group["params"]:
+                edit = by_old.get(id(p))
+                if edit is None:
+                    new_params.append(p)
+                    continue
+                state = opt.state.pop(p, None)
+                if state is not None:
+                    new_state = {}
+                    for k, v in state.items():
+                        if isinstance(v, Tensor) and v.shape == edit.old.shape:
+                            v = v.index_select(edit.dim, edit.keep.to(v.device)).clone()
+                        new_state[k] = v
+                    opt.state[edit.new] = new_state
+                new_params.append(edit.new)
+            group["params"] = new_params
+
+
+def _rollback(model: nn.Module, edits: list[_Edit], optimizers: Sequence[torch.optim.Optimizer], saved: Any) -> None:
+    touched = set()
+    for edit in reversed(edits):
+        if isinstance(edit.old, nn.Parameter):
+            setattr(edit.owner, edit.attr, edit.old)
+        else:
+            edit.owner._buffers[edit.attr] = edit.old
+        touched.add(edit.owner)
+    for module in model.modules():
+        _sync_attributes(module)
+    for opt, (groups, state) in zip(optimizers, saved):
+        for group, params in zip(opt.param_groups, groups):
+            group["params"] = params
+        opt.state.clear()
+        opt.state.update(state)
+
+
+def _outputs(model: nn.Module, args: tuple, kwargs: dict) -> list[Tensor]:
+    with torch.no_grad():
+        out = model(*args, **kwargs)
+    leaves, _ = tree_flatten(out)
+    return [t for t in leaves if isinstance(t, Tensor)]
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.train(mode)
+
+
+def _compare(before: list[Tensor], after: list[Tensor], rtol: float, atol: float) -> float | None:
+    """Max abs difference, or None when the outputs do not even have the same structure/shapes."""
+    if len(before) != len(after):
+        return None
+    worst = 0.0
+    for a, b in zip(before, after):
+        if a.shape != b.shape:
+            return None
+        if a.numel():
+            diff = (a.float() - b.float()).abs()
+            tol = atol + rtol * a.float().abs()
+            if not bool((diff <= tol).all()):
+                return float("inf") if not torch.isfinite(diff).all() else max(worst, float(diff.max())) + 1e9
+            worst = max(worst, float(diff.max()))
+    return worst
+
+
+def remove_dead_channels(
+    model: nn.Module,
+    example_inputs: Any,
+    optimizers: Sequence[torch.optim.Optimizer] = (),
+    skip: Iterable[str] = (),
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+) -> RemovalReport:
+    """Physically remove every 0-bit output channel that can be removed without changing the model's outputs.
+
+    For each quantized layer with dead channels, the dependency group (consumers' input channels, following batch
+    norms, residual partners) is collected; the group is removed only if every coupled producer is dead on those
+    channels and every coupled module can be sliced. The outputs on ``example_inputs`` (a tensor, a tuple of
+    positional arguments, or ``(args, kwargs)``) are checked before and after, in eval mode; if they differ, or
+    anything raises, the model and ``optimizers`` are restored exactly.
+
+    Example:
+        >>> from lightning_xai.quantization.install import install_quantizers
+        >>> net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+        >>> layers = install_quantizers(net)
+        >>> with torch.no_grad():
+        ...     layers[0].quantizer.b[:2] = 0.0
+        >>> remove_dead_channels(net, torch.randn(3, 4)).removed
+        {'0': 2}
+        >>> net[0].out_features, net[2].in_features
+        (4, 4)
+    """
+    args, kwargs = _normalise_inputs(example_inputs)
+    skip = set(skip)
+    report = RemovalReport()
+    report.params_before = sum(p.numel() for p in model.parameters())
+    report.params_after = report.params_before
+    layers = [layer for layer in quantized_layers(model) if layer.tensor == "weight"]
+    dead = {layer.name: set(dead_channels(layer)) for layer in layers}
+    candidates = [layer for layer in layers if dead[layer.name] and layer.name not in skip]
+    if not candidates:
+        return report
+    with _eval_mode(model):
+        reference = _outputs(model, args, kwargs)
+        names = {m: n for n, m in model.named_modules()}
+        try:
+            with torch.enable_grad():
+                DG = tp.DependencyGraph().build_dependency(model, example_inputs=_tp_inputs(args, kwargs), verbose=False)
+        except Exception as err:  # noqa: BLE001 - tracing arbitrary user models can fail in many ways
+            for layer in candidates:
+                report.rejected[layer.name] = f"dependency tracing failed: {type(err).__name__}: {err}"
+            return report
+        planned: list[tuple[str, list[ChannelCut], int]] = []
+        for layer in candidates:
+            if layer.module not in DG.module2node:
+                report.rejected[layer.name] = "the layer is not used in the forward pass"
+                continue
+            fn = tp.prune_linear_out_channels if isinstance(layer.module, nn.Linear) else tp.prune_conv_out_channels
+            idxs = sorted(dead[layer.name])
+            if len(idxs) >= layer.quantizer.b.numel():
+                idxs = idxs[:-1]  # keep one channel so shapes stay valid; it outputs zero anyway
+                if not idxs:
+                    report.rejected[layer.name] = "all channels are dead; one is kept so the graph stays valid"
+                    continue
+            group = DG.get_pruning_group(layer.module, fn, idxs)
+            cuts, reason = _group_cuts(group, DG, names, dead)
+            if reason is not None:
+                report.rejected[layer.name] = reason
+                continue
+            planned.append((layer.name, cuts, len(idxs)))
+        del DG
+        accepted = _try_apply(model, planned, optimizers, args, kwargs, reference, rtol, atol, report)
+    for name, count in accepted:
+        report.removed[name] = report.removed.get(name, 0) + count
+    report.params_after = sum(p.numel() for p in model.parameters())
+    return report
+
+
+def _try_apply(model, planned, optimizers, args, kwargs, reference, rtol, atol, report):
+    """Apply all planned groups at once; if the check fails, fall back to one group at a time."""
+    if not planned:
+        return []
+
+    def attempt(batch):
+        saved = [([list(g["params"]) for g in opt.param_groups], dict(opt.state)) for opt in optimizers]
+        edits: list[_Edit] = []
+        try:
+            edits = apply_cuts(model, [c for _, cuts, _ in batch for c in cuts], optimizers)
+            diff = _compare(reference, _outputs(model, args, kwargs), rtol, atol)
+        except Exception:
+            _rollback(model, edits, optimizers, saved)
+            raise
+        if diff is None or diff > 1e8:
+            _rollback(model, edits, optimizers, saved)
+            return False
+        report.max_abs_diff = max(report.max_abs_diff, diff)
+        return True
+
+    if attempt(planned):
+        return [(name, n) for name, _, n in planned]
+    accepted = []
+    for item in planned:
+        # re-plan is unnecessary: groups of different layers touch disjoint producer channels
+        if attempt([item]):
+            accepted.append((item[0], item[2]))
+        else:
+            report.rejected[item[0]] = "removing its dead channels would change the model's outputs"
+    return accepted
+
+
+def _normalise_inputs(example_inputs: Any) -> tuple[tuple, dict]:
+    if isinstance(example_inputs, Tensor):
+        return (example_inputs,), {}
+    if (
+        isinstance(example_inputs, tuple)
+        and len(example_inputs) == 2
+        and isinstance(example_inputs[0], tuple)
+        and isinstance(example_inputs[1], dict)
+    ):
+        return example_inputs[0], example_inputs[1]
+    if isinstance(example_inputs, (list, tuple)):
+        return tuple(example_inputs), {}
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    raise TypeError(
+        "`example_inputs` must be a tensor, a tuple of positional arguments, a dict of keyword arguments or "
+        f"(args, kwargs), got {type(example_inputs).__name__}"
+    )
+
+
+def _tp_inputs(args: tuple, kwargs: dict) -> Any:
+    if kwargs and not args:
+        return kwargs
+    if kwargs:
+        raise TypeError("dependency tracing needs positional or keyword example inputs, not both")
+    return args[0] if len(args) == 1 else list(args)

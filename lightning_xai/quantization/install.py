@@ -1,0 +1,197 @@
+"""Install and find quantizers on a model's Conv1d/Conv2d/Linear layers (and attention input projections)."""
+
+from __future__ import annotations
+
+import re
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from lightning_xai.quantization.quantizer import BiasGate, ChannelQuantizer
+
+__all__ = [
+    "QuantizedLayer",
+    "QUANTIZABLE_TYPES",
+    "install_quantizers",
+    "quantized_layers",
+    "remove_quantizers",
+    "compile_pattern",
+    "gate_batchnorm",
+    "batchnorm_gates",
+    "clear_batchnorm_gates",
+]
+
+QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Linear)
+
+
+@dataclass(frozen=True)
+class QuantizedLayer:
+    """One quantized tensor: ``module.<tensor>`` is ``q(original, b, e)``; ``bias`` is the gated bias name or None."""
+
+    name: str
+    module: nn.Module
+    tensor: str
+    bias: str | None
+
+    @property
+    def quantizer(self) -> ChannelQuantizer:
+        return self.module.parametrizations[self.tensor][0]  # type: ignore[index,return-value]
+
+    @property
+    def original(self) -> nn.Parameter:
+        return self.module.parametrizations[self.tensor].original  # type: ignore[index,return-value]
+
+    @property
+    def bias_original(self) -> nn.Parameter | None:
+        if self.bias is None:
+            return None
+        return self.module.parametrizations[self.bias].original  # type: ignore[index,return-value]
+
+    @property
+    def qualified(self) -> str:
+        """Name of the quantized tensor as it appears in a plain (unparametrized) state dict."""
+        return f"{self.name}.{self.tensor}" if self.name else self.tensor
+
+
+def compile_pattern(value: str | None, argument: str) -> re.Pattern[str] | None:
+    """Compile a layer-name regex, raising a clear error that names ``argument``."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"`{argument}` must be a regular expression string or None, got {type(value).__name__} {value!r}")
+    try:
+        return re.compile(value)
+    except re.error as err:
+        raise ValueError(f"`{argument}`={value!r} is not a valid regular expression: {err}") from None
+
+
+def _targets(module: nn.Module) -> list[tuple[str, str | None]]:
+    """(weight tensor, bias tensor) pairs of ``module`` that take a per-output-row quantizer."""
+    if isinstance(module, QUANTIZABLE_TYPES):
+        if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.transposed:  # pragma: no cover - ConvTranspose
+            return []
+        return [("weight", "bias" if module.bias is not None else None)]
+    if isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
+        return [("in_proj_weight", "in_proj_bias" if module.in_proj_bias is not None else None)]
+    return []
+
+
+def _is_installed(module: nn.Module, tensor: str) -> bool:
+    return parametrize.is_parametrized(module, tensor) and any(
+        isinstance(p, ChannelQuantizer) for p in module.parametrizations[tensor]  # type: ignore[index]
+    )
+
+
+def install_quantizers(
+    model: nn.Module,
+    include: str | None = None,
+    exclude: str | None = None,
+    init_bits: float = 8.0,
+) -> list[QuantizedLayer]:
+    """Put a :class:`ChannelQuantizer` on every selected Conv1d/Conv2d/Linear weight (and MHA ``in_proj_weight``).
+
+    A layer is selected when its qualified name matches ``include`` (``re.search``; default: every layer) and does
+    not match ``exclude``. Layers that already carry a quantizer are left as they are, so the call is idempotent.
+    Biases are gated so that a channel at 0 bits outputs exactly zero.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> [q.name for q in install_quantizers(net, exclude=r"^2$")]
+        ['0']
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(init_bits, bool) or not isinstance(init_bits, (int, float)) or not 1 <= init_bits <= 32:
+        raise ValueError(f"`init_bits` must be a number in [1, 32], got {init_bits!r}")
+    inc = compile_pattern(include, "include")
+    exc = compile_pattern(exclude, "exclude")
+    for name, module in list(model.named_modules()):
+        if inc is not None and not inc.search(name):
+            continue
+        if exc is not None and exc.search(name):
+            continue
+        for tensor, bias in _targets(module):
+            if _is_installed(module, tensor):
+                continue
+            weight = getattr(module, tensor)
+            quantizer = ChannelQuantizer(weight, float(init_bits))
+            parametrize.register_parametrization(module, tensor, quantizer)
+            if bias is not None:
+                parametrize.register_parametrization(module, bias, BiasGate(quantizer))
+    return quantized_layers(model)
+
+
+def quantized_layers(model: nn.Module) -> list[QuantizedLayer]:
+    """Every quantized tensor of ``model`` in module order."""
+    found: list[QuantizedLayer] = []
+    for name, module in model.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for tensor in list(module.parametrizations.keys()):  # type: ignore[union-attr]
+            if _is_installed(module, tensor):
+                bias_name = None
+                for cand in ("bias", "in_proj_bias"):
+                    if parametrize.is_parametrized(module, cand) and any(
+                        isinstance(p, BiasGate) for p in module.parametrizations[cand]  # type: ignore[index]
+                    ):
+                        bias_name = cand
+                found.append(QuantizedLayer(name, module, tensor, bias_name))
+    return found
+
+
+def remove_quantizers(model: nn.Module, bake: bool = True) -> None:
+    """Remove all quantizers. With ``bake=True`` the layers keep the quantized weights (and gated biases)."""
+    for layer in quantized_layers(model):
+        if layer.bias is not None:
+            parametrize.remove_parametrizations(layer.module, layer.bias, leave_parametrized=bake)
+        parametrize.remove_parametrizations(layer.module, layer.tensor, leave_parametrized=bake)
+    clear_batchnorm_gates(model)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batch-norm gating: a BN that directly follows a quantized layer gets its dead channels multiplied by zero, so a
+# 0-bit channel is zero after the normalisation as well (and can be removed exactly).
+_GATES: weakref.WeakKeyDictionary[nn.Module, tuple[ChannelQuantizer, torch.utils.hooks.RemovableHandle]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _gate_hook(quantizer_ref: weakref.ref[ChannelQuantizer]):
+    def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+        q = quantizer_ref()
+        if q is None or q.b.numel() != output.shape[1]:
+            return output
+        mask = q.alive().to(output.dtype).reshape((1, -1) + (1,) * (output.dim() - 2))
+        return output * mask
+
+    return hook
+
+
+def gate_batchnorm(bn: nn.Module, quantizer: ChannelQuantizer) -> None:
+    """Zero the outputs of ``bn`` on the channels where ``quantizer`` has 0 bits (idempotent)."""
+    if bn in _GATES:
+        old_q, handle = _GATES[bn]
+        if old_q is quantizer:
+            return
+        handle.remove()
+    handle = bn.register_forward_hook(_gate_hook(weakref.ref(quantizer)))
+    _GATES[bn] = (quantizer, handle)
+
+
+def batchnorm_gates(model: nn.Module) -> Iterator[tuple[str, nn.Module, ChannelQuantizer]]:
+    """(name, bn, quantizer) for every gated batch-norm inside ``model``."""
+    for name, module in model.named_modules():
+        if module in _GATES:
+            yield name, module, _GATES[module][0]
+
+
+def clear_batchnorm_gates(model: nn.Module) -> None:
+    """Remove every batch-norm gate inside ``model``."""
+    for module in model.modules():
+        entry = _GATES.pop(module, None)
+        if entry is not None:
+            entry[1].remove()
