@@ -221,9 +221,6 @@ class SelfCompression(Callback):
         finite = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
         if finite:
             self.optimizer.step()
-            with torch.no_grad():
-                for layer in self.compressor.layers:
-                    layer.quantizer.b.clamp_(0.0, 32.0)
         else:
             rank_zero_warn(f"SelfCompression: non-finite bit-depth gradients at step {trainer.global_step}; step skipped")
         self.optimizer.zero_grad(set_to_none=True)

@@ -223,17 +223,21 @@ class _Edit:
 
 
 def apply_cuts(
-    model: nn.Module, cuts: Iterable[ChannelCut], optimizers: Sequence[torch.optim.Optimizer] = ()
+    model: nn.Module,
+    cuts: Iterable[ChannelCut],
+    optimizers: Sequence[torch.optim.Optimizer] = (),
+    edits: list[_Edit] | None = None,
 ) -> list[_Edit]:
     """Slice the tensors named by ``cuts`` (merging duplicates) and carry the optimizer state along.
 
-    Returns the list of edits (used by the caller to roll back).
+    Every tensor replacement is appended to ``edits`` as it happens, so a caller can roll back even when this
+    function raises half-way. Returns ``edits``.
     """
     modules = dict(model.named_modules())
     merged: dict[tuple[str, str], set[int]] = defaultdict(set)
     for cut in cuts:
         merged[(cut.name, cut.kind)].update(cut.idxs)
-    edits: list[_Edit] = []
+    edits = [] if edits is None else edits
     touched: set[nn.Module] = set()
     for (name, kind), idxs in merged.items():
         module = modules[name]
@@ -289,13 +293,11 @@ def _remap_optimizers(optimizers: Sequence[torch.optim.Optimizer], edits: list[_
 
 
 def _rollback(model: nn.Module, edits: list[_Edit], optimizers: Sequence[torch.optim.Optimizer], saved: Any) -> None:
-    touched = set()
     for edit in reversed(edits):
         if isinstance(edit.old, nn.Parameter):
             setattr(edit.owner, edit.attr, edit.old)
         else:
             edit.owner._buffers[edit.attr] = edit.old
-        touched.add(edit.owner)
     for module in model.modules():
         _sync_attributes(module)
     for opt, (groups, state) in zip(optimizers, saved):
@@ -422,9 +424,9 @@ def _try_apply(model, planned, optimizers, args, kwargs, reference, rtol, atol, 
         saved = [([list(g["params"]) for g in opt.param_groups], dict(opt.state)) for opt in optimizers]
         edits: list[_Edit] = []
         try:
-            edits = apply_cuts(model, [c for _, cuts, _ in batch for c in cuts], optimizers)
+            apply_cuts(model, [c for _, cuts, _ in batch for c in cuts], optimizers, edits)
             diff = _compare(reference, _outputs(model, args, kwargs), rtol, atol)
-        except Exception:
+        except BaseException:
             _rollback(model, edits, optimizers, saved)
             raise
         if diff is None or diff > 1e8:

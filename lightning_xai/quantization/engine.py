@@ -138,28 +138,32 @@ class SelfCompressor:
         l1 = l1 / n0
         return PenaltyTerms(q=q, l1=l1, total=self.gamma * q + self.alpha * l1)
 
-    def add_penalty_gradients(self, scale: float = 1.0) -> PenaltyTerms:
+    def add_penalty_gradients(self, scale: float = 1.0) -> None:
         """Add ``scale · ∇(γ·Q + α·L1)`` to the ``.grad`` of ``b`` (and of the weights if ``alpha > 0``).
 
-        Used by the callback, which cannot change the user's loss: the penalty depends on parameters only, so its
-        gradient is exact without a second backward through the network (and DDP hooks are not triggered).
+        Used by the callback, which cannot change the user's loss. The penalty depends on parameters only, so its
+        gradient is exact without a second backward through the network (and DDP hooks are not triggered). It is
+        the closed form of :meth:`penalty`'s gradient: ``∂Q/∂b_lc = n_l/N0 · [b_lc > 0]``,
+        ``∂L1/∂w = sign(w)/N0``; a test checks it against autograd.
         """
-        terms = self.penalty()
-        params = [layer.quantizer.b for layer in self.layers]
-        if self.alpha:
-            params += [layer.original for layer in self.layers]
-        params = [p for p in params if p.requires_grad]
-        if terms.total.requires_grad and params:
-            grads = torch.autograd.grad(terms.total, params, allow_unused=True)
-            for p, g in zip(params, grads):
-                if g is None:
-                    continue
-                g = g * scale
-                if p.grad is None:
-                    p.grad = g.detach().clone()
-                else:
-                    p.grad.add_(g)
-        return terms
+        n0 = max(self.initial_weights, 1)
+        with torch.no_grad():
+            for layer in self.layers:
+                b = layer.quantizer.b
+                if self.gamma and b.requires_grad:
+                    per_channel = layer.original[0].numel() if layer.original.shape[0] else 0
+                    g = (b > 0).to(b.dtype) * (scale * self.gamma * per_channel / n0)
+                    if b.grad is None:
+                        b.grad = g
+                    else:
+                        b.grad.add_(g)
+                w = layer.original
+                if self.alpha and w.requires_grad:
+                    g = torch.sign(w) * (scale * self.alpha / n0)
+                    if w.grad is None:
+                        w.grad = g
+                    else:
+                        w.grad.add_(g)
 
     # -- reporting ------------------------------------------------------------------------------------------
     def size(self) -> SizeReport:

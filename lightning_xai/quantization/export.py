@@ -6,7 +6,8 @@ File layout (all tensors little-endian, no pickle; ``safetensors.torch.load_file
   codes as unsigned ``code + 2^(k_c-1)`` in ``k_c`` bits each (LSB first). 0-bit channels store nothing.
 * ``lxai.bits`` (uint8): ``k_c`` of every channel of every quantized layer, in layer order.
 * ``lxai.exponents`` (float32): ``e_c`` of every channel with ``k_c > 0``.
-* ``lxai.bias`` (float32): the bias of every channel with ``k_c > 0`` (layers that have a bias).
+* ``lxai.bias_flags`` (uint8, bit-packed): for layers with a bias, one bit per channel: alive (``b > 0``)?
+* ``lxai.bias`` (float32): the bias of every alive channel (layers that have a bias).
 * every other parameter and buffer under its plain state-dict name.
 * metadata ``lightning_xai``: JSON with the format version, the layers (name, shape, has bias) and all shapes.
 
@@ -106,6 +107,7 @@ def export_compressed(model: nn.Module, path: str | os.PathLike[str]) -> int:
     widths_all: list[np.ndarray] = []
     exps: list[torch.Tensor] = []
     biases: list[torch.Tensor] = []
+    flags: list[np.ndarray] = []
     meta_layers: list[dict[str, Any]] = []
     handled: set[str] = set()
     for layer in layers:
@@ -122,7 +124,9 @@ def export_compressed(model: nn.Module, path: str | os.PathLike[str]) -> int:
         handled.add(layer.qualified)
         if layer.bias is not None:
             bias_name = f"{layer.name}.{layer.bias}" if layer.name else layer.bias
-            biases.append(layer.bias_original.detach().cpu().float()[stored])  # type: ignore[union-attr]
+            alive = q.alive().cpu()
+            biases.append(layer.bias_original.detach().cpu().float()[alive])  # type: ignore[union-attr]
+            flags.append(alive.numpy().astype(np.uint8))
             entry["bias"] = bias_name
             handled.add(bias_name)
         meta_layers.append(entry)
@@ -133,6 +137,9 @@ def export_compressed(model: nn.Module, path: str | os.PathLike[str]) -> int:
         "lxai.bits": torch.from_numpy(np.concatenate(widths_all)),
         "lxai.exponents": torch.cat(exps) if exps else torch.zeros(0),
         "lxai.bias": torch.cat(biases) if biases else torch.zeros(0),
+        "lxai.bias_flags": torch.from_numpy(
+            np.packbits(np.concatenate(flags), bitorder="little") if flags else np.zeros(0, dtype=np.uint8)
+        ),
     }
     shapes: dict[str, list[int]] = {}
     # Gated batch norms: dead channels must output zero after reload too -> store weight = bias = 0 there.
@@ -182,6 +189,8 @@ def read_compressed(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
     widths = raw["lxai.bits"].numpy().astype(np.int64)
     exps = raw["lxai.exponents"]
     biases = raw["lxai.bias"]
+    bias_flags = np.unpackbits(raw["lxai.bias_flags"].numpy(), bitorder="little").astype(bool)
+    flag_pos = 0
     state: dict[str, torch.Tensor] = {}
     bit_pos = ch_pos = exp_pos = bias_pos = 0
     try:
@@ -205,12 +214,17 @@ def read_compressed(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
             scale = torch.exp2(e).reshape((-1,) + (1,) * (len(shape) - 1))
             state[layer["name"]] = scale * torch.from_numpy(codes).float().reshape(shape)
             if layer["bias"] is not None:
-                b = torch.zeros(channels)
-                if biases[bias_pos : bias_pos + n_stored].numel() != n_stored:
+                alive = torch.from_numpy(bias_flags[flag_pos : flag_pos + channels].copy())
+                if alive.numel() != channels:
+                    raise ValueError("bias flags too short")
+                n_alive = int(alive.sum())
+                if biases[bias_pos : bias_pos + n_alive].numel() != n_alive:
                     raise ValueError("bias table too short")
-                b[stored] = biases[bias_pos : bias_pos + n_stored]
+                b = torch.zeros(channels)
+                b[alive] = biases[bias_pos : bias_pos + n_alive]
                 state[layer["bias"]] = b
-                bias_pos += n_stored
+                bias_pos += n_alive
+                flag_pos += channels
             bit_pos += nbits
             ch_pos += channels
             exp_pos += n_stored

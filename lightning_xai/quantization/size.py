@@ -3,8 +3,8 @@
 Per quantized layer, channel ``c`` stores ``k_c · n`` bits, where ``k_c`` is the smallest two's-complement width
 holding the channel's integer codes (0 when they are all zero, e.g. a 0-bit channel) and ``n`` the number of
 weights per output channel that are still stored (removed channels, and consumer inputs listed in
-``dead_inputs``, count zero). Each channel also stores its width (1 byte) and, when ``k_c > 0``, its exponent
-(float32) and bias (float32). Every other parameter and buffer is stored as is. The float32 baseline is the
+``dead_inputs``, count zero). Each channel also stores its width (1 byte), its exponent (float32) when
+``k_c > 0``, and, for layers with a bias, one flag bit and a float32 bias when the channel is alive (``b > 0``). Every other parameter and buffer is stored as is. The float32 baseline is the
 unquantized model's full state dict at 4 bytes a value.
 """
 
@@ -37,6 +37,7 @@ class LayerSize:
     bits: torch.Tensor  # stored width per channel (int64)
     weight_bits: int
     overhead_bytes: int
+    flag_bits: int = 0
 
     @property
     def mean_bits(self) -> float:
@@ -49,6 +50,7 @@ class SizeReport:
 
     layers: dict[str, LayerSize] = field(default_factory=dict)
     quantized_weight_bits: int = 0
+    flag_bits: int = 0
     float_weight_bits: int = 0
     other_bytes: int = 0
     overhead_bytes: int = 0
@@ -61,7 +63,7 @@ class SizeReport:
     @property
     def total_bytes(self) -> int:
         """Bytes of tensor payload in the packed export."""
-        return self.weight_bytes + self.overhead_bytes + self.other_bytes
+        return self.weight_bytes + math.ceil(self.flag_bits / 8) + self.overhead_bytes + self.other_bytes
 
     @property
     def bits_ratio(self) -> float:
@@ -120,17 +122,21 @@ def _layer_size(layer: QuantizedLayer, dead_inputs: dict[str, torch.Tensor] | No
     k = bits_needed(codes)
     per_channel = int(codes[0].numel()) if codes.shape[0] else 0
     stored = int((k > 0).sum())
+    alive = int(q.alive().sum())
     overhead = layer.quantizer.b.numel() * WIDTH_BYTES + stored * EXPONENT_BYTES
+    flag_bits = 0
     if layer.bias is not None:
-        overhead += stored * BIAS_BYTES
+        overhead += alive * BIAS_BYTES
+        flag_bits = layer.quantizer.b.numel()
     return LayerSize(
         name=layer.qualified,
         channels=int(codes.shape[0]),
-        alive_channels=int(q.alive().sum()),
+        alive_channels=alive,
         weights_per_channel=per_channel,
         bits=k,
         weight_bits=int((k * per_channel).sum()),
         overhead_bytes=overhead,
+        flag_bits=flag_bits,
     )
 
 
@@ -164,6 +170,7 @@ def size_report(
         report.layers[layer.qualified] = ls
         report.quantized_weight_bits += ls.weight_bits
         report.overhead_bytes += ls.overhead_bytes
+        report.flag_bits += ls.flag_bits
         quantized_names.add(layer.qualified)
         if layer.bias is not None:
             quantized_names.add(f"{layer.name}.{layer.bias}" if layer.name else layer.bias)

@@ -51,32 +51,34 @@ def quantize_to_int(weight: Tensor, b: Tensor, e: Tensor) -> tuple[Tensor, Tenso
 class _QuantizeSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight: Tensor, b: Tensor, e: Tensor) -> Tensor:  # type: ignore[override]
+        shape = (-1,) + (1,) * (weight.dim() - 1)
         s = torch.exp2(e)
-        lo, hi, half = _bounds(b)
-        se = _expand(s, weight)
+        half = torch.exp2(b.clamp(min=0.0) - 1.0)
+        se = s.reshape(shape)
+        lo, hi = (-half).reshape(shape), (half - 1.0).reshape(shape)
         u = weight / se
-        lo_e, hi_e = _expand(lo, weight), _expand(hi, weight)
-        above = u > hi_e
-        below = u < lo_e
-        r = torch.round(torch.where(above, hi_e, torch.where(below, lo_e, u))) + 0.0
+        r = torch.round(torch.clamp(u, lo, hi)).add_(0.0)  # +0.0 turns the -0.0 of a 0-bit channel into +0.0
         out = se * r
-        ctx.save_for_backward(weight, b, out, above, below, s, half)
+        ctx.save_for_backward(weight, b, u, out, lo, hi, s, half)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        weight, b, out, above, below, s, half = ctx.saved_tensors
+        weight, b, u, out, lo, hi, s, half = ctx.saved_tensors
+        above = u > hi
+        below = u < lo
         inside = ~(above | below)
+        reduce_dims = tuple(range(1, weight.dim()))
         grad_w = grad * inside if ctx.needs_input_grad[0] else None
         grad_b = grad_e = None
-        reduce_dims = tuple(range(1, weight.dim()))
         if ctx.needs_input_grad[2]:
-            contrib = out - torch.where(inside, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
-            grad_e = LN2 * (grad * contrib).sum(dim=reduce_dims) if reduce_dims else LN2 * grad * contrib
+            contrib = torch.where(inside, out - weight, out)
+            gc = grad * contrib
+            grad_e = LN2 * (gc.sum(dim=reduce_dims) if reduce_dims else gc)
         if ctx.needs_input_grad[1]:
-            sign = above.to(grad.dtype) - below.to(grad.dtype)
-            g = (grad * sign).sum(dim=reduce_dims) if reduce_dims else grad * sign
-            grad_b = g * LN2 * s * half * (b > 0).to(grad.dtype)
+            gs = torch.where(above, grad, torch.where(below, -grad, torch.zeros((), dtype=grad.dtype)))
+            g = gs.sum(dim=reduce_dims) if reduce_dims else gs
+            grad_b = g * (LN2 * s * half * (b > 0).to(grad.dtype))
         return grad_w, grad_b, grad_e
 
 

@@ -1,0 +1,196 @@
+"""Packed export: exact reload, honest byte accounting, safe loading, atomic writes."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+
+from helpers import kill_channels
+from lightning_xai.models import MLP, LeNet, SmallResNet
+from lightning_xai.pruning.surgery import remove_dead_channels
+from lightning_xai.quantization import export as export_mod
+from lightning_xai.quantization.export import (
+    export_compressed,
+    load_compressed,
+    pack_codes,
+    read_compressed,
+    unpack_codes,
+)
+from lightning_xai.quantization.install import gate_batchnorm, install_quantizers, quantized_layers
+from lightning_xai.quantization.size import size_report
+
+_TENSOR_NAMES = ("lxai.packed", "lxai.bits", "lxai.exponents", "lxai.bias", "lxai.bias_flags")
+
+
+def _random_bits(net, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in quantized_layers(net):
+            b = layer.quantizer.b
+            b.copy_(torch.rand(b.shape, generator=gen) * 6)
+            b[torch.rand(b.shape, generator=gen) < 0.25] = 0.0
+            layer.quantizer.e.add_(torch.rand(b.shape, generator=gen))
+
+
+def _payload_bytes(path):
+    return sum(t.numel() * t.element_size() for t in load_file(str(path)).values())
+
+
+@pytest.mark.parametrize(
+    ("factory", "shape"),
+    [(LeNet, (5, 1, 8, 8)), (lambda: MLP(64, 10, 32), (5, 64)), (lambda: SmallResNet(width=4), (5, 1, 8, 8))],
+)
+def test_export_reload_identical_outputs_and_size_matches_accounting(tmp_path, factory, shape):
+    torch.manual_seed(0)
+    net = factory()
+    layers = install_quantizers(net)
+    for name, module in net.named_modules():  # gate BNs that follow quantized convs (as the callback does)
+        if name.endswith("bn1") or name.endswith("bn2"):
+            gate_batchnorm(module, next(q for q in layers if q.name == name.replace("bn", "conv")).quantizer)
+    _random_bits(net)
+    x = torch.randn(shape)
+    net.train()
+    net(x)  # move BN statistics
+    net.eval()
+    path = tmp_path / "m.safetensors"
+    nbytes = export_compressed(net, path)
+    assert nbytes == os.path.getsize(path)
+    fresh = factory()
+    load_compressed(path, fresh)
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(net(x), fresh(x))
+    report = size_report(net)
+    payload = _payload_bytes(path)
+    # tensor payload = the accounting (flag bits padded per file, not per layer)
+    assert payload == report.total_bytes
+    # everything else is the safetensors header (JSON), small and bounded
+    assert os.path.getsize(path) - payload < 400 + 120 * len(list(net.state_dict()))
+
+
+def test_export_after_removal_is_smaller_and_reloads(tmp_path):
+    net = LeNet()
+    layers = install_quantizers(net)
+    kill_channels(layers[1], range(0, 60))
+    kill_channels(layers[3], range(0, 100))
+    x = torch.randn(4, 1, 8, 8)
+    p1, p2 = tmp_path / "before.safetensors", tmp_path / "after.safetensors"
+    before = export_compressed(net, p1)
+    remove_dead_channels(net, x)
+    after = export_compressed(net, p2)
+    assert after < before
+    fresh = load_compressed(p2, LeNet())
+    assert fresh.features[2].out_channels == 4 and fresh.classifier[1].out_features == 28
+    with torch.no_grad():
+        assert torch.equal(net(x), fresh(x))
+
+
+def test_file_is_smaller_than_float_by_the_bit_ratio(tmp_path):
+    net = LeNet()
+    install_quantizers(net, init_bits=4)
+    torch.save(LeNet().state_dict(), tmp_path / "float.pt")
+    export_compressed(net, tmp_path / "q.safetensors")
+    ratio = os.path.getsize(tmp_path / "q.safetensors") / os.path.getsize(tmp_path / "float.pt")
+    assert ratio < 0.15  # 4 of 32 bits plus per-channel exponents and float biases
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    channels=st.integers(1, 6),
+    per=st.integers(0, 9),
+    widths=st.lists(st.integers(0, 16), min_size=6, max_size=6),
+    seed=st.integers(0, 10_000),
+)
+def test_pack_unpack_roundtrip(channels, per, widths, seed):
+    rng = np.random.default_rng(seed)
+    k = np.array(widths[:channels], dtype=np.int64)
+    codes = np.zeros((channels, per), dtype=np.int64)
+    for c in range(channels):
+        if k[c] > 0:
+            codes[c] = rng.integers(-(2 ** (k[c] - 1)), 2 ** (k[c] - 1), size=per)
+    stream = pack_codes(codes, k)
+    assert stream.size == int((k * per).sum())
+    packed = np.packbits(stream, bitorder="little")
+    back = unpack_codes(np.unpackbits(packed, bitorder="little")[: stream.size], k, per)
+    assert np.array_equal(back, codes)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    out=st.integers(1, 5), inp=st.integers(1, 5), seed=st.integers(0, 1000), bits=st.floats(0.0, 12.0)
+)
+def test_quantized_linear_export_property(tmp_path_factory, out, inp, seed, bits):
+    torch.manual_seed(seed)
+    net = torch.nn.Linear(inp, out)
+    install_quantizers(net)
+    with torch.no_grad():
+        net.parametrizations.weight[0].b.fill_(bits)
+    path = tmp_path_factory.mktemp("p") / "m.safetensors"
+    export_compressed(net, path)
+    fresh = load_compressed(path, torch.nn.Linear(inp, out))
+    x = torch.randn(3, inp)
+    with torch.no_grad():
+        assert torch.equal(net(x), fresh(x))
+    assert _payload_bytes(path) == size_report(net).total_bytes
+
+
+def test_no_pickle_weights_only_loaders_read_it(tmp_path):
+    net = LeNet()
+    install_quantizers(net)
+    path = tmp_path / "m.safetensors"
+    export_compressed(net, path)
+    tensors = load_file(str(path))
+    assert set(_TENSOR_NAMES) <= set(tensors)
+    assert "features.0.weight" not in tensors  # quantized weights live only in the packed stream
+
+
+def test_truncated_or_tampered_file_gives_clear_error(tmp_path):
+    net = LeNet()
+    install_quantizers(net)
+    path = tmp_path / "m.safetensors"
+    export_compressed(net, path)
+    data = path.read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupted"):
+        read_compressed(tmp_path / "trunc.safetensors")
+    torch.save({"a": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="truncated or corrupted"):
+        read_compressed(tmp_path / "other.pt")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_compressed(tmp_path / "missing.safetensors")
+
+
+def test_plain_safetensors_without_metadata_is_rejected(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(3)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(ValueError, match="has no lightning_xai metadata"):
+        read_compressed(tmp_path / "plain.safetensors")
+
+
+def test_interrupted_export_leaves_no_file(tmp_path, monkeypatch):
+    net = LeNet()
+    install_quantizers(net)
+    path = tmp_path / "m.safetensors"
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_mod, "save_file", boom)
+    with pytest.raises(KeyboardInterrupt):
+        export_compressed(net, path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_without_quantizers_and_load_into_quantized_model_are_errors(tmp_path):
+    with pytest.raises(ValueError, match="has no quantizers installed"):
+        export_compressed(LeNet(), tmp_path / "m.safetensors")
+    net = LeNet()
+    install_quantizers(net)
+    export_compressed(net, tmp_path / "m.safetensors")
+    with pytest.raises(ValueError, match="must be a plain model without quantizers"):
+        load_compressed(tmp_path / "m.safetensors", net)

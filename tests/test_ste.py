@@ -1,0 +1,147 @@
+"""The quantizer against a naive per-element reference (float64) and against an autograd formulation."""
+
+import math
+
+import pytest
+import torch
+
+from lightning_xai.quantization.ste import bits_needed, quantize, quantize_to_int
+
+
+def naive(w, b, e):
+    """Per-element loops with Python floats: forward and STE gradients of sum(g * q) for a given upstream g."""
+    C = w.shape[0]
+    flat = w.reshape(C, -1).tolist()
+    q = []
+    for c in range(C):
+        bc = max(float(b[c]), 0.0)
+        s = 2.0 ** float(e[c])
+        lo, hi = -(2.0 ** (bc - 1)), 2.0 ** (bc - 1) - 1
+        row = []
+        for x in flat[c]:
+            u = x / s
+            row.append(s * round(min(max(u, lo), hi)))  # Python's round is half-to-even like torch.round
+        q.append(row)
+    return torch.tensor(q, dtype=torch.float64).reshape(w.shape)
+
+
+def naive_grads(w, b, e, g):
+    C = w.shape[0]
+    W = w.reshape(C, -1).tolist()
+    G = g.reshape(C, -1).tolist()
+    gw = [[0.0] * len(W[0]) for _ in range(C)]
+    gb, ge = [0.0] * C, [0.0] * C
+    for c in range(C):
+        bc = float(b[c])
+        s = 2.0 ** float(e[c])
+        half = 2.0 ** (max(bc, 0.0) - 1)
+        lo, hi = -half, half - 1
+        for i, x in enumerate(W[c]):
+            u = x / s
+            r = round(min(max(u, lo), hi))
+            qv = s * r
+            if lo <= u <= hi:
+                gw[c][i] = G[c][i]
+                ge[c] += G[c][i] * math.log(2) * (qv - x)
+            else:
+                ge[c] += G[c][i] * math.log(2) * qv
+                if bc > 0:
+                    sign = 1.0 if u > hi else -1.0
+                    gb[c] += G[c][i] * sign * math.log(2) * s * half
+    return (
+        torch.tensor(gw, dtype=torch.float64).reshape(w.shape),
+        torch.tensor(gb, dtype=torch.float64),
+        torch.tensor(ge, dtype=torch.float64),
+    )
+
+
+def autograd_reference(w, b, e):
+    """The textbook STE: x + (round(x) - x).detach(), clip bounds from relu(b)."""
+    shape = (-1,) + (1,) * (w.dim() - 1)
+    half = 2.0 ** (b.clamp(min=0) - 1)
+    lo, hi = -half, half - 1
+    s = (2.0**e).reshape(shape)
+    u = torch.clamp(w / s, lo.reshape(shape), hi.reshape(shape))
+    return s * (u + (torch.round(u) - u).detach())
+
+
+SHAPES = [(3, 5), (4, 2, 3, 3), (2, 3, 4), (5, 1)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_forward_and_gradients_match_naive_loops(shape, seed):
+    gen = torch.Generator().manual_seed(seed)
+    C = shape[0]
+    w = (torch.randn(shape, generator=gen, dtype=torch.float64) * 0.7).requires_grad_()
+    b = (torch.rand(C, generator=gen, dtype=torch.float64) * 6 - 1).requires_grad_()  # some b < 0
+    e = (torch.rand(C, generator=gen, dtype=torch.float64) * 4 - 4).requires_grad_()
+    g = torch.randn(shape, generator=gen, dtype=torch.float64)
+    q = quantize(w, b, e)
+    torch.testing.assert_close(q.detach(), naive(w.detach(), b.detach(), e.detach()), rtol=0, atol=1e-12)
+    (q * g).sum().backward()
+    gw, gb, ge = naive_grads(w.detach(), b.detach(), e.detach(), g)
+    torch.testing.assert_close(w.grad, gw, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(b.grad, gb, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(e.grad, ge, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gradients_match_detach_formulation(shape):
+    C = shape[0]
+    w1 = torch.randn(shape, dtype=torch.float64).requires_grad_()
+    b1 = (torch.rand(C, dtype=torch.float64) * 5 + 0.5).requires_grad_()
+    e1 = (torch.rand(C, dtype=torch.float64) * 3 - 4).requires_grad_()
+    w2, b2, e2 = (t.detach().clone().requires_grad_() for t in (w1, b1, e1))
+    g = torch.randn(shape, dtype=torch.float64)
+    (quantize(w1, b1, e1) * g).sum().backward()
+    (autograd_reference(w2, b2, e2) * g).sum().backward()
+    for a, r in ((w1, w2), (b1, b2), (e1, e2)):
+        torch.testing.assert_close(a.grad, r.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_zero_bit_channels_are_exact_zeros():
+    w = torch.randn(4, 3, 3, 3) * 10
+    b = torch.tensor([0.0, -2.0, 3.0, 0.0])
+    e = torch.tensor([-3.0, 1.0, -2.0, 5.0])
+    q = quantize(w, b, e)
+    assert torch.equal(q[[0, 1, 3]], torch.zeros(3, 3, 3, 3))
+    assert not torch.signbit(q[[0, 1, 3]]).any()  # +0.0, not -0.0
+    assert q[2].abs().sum() > 0
+
+
+def test_quantize_to_int_reproduces_forward_exactly():
+    w = torch.randn(6, 10)
+    b = torch.rand(6) * 8
+    e = torch.rand(6) * 4 - 6
+    codes, s = quantize_to_int(w, b, e)
+    assert torch.equal(codes, codes.round())
+    assert torch.equal(quantize(w, b, e), s[:, None] * codes)
+
+
+def test_bits_needed_matches_brute_force():
+    gen = torch.Generator().manual_seed(3)
+    codes = torch.randint(-40, 40, (50, 7), generator=gen).float()
+    codes[3] = 0
+    codes[4] = torch.tensor([-1, 0, -1, 0, 0, -1, 0]).float()
+    k = bits_needed(codes)
+    for c in range(50):
+        vals = codes[c]
+        if (vals == 0).all():
+            assert k[c] == 0
+            continue
+        smallest = next(n for n in range(1, 33) if vals.min() >= -(2 ** (n - 1)) and vals.max() <= 2 ** (n - 1) - 1)
+        assert k[c] == smallest
+
+
+def test_codes_fit_in_ceil_of_b_bits():
+    w = torch.randn(20, 30) * 3
+    b = torch.rand(20) * 7 + 0.01
+    e = torch.zeros(20) - 2
+    codes, _ = quantize_to_int(w, b, e)
+    assert (bits_needed(codes) <= torch.ceil(b).long()).all()
+
+
+def test_shape_mismatch_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"`b` and `e` must have shape \(3,\)"):
+        quantize(torch.randn(3, 4), torch.zeros(4), torch.zeros(3))

@@ -1,0 +1,194 @@
+"""Physical removal of 0-bit channels: outputs unchanged, model smaller, optimizer state carried, rollback."""
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from helpers import assert_same_state, kill_channels, state_copy
+from lightning_xai.models import MLP, LeNet, SmallResNet
+from lightning_xai.pruning import surgery
+from lightning_xai.pruning.surgery import remove_dead_channels, resize_to_state_dict
+from lightning_xai.quantization.install import gate_batchnorm, install_quantizers, quantized_layers
+
+
+def _outputs(net, x):
+    net.eval()
+    with torch.no_grad():
+        return net(x)
+
+
+def test_lenet_removal_keeps_outputs_and_shrinks():
+    net = LeNet()
+    layers = install_quantizers(net)
+    kill_channels(layers[0], [0, 5, 9])
+    kill_channels(layers[2], range(10, 40))
+    kill_channels(layers[3], [1, 2, 3])
+    x = torch.randn(6, 1, 8, 8)
+    y = _outputs(net, x)
+    before = sum(p.numel() for p in net.parameters())
+    report = remove_dead_channels(net, x)
+    assert report.removed == {"features.0": 3, "features.5": 30, "classifier.1": 3}
+    assert net.features[0].out_channels == 29 and net.features[2].in_channels == 29
+    assert net.features[5].out_channels == 34
+    assert net.classifier[1].in_features == 34 * 4 and net.classifier[1].out_features == 125
+    assert net.classifier[3].in_features == 125
+    assert sum(p.numel() for p in net.parameters()) < before
+    torch.testing.assert_close(_outputs(net, x), y, rtol=1e-5, atol=1e-6)
+
+
+def test_output_layer_is_never_removed():
+    net = MLP(64, 10, 16)
+    layers = install_quantizers(net)
+    kill_channels(layers[-1], [3])
+    report = remove_dead_channels(net, torch.randn(2, 64))
+    assert report.removed == {}
+    assert "model outputs" in report.rejected["net.5"]
+    assert net.net[5].out_features == 10
+
+
+def _gate_resnet_bns(net):
+    layers = {q.name: q for q in quantized_layers(net)}
+    for name, module in net.named_modules():
+        if isinstance(module, nn.BatchNorm2d):
+            producer = {"stem.1": "stem.0"}.get(name) or name.replace("bn", "conv").replace("shortcut.1", "shortcut.0")
+            gate_batchnorm(module, layers[producer].quantizer)
+    return layers
+
+
+def test_residual_groups_need_every_coupled_producer_dead():
+    net = SmallResNet(width=4)
+    layers = _gate_resnet_bns(net) if install_quantizers(net) else None
+    x = torch.randn(3, 1, 8, 8)
+    net.train()
+    net(x)
+    # inner conv of a block: free to remove (BN gated, ReLU(0) = 0)
+    kill_channels(layers["layers.1.conv1"], [0, 1])
+    # residual stream of stage 1: only conv2 dead, not the shortcut -> must stay
+    kill_channels(layers["layers.1.conv2"], [2])
+    y = _outputs(net, x)
+    report = remove_dead_channels(net, x)
+    assert report.removed == {"layers.1.conv1": 2}
+    assert "still uses channels" in report.rejected["layers.1.conv2"]
+    assert net.layers[1].conv1.out_channels == 6 and net.layers[1].bn1.num_features == 6
+    assert net.layers[1].conv2.in_channels == 6
+    torch.testing.assert_close(_outputs(net, x), y, rtol=1e-5, atol=1e-6)
+
+
+def test_residual_group_removed_when_all_producers_dead():
+    net = SmallResNet(width=4)
+    install_quantizers(net)
+    layers = _gate_resnet_bns(net)
+    x = torch.randn(3, 1, 8, 8)
+    # stage-2 residual stream channel 5 is written by layers.2.conv2 and layers.2.shortcut.0 only
+    kill_channels(layers["layers.2.conv2"], [5])
+    kill_channels(layers["layers.2.shortcut.0"], [5])
+    y = _outputs(net, x)
+    report = remove_dead_channels(net, x)
+    assert report.removed.get("layers.2.conv2") == 1
+    assert net.fc.in_features == 15
+    torch.testing.assert_close(_outputs(net, x), y, rtol=1e-5, atol=1e-6)
+
+
+def test_optimizer_state_follows_the_kept_channels():
+    net = MLP(8, 3, 6, depth=1)
+    layers = install_quantizers(net)
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+    x = torch.randn(5, 8)
+    net(x).sum().backward()
+    opt.step()
+    w_old = layers[0].original
+    avg_old = opt.state[w_old]["exp_avg"].clone()
+    kill_channels(layers[0], [1, 4])
+    remove_dead_channels(net, x, [opt])
+    w_new = quantized_layers(net)[0].original
+    assert w_new is not w_old and w_new.shape == (4, 8)
+    assert any(p is w_new for g in opt.param_groups for p in g["params"])
+    assert torch.equal(opt.state[w_new]["exp_avg"], avg_old[[0, 2, 3, 5]])
+    assert w_old not in opt.state
+    net(x).sum().backward()
+    opt.step()  # shapes agree
+
+
+def test_failure_mid_removal_restores_model_and_optimizer(monkeypatch):
+    net = LeNet()
+    layers = install_quantizers(net)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(4, 1, 8, 8)
+    net(x).sum().backward()
+    opt.step()
+    kill_channels(layers[0], [0, 1])
+    kill_channels(layers[3], [7])
+    saved = state_copy(net)
+    params = [list(g["params"]) for g in opt.param_groups]
+    calls = {"n": 0}
+    real = surgery._sync_attributes
+
+    def flaky(module):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("injected failure")
+        real(module)
+
+    monkeypatch.setattr(surgery, "_sync_attributes", flaky)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        remove_dead_channels(net, x, [opt])
+    monkeypatch.setattr(surgery, "_sync_attributes", real)
+    assert_same_state(net, saved)
+    assert [list(g["params"]) for g in opt.param_groups] == params
+    assert net.features[0].out_channels == 32 and net.features[2].in_channels == 32
+    assert not net.features[0]._forward_hooks and not net._forward_pre_hooks
+
+
+def test_output_change_is_rolled_back():
+    # Sigmoid(0) = 0.5: a dead channel feeding a padded conv through a sigmoid is not exactly removable
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Sigmoid(), nn.Conv2d(4, 2, 3, padding=1))
+    layers = install_quantizers(net)
+    kill_channels(layers[0], [1])
+    saved = state_copy(net)
+    report = remove_dead_channels(net, torch.randn(2, 1, 6, 6))
+    assert report.removed == {}
+    assert "change the model's outputs" in report.rejected["0"]
+    assert_same_state(net, saved)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+def test_torchvision_models(arch):
+    net = getattr(torchvision.models, arch)(weights=None, num_classes=10)
+    layers = install_quantizers(net)
+    x = torch.randn(2, 3, 64, 64)
+    net.eval()
+    first_conv = layers[0]
+    kill_channels(first_conv, [0, 1, 2])
+    y = _outputs(net, x)
+    before = sum(p.numel() for p in net.parameters())
+    remove_dead_channels(net, x)
+    after = sum(p.numel() for p in net.parameters())
+    out = _outputs(net, x)
+    assert out.shape == y.shape
+    if arch == "resnet18":  # stem conv -> bn1 (not gated here, so BN turns zero into a constant): rejected, unchanged
+        assert after <= before
+    torch.testing.assert_close(out, y, rtol=1e-4, atol=1e-5)
+
+
+def test_resize_to_state_dict_then_load_roundtrip():
+    net = LeNet()
+    install_quantizers(net)
+    kill_channels(quantized_layers(net)[1], range(20))
+    remove_dead_channels(net, torch.randn(2, 1, 8, 8))
+    sd = net.state_dict()
+    fresh = LeNet()
+    install_quantizers(fresh)
+    resized = resize_to_state_dict(fresh, sd)
+    assert resized and fresh.features[2].out_channels == 44
+    fresh.load_state_dict(sd)
+    x = torch.randn(3, 1, 8, 8)
+    assert torch.equal(_outputs(fresh, x), _outputs(net, x))
+
+
+def test_bad_example_inputs_is_a_clear_error():
+    net = LeNet()
+    install_quantizers(net)
+    kill_channels(quantized_layers(net)[0], [0])
+    with pytest.raises(TypeError, match="`example_inputs` must be a tensor"):
+        remove_dead_channels(net, 3)
