@@ -192,3 +192,22 @@ def test_bad_example_inputs_is_a_clear_error():
     kill_channels(quantized_layers(net)[0], [0])
     with pytest.raises(TypeError, match="`example_inputs` must be a tensor"):
         remove_dead_channels(net, 3)
+
+
+def test_layer_losing_inputs_and_outputs_at_once_stays_in_the_optimizer():
+    net = LeNet()
+    layers = install_quantizers(net)
+    opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    x = torch.randn(4, 1, 8, 8)
+    net(x).sum().backward()
+    opt.step()
+    kill_channels(layers[0], range(5))  # features.2 loses inputs ...
+    kill_channels(layers[1], range(10))  # ... and outputs in the same removal
+    old_state = opt.state[layers[1].original]["exp_avg"].clone()
+    remove_dead_channels(net, x, [opt])
+    w = quantized_layers(net)[1].original
+    assert w.shape == (54, 27, 3, 3)
+    held = [p for g in opt.param_groups for p in g["params"]]
+    assert any(p is w for p in held)
+    assert all(any(p is q for q in held) for p in net.parameters())
+    assert torch.equal(opt.state[w]["exp_avg"], old_state[10:, 5:])

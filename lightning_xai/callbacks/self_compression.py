@@ -272,7 +272,8 @@ class SelfCompression(Callback):
     def log_state(self, trainer: pl.Trainer, step: int) -> dict[str, float]:
         """Log the current compression state (and return the scalars)."""
         size = self.compressor.size()
-        terms = self.compressor.penalty()
+        with torch.no_grad():
+            terms = self.compressor.penalty()
         metrics = {f"compression/{k}": v for k, v in size.as_dict().items()}
         metrics["compression/q"] = float(terms.q)
         metrics["compression/penalty"] = float(terms.total)

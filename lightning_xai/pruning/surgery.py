@@ -218,8 +218,12 @@ class _Edit:
     attr: str
     old: Tensor
     new: Tensor
-    dim: int
-    keep: Tensor
+    keeps: list[tuple[int, Tensor]]  # (dim, kept indices), applied in order
+
+    def slice(self, value: Tensor) -> Tensor:
+        for dim, keep in self.keeps:
+            value = value.index_select(dim, keep.to(value.device))
+        return value.clone()
 
 
 def apply_cuts(
@@ -230,14 +234,16 @@ def apply_cuts(
 ) -> list[_Edit]:
     """Slice the tensors named by ``cuts`` (merging duplicates) and carry the optimizer state along.
 
-    Every tensor replacement is appended to ``edits`` as it happens, so a caller can roll back even when this
-    function raises half-way. Returns ``edits``.
+    Each tensor is replaced once, sliced along every affected dimension (a layer can lose input and output
+    channels in the same call). Every replacement is appended to ``edits`` as it happens, so a caller can roll back
+    even when this function raises half-way. Returns ``edits``.
     """
     modules = dict(model.named_modules())
     merged: dict[tuple[str, str], set[int]] = defaultdict(set)
     for cut in cuts:
         merged[(cut.name, cut.kind)].update(cut.idxs)
     edits = [] if edits is None else edits
+    per_tensor: dict[tuple[int, str], tuple[nn.Module, str, dict[int, set[int]]]] = {}
     touched: set[nn.Module] = set()
     for (name, kind), idxs in merged.items():
         module = modules[name]
@@ -254,16 +260,20 @@ def apply_cuts(
             owner, attr = _param_slot(module, "weight")
             specs.append((owner, attr, 1))
         for owner, attr, dim in specs:
-            old = getattr(owner, attr)
-            size = old.shape[dim]
-            drop = torch.tensor(sorted(i for i in idxs if i < size), dtype=torch.long)
-            keep_mask = torch.ones(size, dtype=torch.bool)
-            keep_mask[drop] = False
-            keep = torch.nonzero(keep_mask).flatten().to(old.device)
-            new_value = old.detach().index_select(dim, keep).clone()
-            new = _set_tensor(owner, attr, new_value, old)
-            edits.append(_Edit(owner, attr, old, new, dim, keep))
+            entry = per_tensor.setdefault((id(owner), attr), (owner, attr, defaultdict(set)))
+            entry[2][dim].update(idxs)
         touched.add(module)
+    for owner, attr, dims in per_tensor.values():
+        old = getattr(owner, attr)
+        keeps: list[tuple[int, Tensor]] = []
+        for dim in sorted(dims):
+            size = old.shape[dim]
+            keep_mask = torch.ones(size, dtype=torch.bool)
+            keep_mask[[i for i in dims[dim] if i < size]] = False
+            keeps.append((dim, torch.nonzero(keep_mask).flatten().to(old.device)))
+        edit = _Edit(owner, attr, old, old, keeps)
+        edit.new = _set_tensor(owner, attr, edit.slice(old.detach()), old)
+        edits.append(edit)
     for module in touched:
         _sync_attributes(module)
     _remap_optimizers(optimizers, edits)
@@ -282,12 +292,10 @@ def _remap_optimizers(optimizers: Sequence[torch.optim.Optimizer], edits: list[_
                     continue
                 state = opt.state.pop(p, None)
                 if state is not None:
-                    new_state = {}
-                    for k, v in state.items():
-                        if isinstance(v, Tensor) and v.shape == edit.old.shape:
-                            v = v.index_select(edit.dim, edit.keep.to(v.device)).clone()
-                        new_state[k] = v
-                    opt.state[edit.new] = new_state
+                    opt.state[edit.new] = {
+                        k: edit.slice(v) if isinstance(v, Tensor) and v.shape == edit.old.shape else v
+                        for k, v in state.items()
+                    }
                 new_params.append(edit.new)
             group["params"] = new_params
 

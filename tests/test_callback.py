@@ -1,0 +1,193 @@
+"""SelfCompression on an unmodified LightningModule: it shrinks, logs, exports, resumes and validates its input."""
+
+import os
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from lightning_xai.callbacks import SelfCompression
+from lightning_xai.data import DigitsDataModule
+from lightning_xai.mixin import CompressionMixin
+from lightning_xai.models import ImageClassifier
+from lightning_xai.quantization.export import load_compressed
+from lightning_xai.quantization.install import quantized_layers
+
+
+def _trainer(tmp_path, callbacks, max_epochs=2, logger=False, **kw):
+    return pl.Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=max_epochs,
+        callbacks=callbacks,
+        logger=logger,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        deterministic=True,
+        **kw,
+    )
+
+
+def _bits(module):
+    return {q.name: q.quantizer.b.detach().clone() for q in quantized_layers(module)}
+
+
+def test_unmodified_module_really_gets_smaller(tmp_path):
+    pl.seed_everything(0)
+    model = ImageClassifier("lenet")
+    params_before = sum(p.numel() for p in model.parameters())
+    export = tmp_path / "model.safetensors"
+    cb = SelfCompression(gamma=0.5, remove_every_n_steps=9, log_every_n_steps=9, export_path=str(export))
+    logger = CSVLogger(tmp_path, name="csv")
+    trainer = _trainer(tmp_path, [cb], max_epochs=3, logger=logger)
+    trainer.fit(model, DigitsDataModule(batch_size=64))
+    size = cb.compressor.size()
+    assert size.bits_ratio < 8 / 32  # started at 8 bits
+    assert cb.channels_removed > 0
+    params_after = sum(p.numel() for n, p in model.named_parameters() if not n.endswith((".b", ".e")))
+    assert params_after < params_before
+    # the user's optimizer no longer holds b/e; the callback's Adam does
+    user_params = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+    assert not any(id(p) in user_params for p in cb.compressor.quant_parameters())
+    # export at fit end: exact reload, smaller than float32
+    assert export.is_file() and cb.exported_bytes == os.path.getsize(export)
+    fresh = load_compressed(export, ImageClassifier("lenet"))
+    x = torch.randn(7, 1, 8, 8)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), fresh(x))
+    torch.save(ImageClassifier("lenet").state_dict(), tmp_path / "float.pt")
+    assert os.path.getsize(export) < 0.3 * os.path.getsize(tmp_path / "float.pt")
+    # scalars reached the logger
+    metrics = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text()
+    for tag in ("compression/bits_total", "compression/size_ratio", "compression/bits_ratio", "compression/channels_alive"):
+        assert tag in metrics
+
+
+def test_tensorboard_gets_histograms(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    pl.seed_everything(0)
+    cb = SelfCompression(gamma=0.1, log_every_n_steps=5, remove_every_n_steps=0)
+    trainer = _trainer(tmp_path, [cb], max_epochs=1, logger=TensorBoardLogger(tmp_path, name="tb"), limit_train_batches=10)
+    trainer.fit(ImageClassifier("lenet"), DigitsDataModule())
+    acc = EventAccumulator(str(tmp_path / "tb" / "version_0"), size_guidance={"histograms": 0})
+    acc.Reload()
+    assert "compression/bits_ratio" in acc.Tags()["scalars"]
+    assert "compression/bits/net.features.0.weight" in acc.Tags()["histograms"]
+
+
+def test_penalty_pushes_bits_down_only_with_gamma(tmp_path):
+    def run(gamma):
+        pl.seed_everything(0)
+        model = ImageClassifier("lenet")
+        cb = SelfCompression(gamma=gamma, remove_every_n_steps=0, log_every_n_steps=0)
+        _trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=10).fit(model, DigitsDataModule())
+        return torch.cat(list(_bits(model).values())).mean().item()
+
+    assert run(1.0) < run(0.0) - 0.5
+
+
+def test_checkpoint_resume_gives_same_bits_as_uninterrupted(tmp_path):
+    kwargs = dict(gamma=0.5, remove_every_n_steps=7, log_every_n_steps=0)
+
+    pl.seed_everything(0)
+    straight = ImageClassifier("lenet")
+    cb_a = SelfCompression(**kwargs)
+    _trainer(tmp_path / "a", [cb_a], max_epochs=4).fit(straight, DigitsDataModule())
+
+    pl.seed_everything(0)
+    first = ImageClassifier("lenet")
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
+    _trainer(tmp_path / "b", [SelfCompression(**kwargs), ckpt], max_epochs=2).fit(first, DigitsDataModule())
+    assert cb_a.channels_removed > 0
+
+    pl.seed_everything(123)  # a different global seed must not matter
+    resumed = ImageClassifier("lenet")  # fresh, full-size model: the checkpoint has fewer channels
+    cb_b = SelfCompression(**kwargs)
+    _trainer(tmp_path / "c", [cb_b, ModelCheckpoint(dirpath=tmp_path / "ckpt2")], max_epochs=4).fit(
+        resumed, DigitsDataModule(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
+    )
+    a, b = _bits(straight), _bits(resumed)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    sa, sb = straight.state_dict(), resumed.state_dict()
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0, msg=k)
+    assert cb_b.channels_removed == cb_a.channels_removed
+
+
+class MixinClassifier(CompressionMixin, ImageClassifier):
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return self.compressed_loss(F.cross_entropy(self(x), y))
+
+
+def test_mixin_equals_callback_alone_and_logs_terms(tmp_path):
+    def run(cls, logger=False):
+        pl.seed_everything(0)
+        model = cls("lenet")
+        cb = SelfCompression(gamma=0.3, alpha=0.01, remove_every_n_steps=0, log_every_n_steps=0)
+        _trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=8, logger=logger, log_every_n_steps=1).fit(
+            model, DigitsDataModule()
+        )
+        return model
+
+    plain = run(ImageClassifier)
+    mixed = run(MixinClassifier, logger=CSVLogger(tmp_path, name="mix"))
+    for k, v in plain.state_dict().items():
+        torch.testing.assert_close(mixed.state_dict()[k], v, rtol=1e-4, atol=1e-6, msg=k)
+    text = (tmp_path / "mix" / "version_0" / "metrics.csv").read_text()
+    for tag in ("compression/task_loss", "compression/q_penalty", "compression/l1_penalty", "compression/q"):
+        assert tag in text
+
+
+def test_mixin_without_callback_is_a_clear_error(tmp_path):
+    with pytest.raises(RuntimeError, match="needs the SelfCompression callback"):
+        _trainer(tmp_path, [], max_epochs=1, limit_train_batches=2).fit(MixinClassifier("lenet"), DigitsDataModule())
+
+
+def test_gradient_accumulation_and_multiple_fits(tmp_path):
+    pl.seed_everything(0)
+    model = ImageClassifier("resnet", width=8)
+    cb = SelfCompression(gamma=1.0, remove_every_n_steps=4, log_every_n_steps=0)
+    trainer = _trainer(tmp_path, [cb], max_epochs=2, accumulate_grad_batches=2)
+    trainer.fit(model, DigitsDataModule())
+    assert trainer.global_step == 20  # 19 batches/epoch, 2 per step (the last one alone), 2 epochs
+    model.eval()
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        y = model(x)
+    assert torch.isfinite(y).all() and y.shape == (4, 10)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"gamma": -0.1}, r"`gamma` must be >= 0.0, got -0.1"),
+        ({"bits_lr": 0}, r"`bits_lr` must be > 0.0, got 0"),
+        ({"bits_eps": -1.0}, r"`bits_eps` must be > 0.0, got -1.0"),
+        ({"remove_every_n_steps": -5}, r"`remove_every_n_steps` must be >= 0, got -5"),
+        ({"remove_every_n_steps": 2.5}, r"`remove_every_n_steps` must be an integer, got 2.5"),
+        ({"log_every_n_steps": "often"}, r"`log_every_n_steps` must be an integer, got 'often'"),
+        ({"remove_at_fit_end": "yes"}, r"`remove_at_fit_end` must be True or False, got 'yes'"),
+        ({"export_path": 5}, r"`export_path` must be a file path or None, got 5"),
+        ({"include": "["}, r"`include`='\[' is not a valid regular expression"),
+        ({"init_bits": 0}, r"`init_bits` must be >= 1.0, got 0"),
+    ],
+)
+def test_invalid_callback_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SelfCompression(**kwargs)
+
+
+def test_state_dict_tolerates_old_checkpoints():
+    cb = SelfCompression()
+    cb.load_state_dict({})  # keys missing in older versions fall back to defaults
+    assert cb.channels_removed == 0
