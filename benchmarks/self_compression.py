@@ -26,7 +26,9 @@ from lightning_xai.models import ImageClassifier  # noqa: E402
 from lightning_xai.quantization.export import load_compressed  # noqa: E402
 
 
-def _train(epochs: int, seed: int, callbacks: list, model_kwargs: dict) -> tuple[ImageClassifier, DigitsDataModule, float]:
+def _train(
+    epochs: int, seed: int, callbacks: list, model_kwargs: dict
+) -> tuple[ImageClassifier, DigitsDataModule, float]:
     pl.seed_everything(seed, verbose=False)
     dm = DigitsDataModule(batch_size=64, seed=seed)
     model = ImageClassifier("lenet", **model_kwargs)
@@ -51,6 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="short run for CI")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--gamma", type=float, default=0.05)
+    parser.add_argument("--freeze-bits-after", type=float, default=0.8)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     epochs = args.epochs or (8 if args.quick else 60)
@@ -64,7 +67,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     timer = StepTimer()
     packed = tmp / "model.safetensors"
-    cb = SelfCompression(gamma=args.gamma, remove_every_n_steps=50, log_every_n_steps=0, export_path=str(packed))
+    cb = SelfCompression(
+        gamma=args.gamma,
+        remove_every_n_steps=50,
+        log_every_n_steps=0,
+        freeze_bits_after=args.freeze_bits_after,
+        export_path=str(packed),
+    )
     model, dm, compressed_acc = _train(epochs, args.seed, [cb, timer], {})
     size = cb.compressor.size()
 
@@ -82,6 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
         "mode": "quick" if args.quick else "full",
         "epochs": epochs,
         "gamma": args.gamma,
+        "freeze_bits_after": args.freeze_bits_after,
         "float_acc": round(float_acc, 4),
         "compressed_acc": round(compressed_acc, 4),
         "bits_ratio": round(size.bits_ratio, 4),
@@ -98,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
         "reload_exact": reload_exact,
     }
     if not args.quick:
-        cmd = "python benchmarks/self_compression.py" + (f" --epochs {args.epochs}" if args.epochs else "")
+        cmd = "python benchmarks/self_compression.py" + " ".join(argv or sys.argv[1:]).join([" ", ""]).rstrip()
         update_benchmarks_md("self_compression", result, cmd)
     print(json.dumps(result))
     return result

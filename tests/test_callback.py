@@ -65,7 +65,12 @@ def test_unmodified_module_really_gets_smaller(tmp_path):
     assert os.path.getsize(export) < 0.3 * os.path.getsize(tmp_path / "float.pt")
     # scalars reached the logger
     metrics = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text()
-    for tag in ("compression/bits_total", "compression/size_ratio", "compression/bits_ratio", "compression/channels_alive"):
+    for tag in (
+        "compression/bits_total",
+        "compression/size_ratio",
+        "compression/bits_ratio",
+        "compression/channels_alive",
+    ):
         assert tag in metrics
 
 
@@ -74,7 +79,9 @@ def test_tensorboard_gets_histograms(tmp_path):
 
     pl.seed_everything(0)
     cb = SelfCompression(gamma=0.1, log_every_n_steps=5, remove_every_n_steps=0)
-    trainer = _trainer(tmp_path, [cb], max_epochs=1, logger=TensorBoardLogger(tmp_path, name="tb"), limit_train_batches=10)
+    trainer = _trainer(
+        tmp_path, [cb], max_epochs=1, logger=TensorBoardLogger(tmp_path, name="tb"), limit_train_batches=10
+    )
     trainer.fit(ImageClassifier("lenet"), DigitsDataModule())
     acc = EventAccumulator(str(tmp_path / "tb" / "version_0"), size_guidance={"histograms": 0})
     acc.Reload()

@@ -49,7 +49,9 @@ def test_penalty_matches_hand_formula():
         layers[1].quantizer.b.copy_(torch.tensor([2.0, 0.0, 3.0, 1.0]))
     n0 = 3 * 2 * 9 + 4 * 12
     q = ((1.5 + 0 + 4.0) * 18 + (2 + 0 + 3 + 1) * 12) / n0
-    l1 = (net[0].parametrizations.weight.original.abs().sum() + net[3].parametrizations.weight.original.abs().sum()) / n0
+    l1 = (
+        net[0].parametrizations.weight.original.abs().sum() + net[3].parametrizations.weight.original.abs().sum()
+    ) / n0
     terms = sc.penalty()
     assert terms.q.item() == pytest.approx(q)
     assert terms.l1.item() == pytest.approx(l1.item())

@@ -5,11 +5,11 @@ import os
 import numpy as np
 import pytest
 import torch
+from helpers import kill_channels
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from helpers import kill_channels
 from lightning_xai.models import MLP, LeNet, SmallResNet
 from lightning_xai.pruning.surgery import remove_dead_channels
 from lightning_xai.quantization import export as export_mod
@@ -120,9 +120,7 @@ def test_pack_unpack_roundtrip(channels, per, widths, seed):
 
 
 @settings(max_examples=25, deadline=None)
-@given(
-    out=st.integers(1, 5), inp=st.integers(1, 5), seed=st.integers(0, 1000), bits=st.floats(0.0, 12.0)
-)
+@given(out=st.integers(1, 5), inp=st.integers(1, 5), seed=st.integers(0, 1000), bits=st.floats(0.0, 12.0))
 def test_quantized_linear_export_property(tmp_path_factory, out, inp, seed, bits):
     torch.manual_seed(seed)
     net = torch.nn.Linear(inp, out)

@@ -3,9 +3,9 @@
 import pytest
 import torch
 import torchvision
+from helpers import assert_same_state, kill_channels, state_copy
 from torch import nn
 
-from helpers import assert_same_state, kill_channels, state_copy
 from lightning_xai.models import MLP, LeNet, SmallResNet
 from lightning_xai.pruning import surgery
 from lightning_xai.pruning.surgery import remove_dead_channels, resize_to_state_dict

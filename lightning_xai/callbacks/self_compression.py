@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -50,6 +51,8 @@ class SelfCompression(Callback):
         remove_every_n_steps: removal period in optimizer steps; 0 disables removal during training.
         remove_at_fit_end: remove 0-bit channels once more when fitting ends.
         log_every_n_steps: logging period in optimizer steps; 0 disables periodic logging.
+        freeze_bits_after: fraction of the training steps (``trainer.estimated_stepping_batches``) after which
+            ``b``/``e`` stop changing, so the weights settle at their final precision (1.0: never freeze).
         export_path: if given, the packed model is written there at fit end (rank zero).
 
     Example:
@@ -70,14 +73,18 @@ class SelfCompression(Callback):
         remove_every_n_steps: int = 100,
         remove_at_fit_end: bool = True,
         log_every_n_steps: int = 50,
+        freeze_bits_after: float = 1.0,
         export_path: str | None = None,
     ) -> None:
         super().__init__()
-        self.compressor = SelfCompressor(gamma=gamma, alpha=alpha, init_bits=init_bits, include=include, exclude=exclude)
+        self.compressor = SelfCompressor(
+            gamma=gamma, alpha=alpha, init_bits=init_bits, include=include, exclude=exclude
+        )
         validate_number("bits_lr", bits_lr, low=0.0, low_open=True)
         validate_number("bits_eps", bits_eps, low=0.0, low_open=True)
         validate_number("remove_every_n_steps", remove_every_n_steps, low=0, integer=True)
         validate_number("log_every_n_steps", log_every_n_steps, low=0, integer=True)
+        validate_number("freeze_bits_after", freeze_bits_after, low=0.0, high=1.0)
         if not isinstance(remove_at_fit_end, bool):
             raise ValueError(f"`remove_at_fit_end` must be True or False, got {remove_at_fit_end!r}")
         if export_path is not None and not isinstance(export_path, (str, os.PathLike)):
@@ -87,6 +94,8 @@ class SelfCompression(Callback):
         self.remove_every_n_steps = int(remove_every_n_steps)
         self.remove_at_fit_end = remove_at_fit_end
         self.log_every_n_steps = int(log_every_n_steps)
+        self.freeze_bits_after = float(freeze_bits_after)
+        self._freeze_step: float = float("inf")
         self.export_path = None if export_path is None else os.fspath(export_path)
         self.optimizer: torch.optim.Optimizer | None = None
         self.channels_removed = 0
@@ -155,9 +164,23 @@ class SelfCompression(Callback):
             self._pending_state = None
         if self._bn_pairs is not None:
             self._apply_gates(pl_module)
+        self._freeze_step = float("inf")
+        if self.freeze_bits_after < 1.0:
+            total = trainer.estimated_stepping_batches
+            if math.isfinite(total):
+                self._freeze_step = self.freeze_bits_after * total
+            else:
+                rank_zero_warn("SelfCompression: `freeze_bits_after` needs a finite training length; ignoring it")
+
+    @property
+    def frozen(self) -> bool:
+        """Whether ``b``/``e`` no longer change (after ``freeze_bits_after``)."""
+        return self._last_step >= self._freeze_step
 
     # -- batch-norm detection (first training forward) ------------------------------------------------------
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self._bn_pairs is not None or self._detect_hooks:
             return
         names = {m: n for n, m in pl_module.named_modules()}
@@ -215,6 +238,9 @@ class SelfCompression(Callback):
             for p in params:
                 if p.grad is not None:
                     p.grad.mul_(inv)
+        if self.frozen:
+            self.optimizer.zero_grad(set_to_none=True)
+            return
         uses_mixin = isinstance(pl_module, CompressionMixin) and pl_module._lxai_penalty_step == trainer.global_step
         if not uses_mixin:
             self.compressor.add_penalty_gradients()
@@ -222,7 +248,9 @@ class SelfCompression(Callback):
         if finite:
             self.optimizer.step()
         else:
-            rank_zero_warn(f"SelfCompression: non-finite bit-depth gradients at step {trainer.global_step}; step skipped")
+            rank_zero_warn(
+                f"SelfCompression: non-finite bit-depth gradients at step {trainer.global_step}; step skipped"
+            )
         self.optimizer.zero_grad(set_to_none=True)
 
     # -- periodic work --------------------------------------------------------------------------------------
@@ -322,5 +350,3 @@ def _resize_hook(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -
     if prefix:
         return
     resize_to_state_dict(module, state_dict)
-
-

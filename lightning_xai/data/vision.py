@@ -39,7 +39,13 @@ class VisionDataModule(pl.LightningDataModule):
     num_classes = 10
 
     def __init__(
-        self, name: str, data_dir: str, download: bool = True, batch_size: int = 128, val_size: int = 5000, seed: int = 0
+        self,
+        name: str,
+        data_dir: str,
+        download: bool = True,
+        batch_size: int = 128,
+        val_size: int = 5000,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if name not in _STATS:
@@ -73,10 +79,11 @@ class VisionDataModule(pl.LightningDataModule):
             raise RuntimeError(self._missing_message(f"the download failed: {type(err).__name__}: {err}")) from None
 
     def _missing_message(self, why: str) -> str:
+        cls = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10"}[self.name]
         return (
             f"{self.name} was not found under `data_dir`={self.data_dir!r} and {why}. This machine may be offline: "
-            f"download it where a network is available (e.g. `python -c \"import torchvision; "
-            f"torchvision.datasets.{ {'mnist': 'MNIST', 'fashion_mnist': 'FashionMNIST', 'cifar10': 'CIFAR10'}[self.name]}"
+            f'download it where a network is available (e.g. `python -c "import torchvision; '
+            f"torchvision.datasets.{cls}"
             f"('DIR', download=True)\"`), copy DIR here and pass `--data-dir DIR`; or use the offline default "
             f"`--dataset digits`."
         )
@@ -111,5 +118,7 @@ def make_datamodule(
     if name not in _STATS:
         raise ValueError(f"`dataset` must be one of {list(DATASETS)}, got {name!r}")
     if data_dir is None:
-        raise ValueError(f"`data_dir` is required for dataset {name!r}: pass --data-dir pointing at torchvision's files")
+        raise ValueError(
+            f"`data_dir` is required for dataset {name!r}: pass --data-dir pointing at torchvision's files"
+        )
     return VisionDataModule(name, data_dir, batch_size=batch_size, seed=seed)

@@ -392,7 +392,9 @@ def remove_dead_channels(
         names = {m: n for n, m in model.named_modules()}
         try:
             with torch.enable_grad():
-                DG = tp.DependencyGraph().build_dependency(model, example_inputs=_tp_inputs(args, kwargs), verbose=False)
+                DG = tp.DependencyGraph().build_dependency(
+                    model, example_inputs=_tp_inputs(args, kwargs), verbose=False
+                )
         except Exception as err:  # noqa: BLE001 - tracing arbitrary user models can fail in many ways
             for layer in candidates:
                 report.rejected[layer.name] = f"dependency tracing failed: {type(err).__name__}: {err}"

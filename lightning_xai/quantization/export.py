@@ -179,7 +179,9 @@ def read_compressed(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
         with safe_open(str(path), framework="pt") as handle:
             file_meta = handle.metadata() or {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise ValueError(f"{str(path)!r} is not a readable lightning_xai packed file (truncated or corrupted?): {err}") from None
+        raise ValueError(
+            f"{str(path)!r} is not a readable lightning_xai packed file (truncated or corrupted?): {err}"
+        ) from None
     if _META_KEY not in file_meta:
         raise ValueError(f"{str(path)!r} has no lightning_xai metadata; it was not written by export_compressed()")
     meta = json.loads(file_meta[_META_KEY])

@@ -62,7 +62,9 @@ def compile_pattern(value: str | None, argument: str) -> re.Pattern[str] | None:
     if value is None:
         return None
     if not isinstance(value, str):
-        raise TypeError(f"`{argument}` must be a regular expression string or None, got {type(value).__name__} {value!r}")
+        raise TypeError(
+            f"`{argument}` must be a regular expression string or None, got {type(value).__name__} {value!r}"
+        )
     try:
         return re.compile(value)
     except re.error as err:
@@ -82,7 +84,8 @@ def _targets(module: nn.Module) -> list[tuple[str, str | None]]:
 
 def _is_installed(module: nn.Module, tensor: str) -> bool:
     return parametrize.is_parametrized(module, tensor) and any(
-        isinstance(p, ChannelQuantizer) for p in module.parametrizations[tensor]  # type: ignore[index]
+        isinstance(p, ChannelQuantizer)
+        for p in module.parametrizations[tensor]  # type: ignore[index]
     )
 
 
@@ -136,7 +139,8 @@ def quantized_layers(model: nn.Module) -> list[QuantizedLayer]:
                 bias_name = None
                 for cand in ("bias", "in_proj_bias"):
                     if parametrize.is_parametrized(module, cand) and any(
-                        isinstance(p, BiasGate) for p in module.parametrizations[cand]  # type: ignore[index]
+                        isinstance(p, BiasGate)
+                        for p in module.parametrizations[cand]  # type: ignore[index]
                     ):
                         bias_name = cand
                 found.append(QuantizedLayer(name, module, tensor, bias_name))

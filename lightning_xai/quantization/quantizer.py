@@ -100,5 +100,3 @@ class BiasGate(nn.Module):
         q = state.pop("_quantizer_ref")
         self.__dict__.update(state)
         self._quantizer_ref = weakref.ref(q)
-
-

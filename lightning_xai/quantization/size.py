@@ -4,8 +4,9 @@ Per quantized layer, channel ``c`` stores ``k_c · n`` bits, where ``k_c`` is th
 holding the channel's integer codes (0 when they are all zero, e.g. a 0-bit channel) and ``n`` the number of
 weights per output channel that are still stored (removed channels, and consumer inputs listed in
 ``dead_inputs``, count zero). Each channel also stores its width (1 byte), its exponent (float32) when
-``k_c > 0``, and, for layers with a bias, one flag bit and a float32 bias when the channel is alive (``b > 0``). Every other parameter and buffer is stored as is. The float32 baseline is the
-unquantized model's full state dict at 4 bytes a value.
+``k_c > 0``, and, for layers with a bias, one flag bit and a float32 bias when the channel is alive (``b > 0``).
+Every other parameter and buffer is stored as is. The float32 baseline is the unquantized model's full state dict at
+4 bytes a value.
 """
 
 from __future__ import annotations

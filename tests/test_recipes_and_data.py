@@ -1,0 +1,109 @@
+"""Recipes run in quick mode; data modules are deterministic, stratified and fail clearly offline."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_xai.data import DigitsDataModule, VisionDataModule, make_datamodule
+from lightning_xai.models import MLP, LeNet, SmallResNet, build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_self_compress_recipe_quick(tmp_path, capsys):
+    recipe = _load(ROOT / "recipes" / "self_compress.py")
+    summary = recipe.main(["--quick", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "TensorBoard logs:" in out and "Packed model:" in out
+    assert json.loads(out.strip().splitlines()[-1]) == summary
+    assert Path(summary["export"]).is_file()
+    assert summary["bits_ratio"] < 0.25
+    assert list(Path(summary["tensorboard"]).glob("events.out.tfevents.*"))
+
+
+def test_digits_split_is_stratified_disjoint_and_deterministic():
+    a, b = DigitsDataModule(seed=3), DigitsDataModule(seed=3)
+    a.setup()
+    b.setup()
+    for split in ("train", "val", "test"):
+        assert np.array_equal(a.indices[split], b.indices[split])
+    tr, va, te = (set(a.indices[s].tolist()) for s in ("train", "val", "test"))
+    assert not (tr & va) and not (tr & te) and not (va & te)
+    assert len(tr) + len(va) + len(te) == 1797
+    counts = torch.bincount(a.dataset("test").tensors[1], minlength=10)
+    assert counts.min() >= 33 and counts.max() <= 38  # stratified: ~36 per class
+    c = DigitsDataModule(seed=4)
+    c.setup()
+    assert not np.array_equal(a.indices["test"], c.indices["test"])
+
+
+def test_epoch_order_depends_only_on_seed_and_epoch():
+    dm = DigitsDataModule(seed=1)
+    dm.setup()
+    s1, s2 = dm.train_dataloader().sampler, dm.train_dataloader().sampler
+    s1.set_epoch(5)
+    s2.set_epoch(5)
+    torch.manual_seed(99)
+    assert list(s1) == list(s2)
+    s2.set_epoch(6)
+    assert list(s1) != list(s2)
+
+
+def test_vision_offline_error_names_data_dir(tmp_path, monkeypatch):
+    import torchvision
+
+    def offline(*args, download=False, **kwargs):
+        if download:
+            raise OSError("network is unreachable")
+        raise RuntimeError("Dataset not found")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
+    dm = VisionDataModule("mnist", str(tmp_path))
+    with pytest.raises(RuntimeError, match=r"mnist was not found under `data_dir`=.*--data-dir DIR"):
+        dm.setup()
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: make_datamodule("imagenet"), r"`dataset` must be one of \['digits', 'mnist'"),
+        (lambda: make_datamodule("mnist"), r"`data_dir` is required for dataset 'mnist'"),
+        (lambda: VisionDataModule("svhn", "x"), r"`name` must be one of"),
+        (lambda: DigitsDataModule(batch_size=0), r"`batch_size` must be >= 1, got 0"),
+        (lambda: DigitsDataModule(test_fraction=0.9), r"`test_fraction` must be <= 0.5, got 0.9"),
+        (lambda: build_model("vgg", (1, 8, 8)), r"`model` must be one of \['lenet', 'mlp', 'resnet'\], got 'vgg'"),
+        (lambda: build_model("lenet", (64,)), r"`model`='lenet' needs image inputs"),
+    ],
+)
+def test_invalid_data_and_model_arguments(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+@pytest.mark.parametrize(
+    ("net", "x"),
+    [
+        (LeNet(1, 10, 28), torch.zeros(2, 1, 28, 28)),
+        (LeNet(3, 10, 32), torch.zeros(2, 3, 32, 32)),
+        (MLP(64, 10), torch.zeros(2, 64)),
+        (SmallResNet(3, 10, width=8, blocks=2), torch.zeros(2, 3, 32, 32)),
+    ],
+)
+def test_reference_models_shapes(net, x):
+    assert net(x).shape == (2, 10)
+
+
+def test_python_path_has_package():
+    assert "lightning_xai" in sys.modules or importlib.util.find_spec("lightning_xai") is not None
