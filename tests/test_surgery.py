@@ -9,7 +9,12 @@ from torch import nn
 from lightning_xai.models import MLP, LeNet, SmallResNet
 from lightning_xai.pruning import surgery
 from lightning_xai.pruning.surgery import remove_dead_channels, resize_to_state_dict
-from lightning_xai.quantization.install import gate_batchnorm, install_quantizers, quantized_layers
+from lightning_xai.quantization.install import (
+    gate_batchnorm,
+    gate_following_batchnorms,
+    install_quantizers,
+    quantized_layers,
+)
 
 
 def _outputs(net, x):
@@ -152,23 +157,53 @@ def test_output_change_is_rolled_back():
     assert_same_state(net, saved)
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
-def test_torchvision_models(arch):
-    net = getattr(torchvision.models, arch)(weights=None, num_classes=10)
-    layers = install_quantizers(net)
+def test_torchvision_resnet18_inner_channels_removed():
+    net = torchvision.models.resnet18(weights=None, num_classes=10)
+    layers = {q.name: q for q in install_quantizers(net)}
     x = torch.randn(2, 3, 64, 64)
-    net.eval()
-    first_conv = layers[0]
-    kill_channels(first_conv, [0, 1, 2])
+    pairs = gate_following_batchnorms(net, x)
+    assert ("layer1.0.bn1", "layer1.0.conv1") in pairs and ("bn1", "conv1") in pairs
+    kill_channels(layers["layer1.0.conv1"], range(20))
+    kill_channels(layers["layer3.1.conv1"], [0, 7, 9])
+    kill_channels(layers["layer2.0.conv2"], [4])  # residual stream: shortcut still writes channel 4
     y = _outputs(net, x)
     before = sum(p.numel() for p in net.parameters())
-    remove_dead_channels(net, x)
-    after = sum(p.numel() for p in net.parameters())
-    out = _outputs(net, x)
-    assert out.shape == y.shape
-    if arch == "resnet18":  # stem conv -> bn1 (not gated here, so BN turns zero into a constant): rejected, unchanged
-        assert after <= before
-    torch.testing.assert_close(out, y, rtol=1e-4, atol=1e-5)
+    report = remove_dead_channels(net, x)
+    assert report.removed == {"layer1.0.conv1": 20, "layer3.1.conv1": 3}
+    assert "still uses channels" in report.rejected["layer2.0.conv2"]
+    assert net.layer1[0].conv1.out_channels == 44 and net.layer1[0].bn1.num_features == 44
+    assert net.layer1[0].conv2.in_channels == 44 and net.layer3[1].conv2.in_channels == 253
+    assert sum(p.numel() for p in net.parameters()) < before
+    torch.testing.assert_close(_outputs(net, x), y, rtol=1e-4, atol=1e-5)
+
+
+def test_torchvision_mobilenet_v2_depthwise_groups_are_refused_safely():
+    net = torchvision.models.mobilenet_v2(weights=None, num_classes=10)
+    layers = {q.name: q for q in install_quantizers(net)}
+    x = torch.randn(2, 3, 64, 64)
+    gate_following_batchnorms(net, x)
+    kill_channels(layers["features.2.conv.0.0"], [1, 2])  # expansion conv feeding a depthwise conv
+    kill_channels(layers["classifier.1"], [0])  # model outputs
+    saved = state_copy(net)
+    y = _outputs(net, x)
+    report = remove_dead_channels(net, x)
+    assert report.removed == {}
+    assert "grouped convolution" in report.rejected["features.2.conv.0.0"]
+    assert "model outputs" in report.rejected["classifier.1"]
+    assert_same_state(net, saved)
+    assert torch.equal(_outputs(net, x), y)
+
+
+def test_gate_following_batchnorms_leaves_no_hooks_and_restores_modes():
+    net = SmallResNet(width=4)
+    install_quantizers(net)
+    net.train()
+    net.layers[0].eval()
+    pairs = gate_following_batchnorms(net, torch.randn(2, 1, 8, 8))
+    assert ("stem.1", "stem.0") in pairs and ("layers.2.shortcut.1", "layers.2.shortcut.0") in pairs
+    assert net.training and not net.layers[0].training and net.layers[1].training
+    assert all(not m._forward_pre_hooks for m in net.modules())
+    assert sum(len(m._forward_hooks) for m in net.modules()) == len(pairs)  # only the gates
 
 
 def test_resize_to_state_dict_then_load_roundtrip():

@@ -17,7 +17,7 @@ from lightning_xai.mixin import CompressionMixin
 from lightning_xai.pruning.surgery import remove_dead_channels, resize_to_state_dict
 from lightning_xai.quantization.engine import SelfCompressor, validate_number
 from lightning_xai.quantization.export import export_compressed
-from lightning_xai.quantization.install import gate_batchnorm, quantized_layers
+from lightning_xai.quantization.install import BatchNormFollowerRecorder, apply_batchnorm_gates
 
 __all__ = ["SelfCompression"]
 
@@ -106,9 +106,7 @@ class SelfCompression(Callback):
         self._last_step = -1
         self._example_inputs: Any = None
         self._hooks: list[Any] = []
-        self._detect_hooks: list[Any] = []
-        self._detect_record: dict[int, tuple[Tensor, str]] = {}
-        self._detect_found: list[tuple[str, str]] = []
+        self._recorder: BatchNormFollowerRecorder | None = None
         self._unremovable: dict[str, str] = {}
 
     @property
@@ -127,9 +125,12 @@ class SelfCompression(Callback):
             self._hooks.append(pl_module.register_forward_pre_hook(self._capture_inputs, with_kwargs=True))
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        for handle in self._hooks + self._detect_hooks:
+        for handle in self._hooks:
             handle.remove()
-        self._hooks, self._detect_hooks = [], []
+        self._hooks = []
+        if self._recorder is not None:
+            self._recorder.stop()
+            self._recorder = None
         self._example_inputs = None
 
     def _capture_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -181,45 +182,20 @@ class SelfCompression(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self._bn_pairs is not None or self._detect_hooks:
+        if self._bn_pairs is not None or self._recorder is not None:
             return
-        names = {m: n for n, m in pl_module.named_modules()}
-        self._detect_record, self._detect_found = {}, []
-        for layer in quantized_layers(pl_module):
-            if layer.tensor != "weight":
-                continue
-
-            def record(module: nn.Module, args: tuple, output: Any, _name: str = layer.name) -> None:
-                if isinstance(output, Tensor):
-                    self._detect_record[id(output)] = (output, _name)
-
-            self._detect_hooks.append(layer.module.register_forward_hook(record))
-        for module in pl_module.modules():
-            if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-
-                def consume(module: nn.Module, args: tuple, _bn: str = names[module]) -> None:
-                    hit = self._detect_record.get(id(args[0])) if args else None
-                    if hit is not None and hit[0] is args[0]:
-                        self._detect_found.append((_bn, hit[1]))
-
-                self._detect_hooks.append(module.register_forward_pre_hook(consume))
+        self._recorder = BatchNormFollowerRecorder(pl_module)
+        self._recorder.start()
 
     def _finish_detection(self, pl_module: pl.LightningModule) -> None:
-        if not self._detect_hooks:
+        if self._recorder is None or not self._recorder.active:
             return
-        for handle in self._detect_hooks:
-            handle.remove()
-        self._detect_hooks = []
-        self._detect_record = {}
-        self._bn_pairs = sorted(set(self._detect_found))
+        self._bn_pairs = self._recorder.stop()
+        self._recorder = None
         self._apply_gates(pl_module)
 
     def _apply_gates(self, pl_module: pl.LightningModule) -> None:
-        modules = dict(pl_module.named_modules())
-        layers = {layer.name: layer for layer in quantized_layers(pl_module)}
-        for bn_name, layer_name in self._bn_pairs or []:
-            if bn_name in modules and layer_name in layers:
-                gate_batchnorm(modules[bn_name], layers[layer_name].quantizer)
+        apply_batchnorm_gates(pl_module, self._bn_pairs or [])
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         self._finish_detection(pl_module)

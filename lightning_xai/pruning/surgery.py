@@ -185,8 +185,8 @@ def _group_cuts(
             return [], f"it is coupled with {type(module).__name__}, which cannot be sliced here"
         is_out = DG.is_out_channel_pruning_fn(dep.handler)
         is_in = DG.is_in_channel_pruning_fn(dep.handler)
-        if target.type == tp.ops.OPTYPE.CONV and module.groups != 1:
-            return [], f"{name} is a grouped convolution"
+        if target.type in (tp.ops.OPTYPE.CONV, tp.ops.OPTYPE.DEPTHWISE_CONV) and module.groups != 1:
+            return [], f"it is coupled with {name}, a grouped convolution (not sliced here)"
         if target.type in (tp.ops.OPTYPE.CONV, tp.ops.OPTYPE.LINEAR):
             if is_out:
                 missing = set(idxs) - dead.get(name, set())

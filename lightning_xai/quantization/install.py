@@ -23,6 +23,9 @@ __all__ = [
     "gate_batchnorm",
     "batchnorm_gates",
     "clear_batchnorm_gates",
+    "BatchNormFollowerRecorder",
+    "apply_batchnorm_gates",
+    "gate_following_batchnorms",
 ]
 
 QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Linear)
@@ -199,3 +202,84 @@ def clear_batchnorm_gates(model: nn.Module) -> None:
         entry = _GATES.pop(module, None)
         if entry is not None:
             entry[1].remove()
+
+
+class BatchNormFollowerRecorder:
+    """Records, during forward passes, which batch norm consumes a quantized layer's output *directly*.
+
+    Used by the callback around the first training forward, and by :func:`gate_following_batchnorms`.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.pairs: set[tuple[str, str]] = set()
+        self._outputs: dict[int, tuple[Tensor, str]] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    @property
+    def active(self) -> bool:
+        return bool(self._handles)
+
+    def start(self) -> None:
+        names = {m: n for n, m in self.model.named_modules()}
+        for layer in quantized_layers(self.model):
+            if layer.tensor != "weight":
+                continue
+
+            def record(module: nn.Module, args: tuple, output: object, _name: str = layer.name) -> None:
+                if isinstance(output, Tensor):
+                    self._outputs[id(output)] = (output, _name)
+
+            self._handles.append(layer.module.register_forward_hook(record))
+        for module in self.model.modules():
+            if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+
+                def consume(module: nn.Module, args: tuple, _bn: str = names[module]) -> None:
+                    hit = self._outputs.get(id(args[0])) if args else None
+                    if hit is not None and hit[0] is args[0]:
+                        self.pairs.add((_bn, hit[1]))
+
+                self._handles.append(module.register_forward_pre_hook(consume))
+
+    def stop(self) -> list[tuple[str, str]]:
+        """Remove the hooks; return sorted ``(batch-norm name, quantized layer name)`` pairs."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._outputs = {}
+        return sorted(self.pairs)
+
+
+def apply_batchnorm_gates(model: nn.Module, pairs: list[tuple[str, str]]) -> None:
+    """Gate each named batch norm with the quantizer of its named producer."""
+    modules = dict(model.named_modules())
+    layers = {layer.name: layer for layer in quantized_layers(model)}
+    for bn_name, layer_name in pairs:
+        if bn_name in modules and layer_name in layers:
+            gate_batchnorm(modules[bn_name], layers[layer_name].quantizer)
+
+
+def gate_following_batchnorms(model: nn.Module, *example_args: object) -> list[tuple[str, str]]:
+    """Find (one eval-mode forward on ``example_args``) and gate every batch norm fed directly by a quantized layer.
+
+    Nothing else is left on the model: the recording hooks are removed and train/eval modes restored, even on error.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+        >>> _ = install_quantizers(net)
+        >>> gate_following_batchnorms(net, torch.zeros(1, 1, 5, 5))
+        [('1', '0')]
+    """
+    recorder = BatchNormFollowerRecorder(model)
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        recorder.start()
+        with torch.no_grad():
+            model(*example_args)
+    finally:
+        pairs = recorder.stop()
+        for m, mode in modes.items():
+            m.train(mode)
+    apply_batchnorm_gates(model, pairs)
+    return pairs
