@@ -83,7 +83,10 @@ def test_vision_offline_error_names_data_dir(tmp_path, monkeypatch):
         (lambda: VisionDataModule("svhn", "x"), r"`name` must be one of"),
         (lambda: DigitsDataModule(batch_size=0), r"`batch_size` must be >= 1, got 0"),
         (lambda: DigitsDataModule(test_fraction=0.9), r"`test_fraction` must be <= 0.5, got 0.9"),
-        (lambda: build_model("vgg", (1, 8, 8)), r"`model` must be one of \['lenet', 'mlp', 'resnet'\], got 'vgg'"),
+        (
+            lambda: build_model("vgg", (1, 8, 8)),
+            r"`model` must be one of \['lenet', 'mlp', 'resnet', 'char_transformer'\], got 'vgg'",
+        ),
         (lambda: build_model("lenet", (64,)), r"`model`='lenet' needs image inputs"),
     ],
 )
@@ -107,3 +110,12 @@ def test_reference_models_shapes(net, x):
 
 def test_python_path_has_package():
     assert "lightning_xai" in sys.modules or importlib.util.find_spec("lightning_xai") is not None
+
+
+@pytest.mark.parametrize("task", ["digits", "names"])
+def test_safe_compress_recipe_quick(tmp_path, capsys, task):
+    recipe = _load(ROOT / "recipes" / "safe_compress.py")
+    summary = recipe.main(["--quick", "--task", task, "--out", str(tmp_path)])
+    assert Path(summary["export"]).is_file()
+    assert summary["preservation_set"] > 0 and summary["preservation_acc"] >= summary["threshold"]
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == summary

@@ -1,5 +1,6 @@
 """Lightning callbacks of lightning_xai."""
 
+from lightning_xai.callbacks.preservation_guard import PreservationGuard
 from lightning_xai.callbacks.self_compression import SelfCompression
 
-__all__ = ["SelfCompression"]
+__all__ = ["SelfCompression", "PreservationGuard"]

@@ -263,7 +263,14 @@ class SelfCompression(Callback):
                 )
             return
         optimizers = list(trainer.optimizers) + ([self.optimizer] if self.optimizer is not None else [])
-        report = remove_dead_channels(pl_module, inputs, optimizers)
+        listeners = [cb for cb in trainer.callbacks if hasattr(cb, "protected_channels")]  # type: ignore[attr-defined]
+        protect: dict[str, set[int]] = {}
+        for cb in listeners:
+            for name, idxs in cb.protected_channels().items():
+                protect.setdefault(name, set()).update(idxs)
+        report = remove_dead_channels(pl_module, inputs, optimizers, protect=protect)
+        for cb in listeners:
+            cb.channels_removed(report)
         removed = sum(report.removed.values())
         self.channels_removed += removed
         self.last_removal = report

@@ -98,7 +98,7 @@ class SmallResNet(nn.Module):
         return self.fc(self.pool(self.layers(self.stem(x))).flatten(1))
 
 
-MODELS = ("lenet", "mlp", "resnet")
+MODELS = ("lenet", "mlp", "resnet", "char_transformer")
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int = 10, **kwargs: int) -> nn.Module:
@@ -116,4 +116,8 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int = 10, 
         if len(input_shape) != 3:
             raise ValueError(f"`model`='resnet' needs image inputs (C, H, W), got input shape {input_shape}")
         return SmallResNet(input_shape[0], num_classes, **kwargs)
+    if name == "char_transformer":
+        from lightning_xai.models.char_transformer import CharTransformer
+
+        return CharTransformer(num_classes=num_classes, max_len=max(input_shape[0], 2), **kwargs)
     raise ValueError(f"`model` must be one of {list(MODELS)}, got {name!r}")

@@ -158,6 +158,7 @@ class RemovalReport:
     """What :func:`remove_dead_channels` did."""
 
     removed: dict[str, int] = field(default_factory=dict)  # layer -> output channels removed
+    removed_idxs: dict[str, list[int]] = field(default_factory=dict)  # any sliced layer -> removed output indices
     rejected: dict[str, str] = field(default_factory=dict)  # layer -> reason the dead channels stayed
     params_before: int = 0
     params_after: int = 0
@@ -355,6 +356,7 @@ def remove_dead_channels(
     example_inputs: Any,
     optimizers: Sequence[torch.optim.Optimizer] = (),
     skip: Iterable[str] = (),
+    protect: dict[str, Iterable[int]] | None = None,
     rtol: float = 1e-4,
     atol: float = 1e-5,
 ) -> RemovalReport:
@@ -364,7 +366,8 @@ def remove_dead_channels(
     norms, residual partners) is collected; the group is removed only if every coupled producer is dead on those
     channels and every coupled module can be sliced. The outputs on ``example_inputs`` (a tensor, a tuple of
     positional arguments, or ``(args, kwargs)``) are checked before and after, in eval mode; if they differ, or
-    anything raises, the model and ``optimizers`` are restored exactly.
+    anything raises, the model and ``optimizers`` are restored exactly. ``protect`` maps layer names to output
+    channels that must stay even if dead (e.g. channels a preservation guard may restore).
 
     Example:
         >>> from lightning_xai.quantization.install import install_quantizers
@@ -384,6 +387,9 @@ def remove_dead_channels(
     report.params_after = report.params_before
     layers = [layer for layer in quantized_layers(model) if layer.tensor == "weight"]
     dead = {layer.name: set(dead_channels(layer)) for layer in layers}
+    for name, keep in (protect or {}).items():
+        if name in dead:
+            dead[name] -= set(int(i) for i in keep)
     candidates = [layer for layer in layers if dead[layer.name] and layer.name not in skip]
     if not candidates:
         return report
@@ -421,6 +427,12 @@ def remove_dead_channels(
         accepted = _try_apply(model, planned, optimizers, args, kwargs, reference, rtol, atol, report)
     for name, count in accepted:
         report.removed[name] = report.removed.get(name, 0) + count
+    for name, cuts, _ in planned:
+        if name in report.removed:
+            for cut in cuts:
+                if cut.kind == "out":
+                    merged = set(report.removed_idxs.get(cut.name, [])) | set(cut.idxs)
+                    report.removed_idxs[cut.name] = sorted(merged)
     report.params_after = sum(p.numel() for p in model.parameters())
     return report
 

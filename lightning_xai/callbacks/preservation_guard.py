@@ -1,0 +1,390 @@
+"""``PreservationGuard``: keep compression from destroying what a preservation set says the model must keep."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+
+from lightning_xai.logging import log_scalars, log_text
+from lightning_xai.preservation.scores import UNCERTAINTY_KINDS, model_state_guard
+from lightning_xai.preservation.select import build_preservation_set
+from lightning_xai.quantization.engine import validate_number
+from lightning_xai.quantization.install import quantized_layers
+
+__all__ = ["PreservationGuard", "restore_lost_bits"]
+
+
+def restore_lost_bits(
+    current: dict[str, tuple[Tensor, Tensor]], snapshot: dict[str, tuple[Tensor, Tensor]]
+) -> dict[str, Tensor]:
+    """Channels whose bit depth fell below the snapshot's: ``{layer: bool mask}`` (pure; nothing is changed)."""
+    lost: dict[str, Tensor] = {}
+    for name, (b_now, _) in current.items():
+        if name not in snapshot or snapshot[name][0].shape != b_now.shape:
+            continue
+        mask = b_now < snapshot[name][0]
+        if bool(mask.any()):
+            lost[name] = mask
+    return lost
+
+
+class PreservationGuard(Callback):
+    r"""Preservation set, ``λ·L_pres`` and precision restoration (safety-guided self-compression, arXiv 2505.00350).
+
+    * When the set is built (at train start, or at ``build_at_step`` for models trained from scratch), ``fraction`` of
+      the **training** samples are picked, class-balanced, by Grad-CAM evidence (gradient × embedding for token
+      inputs), uncertainty and k-means diversity on penultimate embeddings (or ``indices`` you give).
+    * Every optimizer step, ``λ·CE`` on a seeded batch of preservation samples is added to the gradients (after your
+      backward, so it also reaches the bit depths before they are stepped).
+    * Every ``check_every_n_steps`` the preservation accuracy is measured. Healthy (at or above the threshold): the
+      bit depths and exponents are snapshotted. Below: every channel that lost bits since the snapshot gets its
+      snapshot bits and exponent back (its bit-optimizer moments are reset), optionally frozen for
+      ``cooldown_steps``; the event is logged as scalars and as a TensorBoard text table.
+    * Channels that are dead now but alive in the snapshot are protected from physical removal.
+    * At train end (before ``SelfCompression`` removes channels and exports at fit end) the accuracy is checked once
+      more; if restoring lost bits is not enough (the weights drifted), the whole model goes back to the last healthy
+      state (``rollback_at_end``), so the model you get meets the threshold. That rollback is logged too.
+
+    Args:
+        fraction: share of the training samples in the set.
+        lam: weight ``λ`` of the preservation loss (0 disables it).
+        check_every_n_steps: how often the preservation accuracy is measured.
+        min_accuracy: absolute threshold. Exclusive with ``max_drop``.
+        max_drop: threshold = accuracy when the set is built − ``max_drop`` (the float baseline when training starts
+            from a trained model). Default 0.02 when neither is given.
+        cooldown_steps: restored channels are held at their restored values for this many steps.
+        build_at_step: optimizer step at which the set is built (0: at train start).
+        batch_size: preservation batch for ``λ·L_pres``.
+        uncertainty: ``entropy``, ``margin`` or ``least_confidence``.
+        indices: use these training-set indices instead of selecting.
+        seed: selection and batch seed.
+        rollback_at_end: keep a copy of the model at the last healthy check and fall back to it at train end if
+            needed (costs one copy of the state dict in memory and in checkpoints).
+    """
+
+    def __init__(
+        self,
+        fraction: float = 0.1,
+        lam: float = 0.1,
+        check_every_n_steps: int = 20,
+        min_accuracy: float | None = None,
+        max_drop: float | None = None,
+        cooldown_steps: int = 0,
+        build_at_step: int = 0,
+        batch_size: int = 64,
+        uncertainty: str = "entropy",
+        indices: list[int] | None = None,
+        seed: int = 0,
+        rollback_at_end: bool = True,
+    ) -> None:
+        super().__init__()
+        validate_number("fraction", fraction, low=0.0, low_open=True, high=1.0)
+        validate_number("lam", lam, low=0.0)
+        validate_number("check_every_n_steps", check_every_n_steps, low=1, integer=True)
+        validate_number("min_accuracy", min_accuracy, low=0.0, high=1.0, allow_none=True)
+        validate_number("max_drop", max_drop, low=0.0, high=1.0, allow_none=True)
+        validate_number("cooldown_steps", cooldown_steps, low=0, integer=True)
+        validate_number("build_at_step", build_at_step, low=0, integer=True)
+        validate_number("batch_size", batch_size, low=1, integer=True)
+        validate_number("seed", seed, low=0, integer=True)
+        if min_accuracy is not None and max_drop is not None:
+            raise ValueError(
+                f"give either `min_accuracy` or `max_drop`, not both (got {min_accuracy!r} and {max_drop!r})"
+            )
+        if not isinstance(rollback_at_end, bool):
+            raise ValueError(f"`rollback_at_end` must be True or False, got {rollback_at_end!r}")
+        if uncertainty not in UNCERTAINTY_KINDS:
+            raise ValueError(f"`uncertainty` must be one of {list(UNCERTAINTY_KINDS)}, got {uncertainty!r}")
+        if indices is not None and (not isinstance(indices, (list, tuple)) or not indices):
+            raise ValueError(f"`indices` must be a non-empty list of training-set indices or None, got {indices!r}")
+        self.fraction, self.lam = float(fraction), float(lam)
+        self.check_every_n_steps, self.cooldown_steps = check_every_n_steps, cooldown_steps
+        self.min_accuracy = min_accuracy
+        self.max_drop = 0.02 if (max_drop is None and min_accuracy is None) else max_drop
+        self.build_at_step, self.batch_size, self.uncertainty, self.seed = build_at_step, batch_size, uncertainty, seed
+        self.given_indices = None if indices is None else [int(i) for i in indices]
+        self.indices: np.ndarray | None = None
+        self.baseline: float | None = None
+        self.threshold: float | None = None
+        self.snapshot: dict[str, tuple[Tensor, Tensor]] = {}
+        self.restorations: list[dict[str, Any]] = []
+        self.last_accuracy: float | None = None
+        self._frozen: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
+        self._frozen_until = -1
+        self._data: tuple[Tensor, Tensor] | None = None
+        self._last_check = -1
+        self.rollback_at_end = rollback_at_end
+        self.rolled_back = False
+        self._healthy_state: dict[str, Tensor] | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(fraction=self.fraction, lam=self.lam, seed=self.seed)
+
+    # -- data -------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _training_tensors(trainer: pl.Trainer) -> tuple[Tensor, Tensor]:
+        loader = trainer.train_dataloader
+        if isinstance(loader, (list, tuple)):
+            loader = loader[0]
+        if isinstance(loader, dict):
+            loader = next(iter(loader.values()))
+        dataset = getattr(loader, "dataset", None)
+        if dataset is None or not hasattr(dataset, "__len__"):
+            raise ValueError("PreservationGuard needs a map-style training dataset of (input, label) pairs")
+        xs, ys = zip(*(dataset[i][:2] for i in range(len(dataset))))
+        return torch.stack([torch.as_tensor(x) for x in xs]), torch.as_tensor(np.asarray(ys), dtype=torch.long)
+
+    def _build(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        x, y = self._training_tensors(trainer)
+        x, y = x.to(pl_module.device), y.to(pl_module.device)
+        if self.indices is None:
+            if self.given_indices is not None:
+                bad = [i for i in self.given_indices if not 0 <= i < len(y)]
+                if bad:
+                    raise ValueError(f"`indices` {bad[:5]} are outside the training set (size {len(y)})")
+                self.indices = np.array(sorted(set(self.given_indices)), dtype=np.int64)
+            else:
+                chosen = build_preservation_set(pl_module, x.cpu(), y.cpu(), self.fraction, self.seed, self.uncertainty)
+                self.indices = chosen.indices
+        sel = torch.as_tensor(self.indices, device=x.device)
+        self._data = (x[sel], y[sel])
+        if self.baseline is None:
+            self.baseline = self.accuracy(pl_module)
+            self.threshold = self.min_accuracy if self.min_accuracy is not None else self.baseline - self.max_drop
+            self.snapshot = self._current(pl_module)
+            if self.baseline >= self.threshold:
+                self._keep_healthy(pl_module)
+            rank_zero_info(
+                f"PreservationGuard: {len(self.indices)} training samples selected; accuracy {self.baseline:.4f}, "
+                f"threshold {self.threshold:.4f}"
+            )
+
+    def accuracy(self, pl_module: pl.LightningModule) -> float:
+        """Accuracy on the preservation set (eval mode; modes and gradients restored)."""
+        assert self._data is not None
+        x, y = self._data
+        with model_state_guard(pl_module), torch.no_grad():
+            pl_module.eval()
+            correct = sum(
+                int((pl_module(x[i : i + 512]).argmax(1) == y[i : i + 512]).sum()) for i in range(0, len(y), 512)
+            )
+        return correct / max(len(y), 1)
+
+    @staticmethod
+    def _current(pl_module: pl.LightningModule) -> dict[str, tuple[Tensor, Tensor]]:
+        return {
+            q.qualified: (q.quantizer.b.detach().clone(), q.quantizer.e.detach().clone())
+            for q in quantized_layers(pl_module)
+        }
+
+    # -- hooks ------------------------------------------------------------------------------------------------
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.build_at_step == 0 or (self.indices is not None and trainer.global_step >= self.build_at_step):
+            self._build(trainer, pl_module)
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._data is None or not self.lam:
+            return
+        x, y = self._data
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + trainer.global_step)
+        pick = torch.randperm(len(y), generator=g)[: self.batch_size].to(x.device)
+        scale = self.lam / max(trainer.accumulate_grad_batches, 1)
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None and hasattr(scaler, "get_scale"):
+            scale *= float(scaler.get_scale())
+        with torch.enable_grad():
+            loss = F.cross_entropy(pl_module(x[pick]), y[pick]) * scale
+            loss.backward()
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if self._frozen and step <= self._frozen_until:
+            self._hold(pl_module)
+        elif self._frozen:
+            self._frozen = {}
+        if self._data is None:
+            if step >= self.build_at_step:
+                self._build(trainer, pl_module)
+            return
+        if step == self._last_check or step % self.check_every_n_steps:
+            return
+        self._last_check = step
+        self.check(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._data is None:
+            return
+        if self._last_check != trainer.global_step:
+            self._last_check = trainer.global_step
+            acc = self.check(trainer, pl_module)
+        else:
+            acc = self.accuracy(pl_module)
+        if acc < self.threshold and self.rollback_at_end and self._healthy_state is not None:  # type: ignore[operator]
+            from lightning_xai.pruning.surgery import resize_to_state_dict
+
+            resize_to_state_dict(pl_module, self._healthy_state)
+            pl_module.load_state_dict(self._healthy_state)
+            after = self.accuracy(pl_module)
+            self.rolled_back = True
+            self.restorations.append(
+                {
+                    "step": trainer.global_step,
+                    "layers": ["<whole model>"],
+                    "channels": 0,
+                    "bits_restored": 0.0,
+                    "accuracy_before": round(acc, 4),
+                    "accuracy_after": round(after, 4),
+                    "rollback": True,
+                }
+            )
+            log_scalars(trainer, {"preservation/rollback": 1.0, "preservation/accuracy": after}, trainer.global_step)
+            rank_zero_warn(
+                f"PreservationGuard: accuracy {acc:.4f} stayed below {self.threshold:.4f} after restoring bits; "
+                f"the model was rolled back to its last healthy state (accuracy {after:.4f})"
+            )
+            acc = after
+        self.last_accuracy = acc
+
+    def _keep_healthy(self, pl_module: pl.LightningModule) -> None:
+        if self.rollback_at_end:
+            self._healthy_state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+    def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
+        """Measure, then snapshot (healthy) or restore (below threshold). Returns the accuracy after."""
+        assert self.threshold is not None
+        step = trainer.global_step
+        acc = self.accuracy(pl_module)
+        metrics = {"preservation/accuracy": acc, "preservation/threshold": self.threshold}
+        if acc >= self.threshold:
+            self.snapshot = self._current(pl_module)
+            self._keep_healthy(pl_module)
+        else:
+            acc = self._restore(trainer, pl_module, acc)
+            metrics["preservation/accuracy_after_restore"] = acc
+        self.last_accuracy = acc
+        metrics["compression/restorations"] = float(len(self.restorations))
+        log_scalars(trainer, metrics, step)
+        return acc
+
+    def _restore(self, trainer: pl.Trainer, pl_module: pl.LightningModule, before: float) -> float:
+        current = self._current(pl_module)
+        lost = restore_lost_bits(current, self.snapshot)
+        layers = {q.qualified: q for q in quantized_layers(pl_module)}
+        opt = next((cb.optimizer for cb in trainer.callbacks if hasattr(cb, "compressor")), None)  # type: ignore[attr-defined]
+        restored_bits = 0.0
+        for name, mask in lost.items():
+            q = layers[name].quantizer
+            b_snap, e_snap = self.snapshot[name]
+            with torch.no_grad():
+                restored_bits += float((b_snap[mask].clamp(min=0) - q.b[mask].clamp(min=0)).sum())
+                q.b[mask] = b_snap[mask]
+                q.e[mask] = e_snap[mask]
+            if opt is not None:
+                for p in (q.b, q.e):
+                    for v in opt.state.get(p, {}).values():
+                        if isinstance(v, Tensor) and v.shape == p.shape:
+                            v[mask] = 0
+            if self.cooldown_steps:
+                self._frozen[name] = (mask.clone(), q.b.detach().clone(), q.e.detach().clone())
+        if self.cooldown_steps:
+            self._frozen_until = trainer.global_step + self.cooldown_steps
+        after = self.accuracy(pl_module)
+        event = {
+            "step": trainer.global_step,
+            "layers": sorted(lost),
+            "channels": int(sum(int(m.sum()) for m in lost.values())),
+            "bits_restored": round(restored_bits, 3),
+            "accuracy_before": round(before, 4),
+            "accuracy_after": round(after, 4),
+        }
+        self.restorations.append(event)
+        log_scalars(
+            trainer,
+            {"preservation/restored_channels": event["channels"], "preservation/restored_bits": restored_bits},
+            trainer.global_step,
+        )
+        rows = "\n".join(
+            f"| {e['step']} | {', '.join(e['layers'])} | {e['channels']} | {e['bits_restored']} | "
+            f"{e['accuracy_before']} | {e['accuracy_after']} |"
+            for e in self.restorations
+        )
+        log_text(
+            trainer,
+            "preservation/restorations",
+            "| step | layers | channels | bits restored | acc before | acc after |\n|---|---|---|---|---|---|\n" + rows,
+            trainer.global_step,
+        )
+        if not lost:
+            rank_zero_warn(
+                f"PreservationGuard: accuracy {before:.4f} < {self.threshold:.4f} at step {trainer.global_step}, "
+                "but no channel lost bits since the last healthy snapshot (the weights drifted); nothing to restore"
+            )
+        return after
+
+    def _hold(self, pl_module: pl.LightningModule) -> None:
+        layers = {q.qualified: q for q in quantized_layers(pl_module)}
+        with torch.no_grad():
+            for name, (mask, b, e) in self._frozen.items():
+                q = layers.get(name)
+                if q is not None and q.quantizer.b.shape == mask.shape:
+                    q.quantizer.b[mask] = b[mask]
+                    q.quantizer.e[mask] = e[mask]
+
+    # -- cooperation with SelfCompression's physical removal ---------------------------------------------------
+    def protected_channels(self) -> dict[str, set[int]]:
+        """Channels alive in the last healthy snapshot: they may be restored, so they must not be removed."""
+        return {
+            name.rsplit(".", 1)[0]: set(torch.nonzero(b > 0).flatten().tolist())
+            for name, (b, _) in self.snapshot.items()
+        }
+
+    def channels_removed(self, report: Any) -> None:
+        """Keep the snapshot (and frozen masks) aligned with the layers after channels were removed."""
+        for layer, idxs in report.removed_idxs.items():
+            for store in (self.snapshot, self._frozen):
+                for name in [n for n in store if n.rsplit(".", 1)[0] == layer]:
+                    tensors = store[name]
+                    keep = torch.ones(tensors[0].shape[0], dtype=torch.bool)
+                    keep[[i for i in idxs if i < keep.numel()]] = False
+                    store[name] = tuple(t[keep] for t in tensors)  # type: ignore[assignment]
+
+    # -- checkpointing ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "indices": None if self.indices is None else self.indices.tolist(),
+            "baseline": self.baseline,
+            "threshold": self.threshold,
+            "snapshot": {k: [v[0].cpu(), v[1].cpu()] for k, v in self.snapshot.items()},
+            "restorations": list(self.restorations),
+            "frozen": {k: [t.cpu() for t in v] for k, v in self._frozen.items()},
+            "frozen_until": self._frozen_until,
+            "last_check": self._last_check,
+            "rolled_back": self.rolled_back,
+            "healthy_state": None
+            if self._healthy_state is None
+            else {k: v.cpu() for k, v in self._healthy_state.items()},
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        idx = state_dict.get("indices")
+        self.indices = None if idx is None else np.asarray(idx, dtype=np.int64)
+        self.baseline = state_dict.get("baseline")
+        self.threshold = state_dict.get("threshold")
+        self.snapshot = {k: (v[0], v[1]) for k, v in state_dict.get("snapshot", {}).items()}
+        self.restorations = list(state_dict.get("restorations", []))
+        self._frozen = {k: tuple(v) for k, v in state_dict.get("frozen", {}).items()}  # type: ignore[misc]
+        self._frozen_until = int(state_dict.get("frozen_until", -1))
+        self._last_check = int(state_dict.get("last_check", -1))
+        self.rolled_back = bool(state_dict.get("rolled_back", False))
+        self._healthy_state = state_dict.get("healthy_state")

@@ -1,0 +1,132 @@
+"""US census names (the ``names`` package) as character-level classification tasks.
+
+* ``first_vs_last`` (default, 2 classes): every first name (female and male lists) against an equal number of last
+  names sampled by ``seed`` — about 4,900 names a class.
+* ``three_way`` (3 classes): female first / male first / last name, each class the size of the smallest (~1,000).
+
+Names that appear in more than one of the task's classes are dropped (their class is ambiguous). The split is
+stratified and deterministic by ``seed``. Characters ``A``–``Z`` map to 1–26, 0 pads; names are truncated to
+``max_len``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_xai.data.digits import EpochSeededSampler
+from lightning_xai.quantization.engine import validate_number
+
+__all__ = ["NamesDataModule", "load_census_names", "encode_names", "TASKS"]
+
+TASKS = {"first_vs_last": ("first", "last"), "three_way": ("female_first", "male_first", "last")}
+_FILES = {"female_first": "dist.female.first", "male_first": "dist.male.first", "last": "dist.all.last"}
+
+
+def load_census_names() -> dict[str, list[str]]:
+    """The three census lists shipped by the ``names`` package (upper-case, in frequency order)."""
+    try:
+        import names
+    except ImportError as err:  # pragma: no cover - dependency is declared
+        raise ImportError("the names recipe needs the `names` package: pip install names") from err
+    folder = os.path.dirname(names.__file__)
+    out: dict[str, list[str]] = {}
+    for cls, fname in _FILES.items():
+        with open(os.path.join(folder, fname)) as handle:
+            out[cls] = [line.split()[0] for line in handle if line.strip()]
+    return out
+
+
+def encode_names(words: list[str], max_len: int) -> torch.Tensor:
+    """``(N, max_len)`` int64 codes: A–Z → 1–26, anything else dropped, 0 pads."""
+    out = torch.zeros(len(words), max_len, dtype=torch.long)
+    for i, w in enumerate(words):
+        codes = [ord(c) - 64 for c in w.upper() if "A" <= c <= "Z"][:max_len]
+        out[i, : len(codes)] = torch.tensor(codes, dtype=torch.long)
+    return out
+
+
+class NamesDataModule(pl.LightningDataModule):
+    """Balanced names task (see the module docstring), stratified train/val/test split, deterministic by ``seed``."""
+
+    vocab_size = 27
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        max_len: int = 12,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.2,
+        seed: int = 0,
+        task: str = "first_vs_last",
+    ) -> None:
+        super().__init__()
+        if task not in TASKS:
+            raise ValueError(f"`task` must be one of {sorted(TASKS)}, got {task!r}")
+        self.task = task
+        self.classes = TASKS[task]
+        self.num_classes = len(self.classes)
+        validate_number("batch_size", batch_size, low=1, integer=True)
+        validate_number("max_len", max_len, low=2, integer=True)
+        validate_number("val_fraction", val_fraction, low=0.0, low_open=True, high=0.5)
+        validate_number("test_fraction", test_fraction, low=0.0, low_open=True, high=0.5)
+        self.batch_size, self.max_len, self.seed = batch_size, max_len, seed
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self.input_shape = (max_len,)
+        self.indices: dict[str, np.ndarray] = {}
+        self.words: list[str] = []
+        self._data: dict[str, TensorDataset] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._data:
+            return
+        lists = load_census_names()
+        if self.task == "first_vs_last":
+            lists = {"first": lists["female_first"] + lists["male_first"], "last": lists["last"]}
+        classes_of: dict[str, set[str]] = {}
+        for cls, words in lists.items():
+            for w in words:
+                classes_of.setdefault(w, set()).add(cls)
+        unique = {cls: sorted({w for w in words if len(classes_of[w]) == 1}) for cls, words in lists.items()}
+        per_class = min(len(v) for v in unique.values())
+        rng = np.random.default_rng(self.seed)
+        words: list[str] = []
+        labels: list[int] = []
+        for ci, cls in enumerate(self.classes):
+            pool = unique[cls]
+            pick = np.sort(rng.choice(len(pool), size=per_class, replace=False))
+            words += [pool[i] for i in pick]
+            labels += [ci] * per_class
+        self.words = words
+        y = np.asarray(labels)
+        idx = np.arange(len(y))
+        rest, test = train_test_split(idx, test_size=self.test_fraction, stratify=y, random_state=self.seed)
+        share = self.val_fraction / (1.0 - self.test_fraction)
+        train, val = train_test_split(rest, test_size=share, stratify=y[rest], random_state=self.seed)
+        self.indices = {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
+        x = encode_names(words, self.max_len)
+        yt = torch.from_numpy(y).long()
+        for split, ids in self.indices.items():
+            sel = torch.from_numpy(ids)
+            self._data[split] = TensorDataset(x[sel], yt[sel])
+
+    def dataset(self, split: str) -> TensorDataset:
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"`split` must be one of 'train', 'val', 'test', got {split!r}")
+        self.setup()
+        return self._data[split]
+
+    def train_dataloader(self) -> DataLoader:
+        data = self.dataset("train")
+        return DataLoader(data, batch_size=self.batch_size, sampler=EpochSeededSampler(len(data), self.seed))
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.dataset("val"), batch_size=self.batch_size * 4)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.dataset("test"), batch_size=self.batch_size * 4)
