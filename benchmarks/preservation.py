@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import update_benchmarks_md  # noqa: E402
+from _common import quiet_trainer, update_benchmarks_md  # noqa: E402
 
 from lightning_xai.callbacks import PreservationGuard, SelfCompression  # noqa: E402
 from lightning_xai.data import DigitsDataModule, NamesDataModule  # noqa: E402
@@ -37,22 +37,19 @@ SETTINGS = {
 }
 
 
-def _trainer(epochs: int, callbacks: list) -> pl.Trainer:
-    return pl.Trainer(
-        max_epochs=epochs,
-        callbacks=callbacks,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        deterministic=True,
-    )
+_trainer = quiet_trainer
 
 
 def run_dataset(
-    name: str, pre_epochs: int, epochs: int, gamma: float, seed: int, fraction: float, freeze: float, cooldown: int
+    name: str,
+    pre_epochs: int,
+    epochs: int,
+    gamma: float,
+    seed: int,
+    fraction: float,
+    freeze: float,
+    cooldown: int,
+    lam: float = 0.5,
 ) -> dict:
     cfg = SETTINGS[name]
     pl.seed_everything(seed, verbose=False)
@@ -74,14 +71,14 @@ def run_dataset(
 
     unsafe_acc, unsafe_bits, _ = compress(None)
     guard = PreservationGuard(
-        fraction=fraction, lam=0.5, check_every_n_steps=10, max_drop=0.02, seed=seed, cooldown_steps=cooldown
+        fraction=fraction, lam=lam, check_every_n_steps=10, max_drop=0.02, seed=seed, cooldown_steps=cooldown
     )
     safe_acc, safe_bits, _ = compress(guard)
     rng = np.random.default_rng(seed + 1)
     random_idx = sorted(rng.choice(n_train, size=len(guard.indices), replace=False).tolist())
     rguard = PreservationGuard(
         fraction=fraction,
-        lam=0.5,
+        lam=lam,
         check_every_n_steps=10,
         max_drop=0.02,
         seed=seed,
@@ -115,6 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--freeze-bits-after", type=float, default=1.0, help="1.0: bits learned until the end")
     parser.add_argument("--fraction", type=float, default=0.1)
     parser.add_argument("--cooldown", type=int, default=20, help="steps a restored channel is held")
+    parser.add_argument("--lam", type=float, default=0.5, help="weight of the preservation loss")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--datasets", default="digits,names")
     args = parser.parse_args(argv)
@@ -125,10 +123,11 @@ def main(argv: list[str] | None = None) -> dict:
         "mode": "quick" if args.quick else "full",
         "gamma": args.gamma,
         "freeze_bits_after": args.freeze_bits_after,
+        "lam": args.lam,
     }
     for name in args.datasets.split(","):
         result[name] = run_dataset(
-            name, pre, epochs, args.gamma, args.seed, args.fraction, args.freeze_bits_after, args.cooldown
+            name, pre, epochs, args.gamma, args.seed, args.fraction, args.freeze_bits_after, args.cooldown, args.lam
         )
     if not args.quick:
         update_benchmarks_md(

@@ -19,7 +19,7 @@ import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import StepTimer, update_benchmarks_md  # noqa: E402
+from _common import StepTimer, quiet_trainer, update_benchmarks_md  # noqa: E402
 
 from lightning_xai.callbacks import SelfCompression  # noqa: E402
 from lightning_xai.data import DigitsDataModule  # noqa: E402
@@ -33,17 +33,7 @@ def _train(
     pl.seed_everything(seed, verbose=False)
     dm = DigitsDataModule(batch_size=64, seed=seed)
     model = ImageClassifier("lenet", **model_kwargs)
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        callbacks=callbacks,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        deterministic=True,
-    )
+    trainer = quiet_trainer(epochs, callbacks)
     trainer.fit(model, dm)
     acc = trainer.test(model, dm, verbose=False)[0]["test/acc"]
     return model, dm, float(acc)

@@ -1,6 +1,8 @@
 """Small shared helpers for tests."""
 
+import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from lightning_xai.quantization.install import QuantizedLayer
@@ -22,3 +24,20 @@ def assert_same_state(model: nn.Module, saved: dict) -> None:
     for k, v in saved.items():
         assert now[k].shape == v.shape, k
         assert torch.equal(now[k], v), k
+
+
+def quiet_trainer(root, callbacks, max_epochs=2, logger=False, **kw) -> pl.Trainer:
+    """A deterministic CPU Trainer without progress bars, sanity checks or validation."""
+    return pl.Trainer(
+        default_root_dir=root,
+        max_epochs=max_epochs,
+        callbacks=callbacks,
+        logger=logger,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        deterministic=True,
+        **kw,
+    )

@@ -6,6 +6,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
@@ -16,21 +17,7 @@ from lightning_xai.models import ImageClassifier
 from lightning_xai.quantization.export import load_compressed
 from lightning_xai.quantization.install import quantized_layers
 
-
-def _trainer(tmp_path, callbacks, max_epochs=2, logger=False, **kw):
-    return pl.Trainer(
-        default_root_dir=tmp_path,
-        max_epochs=max_epochs,
-        callbacks=callbacks,
-        logger=logger,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        deterministic=True,
-        **kw,
-    )
+_trainer = quiet_trainer
 
 
 def _bits(module):

@@ -4,6 +4,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from helpers import quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from sklearn.cluster import KMeans
 from torch import nn
@@ -132,19 +133,7 @@ def test_restore_lost_bits_rule():
 
 
 def _trainer(tmp_path, callbacks, epochs=2, **kw):
-    return pl.Trainer(
-        default_root_dir=tmp_path,
-        max_epochs=epochs,
-        callbacks=callbacks,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        deterministic=True,
-        **kw,
-    )
+    return quiet_trainer(tmp_path, callbacks, max_epochs=epochs, **kw)
 
 
 def test_guard_restores_exactly_the_snapshot_bits(tmp_path):

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from lightning_xai.quantization.engine import validate_number
 
-__all__ = ["DigitsDataModule", "EpochSeededSampler"]
+__all__ = ["DigitsDataModule", "EpochSeededSampler", "InMemorySplits"]
 
 
 class EpochSeededSampler(Sampler[int]):
@@ -38,7 +38,44 @@ class EpochSeededSampler(Sampler[int]):
         return self.size
 
 
-class DigitsDataModule(pl.LightningDataModule):
+def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int) -> dict[str, np.ndarray]:
+    """Sorted ``train``/``val``/``test`` index arrays, stratified by ``labels`` and deterministic by ``seed``."""
+    idx = np.arange(len(labels))
+    rest, test = train_test_split(idx, test_size=test_fraction, stratify=labels, random_state=seed)
+    share = val_fraction / (1.0 - test_fraction)
+    train, val = train_test_split(rest, test_size=share, stratify=labels[rest], random_state=seed)
+    return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
+
+
+class InMemorySplits(pl.LightningDataModule):
+    """Shared behaviour of the in-memory data modules: ``dataset(split)`` and seeded loaders.
+
+    Subclasses fill ``self._data`` (``TensorDataset`` per split) in ``setup``.
+    """
+
+    batch_size: int
+    seed: int
+    _data: dict[str, TensorDataset]
+
+    def dataset(self, split: str) -> TensorDataset:
+        """The ``train``/``val``/``test`` dataset (set up on first use)."""
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"`split` must be one of 'train', 'val', 'test', got {split!r}")
+        self.setup()
+        return self._data[split]
+
+    def train_dataloader(self) -> DataLoader:
+        data = self.dataset("train")
+        return DataLoader(data, batch_size=self.batch_size, sampler=EpochSeededSampler(len(data), self.seed))
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.dataset("val"), batch_size=self.batch_size * 4)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.dataset("test"), batch_size=self.batch_size * 4)
+
+
+class DigitsDataModule(InMemorySplits):
     """Stratified train/val/test split of scikit-learn's digits, deterministic by ``seed``.
 
     Images are ``(1, 8, 8)`` floats standardised with the training split's mean and std; labels are 0–9.
@@ -88,11 +125,8 @@ class DigitsDataModule(pl.LightningDataModule):
         digits = load_digits()
         x = digits.data.astype(np.float32)
         y = digits.target.astype(np.int64)
-        idx = np.arange(len(y))
-        rest, test = train_test_split(idx, test_size=self.test_fraction, stratify=y, random_state=self.seed)
-        val_share = self.val_fraction / (1.0 - self.test_fraction)
-        train, val = train_test_split(rest, test_size=val_share, stratify=y[rest], random_state=self.seed)
-        self.indices = {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
+        self.indices = stratified_split(y, self.val_fraction, self.test_fraction, self.seed)
+        train = self.indices["train"]
         mean, std = x[train].mean(), x[train].std()
         xt = torch.from_numpy((x - mean) / std)
         xt = xt if self.flatten else xt.reshape(-1, 1, 8, 8)
@@ -100,20 +134,3 @@ class DigitsDataModule(pl.LightningDataModule):
         for split, ids in self.indices.items():
             sel = torch.from_numpy(ids)
             self._data[split] = TensorDataset(xt[sel], yt[sel])
-
-    def dataset(self, split: str) -> TensorDataset:
-        """The ``train``/``val``/``test`` dataset (after ``setup``)."""
-        if split not in ("train", "val", "test"):
-            raise ValueError(f"`split` must be one of 'train', 'val', 'test', got {split!r}")
-        self.setup()
-        return self._data[split]
-
-    def train_dataloader(self) -> DataLoader:
-        data = self.dataset("train")
-        return DataLoader(data, batch_size=self.batch_size, sampler=EpochSeededSampler(len(data), self.seed))
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.dataset("val"), batch_size=self.batch_size * 4)
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.dataset("test"), batch_size=self.batch_size * 4)

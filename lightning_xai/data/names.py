@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import os
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
-from lightning_xai.data.digits import EpochSeededSampler
+from lightning_xai.data.digits import InMemorySplits, stratified_split
 from lightning_xai.quantization.engine import validate_number
 
 __all__ = ["NamesDataModule", "load_census_names", "encode_names", "TASKS"]
@@ -51,7 +49,7 @@ def encode_names(words: list[str], max_len: int) -> torch.Tensor:
     return out
 
 
-class NamesDataModule(pl.LightningDataModule):
+class NamesDataModule(InMemorySplits):
     """Balanced names task (see the module docstring), stratified train/val/test split, deterministic by ``seed``."""
 
     vocab_size = 27
@@ -104,29 +102,9 @@ class NamesDataModule(pl.LightningDataModule):
             labels += [ci] * per_class
         self.words = words
         y = np.asarray(labels)
-        idx = np.arange(len(y))
-        rest, test = train_test_split(idx, test_size=self.test_fraction, stratify=y, random_state=self.seed)
-        share = self.val_fraction / (1.0 - self.test_fraction)
-        train, val = train_test_split(rest, test_size=share, stratify=y[rest], random_state=self.seed)
-        self.indices = {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
+        self.indices = stratified_split(y, self.val_fraction, self.test_fraction, self.seed)
         x = encode_names(words, self.max_len)
         yt = torch.from_numpy(y).long()
         for split, ids in self.indices.items():
             sel = torch.from_numpy(ids)
             self._data[split] = TensorDataset(x[sel], yt[sel])
-
-    def dataset(self, split: str) -> TensorDataset:
-        if split not in ("train", "val", "test"):
-            raise ValueError(f"`split` must be one of 'train', 'val', 'test', got {split!r}")
-        self.setup()
-        return self._data[split]
-
-    def train_dataloader(self) -> DataLoader:
-        data = self.dataset("train")
-        return DataLoader(data, batch_size=self.batch_size, sampler=EpochSeededSampler(len(data), self.seed))
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.dataset("val"), batch_size=self.batch_size * 4)
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.dataset("test"), batch_size=self.batch_size * 4)
