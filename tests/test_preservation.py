@@ -253,3 +253,15 @@ def test_names_data_and_char_model():
 def test_invalid_guard_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         PreservationGuard(**kwargs)
+
+
+def test_guard_works_with_the_mixin(tmp_path):
+    from test_callback import MixinClassifier
+
+    pl.seed_everything(0)
+    model = MixinClassifier("lenet")
+    guard = PreservationGuard(fraction=0.05, lam=0.2, check_every_n_steps=3, min_accuracy=0.0)
+    sc = SelfCompression(gamma=0.5, remove_every_n_steps=0, log_every_n_steps=0)
+    _trainer(tmp_path, [sc, guard], epochs=1, limit_train_batches=6).fit(model, DigitsDataModule())
+    assert guard.indices is not None and len(guard.indices) > 0
+    assert guard.snapshot and guard.last_accuracy is not None
