@@ -19,6 +19,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import EarlyStopping
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import quiet_trainer, update_benchmarks_md  # noqa: E402
@@ -55,7 +56,18 @@ def run_dataset(
     pl.seed_everything(seed, verbose=False)
     dm = cfg["dm"](seed)
     base = ImageClassifier(cfg["model"], input_shape=cfg["shape"], num_classes=dm.num_classes, lr=2e-3)
-    _trainer(pre_epochs, []).fit(base, dm)
+    # float phase: early stopping on validation accuracy (never on test), so the float model does not over-fit
+    pre = pl.Trainer(
+        max_epochs=pre_epochs,
+        callbacks=[EarlyStopping("val/acc", mode="max", patience=3)],
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        deterministic=True,
+    )
+    pre.fit(base, dm)
     float_acc = float(_trainer(1, []).test(base, dm, verbose=False)[0]["test/acc"])
     n_train = len(dm.dataset("train"))
 
