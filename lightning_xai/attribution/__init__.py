@@ -1,0 +1,1 @@
+"""Attribution: scores of neurons, layers and weights (causal effects for C-SWAP, more to come)."""
