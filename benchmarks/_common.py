@@ -54,8 +54,8 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def quiet_trainer(epochs: int, callbacks: list) -> pl.Trainer:
-    """Deterministic CPU Trainer without logging, checkpoints, progress bars or validation."""
+def quiet_trainer(epochs: int, callbacks: list, validate: bool = False) -> pl.Trainer:
+    """Deterministic CPU Trainer without logging, checkpoints or progress bars (validation only if ``validate``)."""
     return pl.Trainer(
         max_epochs=epochs,
         callbacks=callbacks,
@@ -64,6 +64,6 @@ def quiet_trainer(epochs: int, callbacks: list) -> pl.Trainer:
         enable_checkpointing=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        limit_val_batches=0,
+        limit_val_batches=None if validate else 0,
         deterministic=True,
     )

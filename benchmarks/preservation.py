@@ -57,16 +57,7 @@ def run_dataset(
     dm = cfg["dm"](seed)
     base = ImageClassifier(cfg["model"], input_shape=cfg["shape"], num_classes=dm.num_classes, lr=2e-3)
     # float phase: early stopping on validation accuracy (never on test), so the float model does not over-fit
-    pre = pl.Trainer(
-        max_epochs=pre_epochs,
-        callbacks=[EarlyStopping("val/acc", mode="max", patience=3)],
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        deterministic=True,
-    )
+    pre = quiet_trainer(pre_epochs, [EarlyStopping("val/acc", mode="max", patience=3)], validate=True)
     pre.fit(base, dm)
     float_acc = float(_trainer(1, []).test(base, dm, verbose=False)[0]["test/acc"])
     n_train = len(dm.dataset("train"))

@@ -24,7 +24,7 @@ import torch
 from scipy import stats
 from torch import Tensor, nn
 
-from lightning_xai.quantization.engine import validate_number
+from lightning_xai._validation import validate_number
 
 __all__ = [
     "CRITICAL",

@@ -12,10 +12,10 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from lightning_xai._validation import validate_number
 from lightning_xai.logging import log_scalars, log_text
 from lightning_xai.preservation.scores import UNCERTAINTY_KINDS, model_state_guard
 from lightning_xai.preservation.select import build_preservation_set
-from lightning_xai.quantization.engine import validate_number
 from lightning_xai.quantization.install import quantized_layers
 
 __all__ = ["PreservationGuard", "restore_lost_bits"]
@@ -280,7 +280,9 @@ class PreservationGuard(Callback):
         current = self._current(pl_module)
         lost = restore_lost_bits(current, self.snapshot)
         layers = {q.qualified: q for q in quantized_layers(pl_module)}
-        opt = next((cb.optimizer for cb in trainer.callbacks if hasattr(cb, "compressor")), None)  # type: ignore[attr-defined]
+        from lightning_xai.callbacks.self_compression import SelfCompression
+
+        opt = next((cb.optimizer for cb in trainer.callbacks if isinstance(cb, SelfCompression)), None)  # type: ignore[attr-defined]
         restored_bits = 0.0
         for name, mask in lost.items():
             q = layers[name].quantizer

@@ -12,10 +12,11 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_xai._validation import validate_number
 from lightning_xai.logging import flush, log_histogram, log_scalars
 from lightning_xai.mixin import CompressionMixin
 from lightning_xai.pruning.surgery import remove_dead_channels, resize_to_state_dict
-from lightning_xai.quantization.engine import SelfCompressor, validate_number
+from lightning_xai.quantization.engine import SelfCompressor
 from lightning_xai.quantization.export import export_compressed
 from lightning_xai.quantization.install import BatchNormFollowerRecorder, apply_batchnorm_gates
 
@@ -107,6 +108,8 @@ class SelfCompression(Callback):
         self._example_inputs: Any = None
         self._hooks: list[Any] = []
         self._recorder: BatchNormFollowerRecorder | None = None
+        self._last_periodic = -1
+        self._warned_inputs = False
         self._unremovable: dict[str, str] = {}
 
     @property
@@ -235,7 +238,7 @@ class SelfCompression(Callback):
     ) -> None:
         self._finish_detection(pl_module)
         step = trainer.global_step
-        if step == 0 or getattr(self, "_last_periodic", -1) == step:
+        if step == 0 or self._last_periodic == step:
             return
         self._last_periodic = step
         if self.remove_every_n_steps and step % self.remove_every_n_steps == 0 and trainer.world_size == 1:
@@ -254,7 +257,7 @@ class SelfCompression(Callback):
     def _remove(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         inputs = self._inputs(pl_module)
         if inputs is None:
-            if not getattr(self, "_warned_inputs", False):
+            if not self._warned_inputs:
                 self._warned_inputs = True
                 rank_zero_warn(
                     "SelfCompression: cannot remove 0-bit channels physically because no example input is known; "

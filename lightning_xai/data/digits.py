@@ -11,7 +11,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
-from lightning_xai.quantization.engine import validate_number
+from lightning_xai._validation import validate_number
 
 __all__ = ["DigitsDataModule", "EpochSeededSampler", "InMemorySplits"]
 
@@ -50,12 +50,21 @@ def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: flo
 class InMemorySplits(pl.LightningDataModule):
     """Shared behaviour of the in-memory data modules: ``dataset(split)`` and seeded loaders.
 
-    Subclasses fill ``self._data`` (``TensorDataset`` per split) in ``setup``.
+    Subclasses fill ``self.indices`` and ``self._data`` (a ``TensorDataset`` per split) in ``setup``.
     """
 
-    batch_size: int
-    seed: int
-    _data: dict[str, TensorDataset]
+    def __init__(self, batch_size: int, val_fraction: float, test_fraction: float, seed: int) -> None:
+        super().__init__()
+        validate_number("batch_size", batch_size, low=1, integer=True)
+        validate_number("val_fraction", val_fraction, low=0.0, low_open=True, high=0.5)
+        validate_number("test_fraction", test_fraction, low=0.0, low_open=True, high=0.5)
+        validate_number("seed", seed, low=0, integer=True)
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.seed = seed
+        self.indices: dict[str, np.ndarray] = {}
+        self._data: dict[str, TensorDataset] = {}
 
     def dataset(self, split: str) -> TensorDataset:
         """The ``train``/``val``/``test`` dataset (set up on first use)."""
@@ -105,19 +114,9 @@ class DigitsDataModule(InMemorySplits):
         seed: int = 0,
         flatten: bool = False,
     ) -> None:
-        super().__init__()
-        validate_number("batch_size", batch_size, low=1, integer=True)
-        validate_number("val_fraction", val_fraction, low=0.0, low_open=True, high=0.5)
-        validate_number("test_fraction", test_fraction, low=0.0, low_open=True, high=0.5)
-        validate_number("seed", seed, low=0, integer=True)
-        self.batch_size = batch_size
-        self.val_fraction = val_fraction
-        self.test_fraction = test_fraction
-        self.seed = seed
+        super().__init__(batch_size, val_fraction, test_fraction, seed)
         self.flatten = flatten
         self.input_shape: tuple[int, ...] = (64,) if flatten else (1, 8, 8)
-        self.indices: dict[str, np.ndarray] = {}
-        self._data: dict[str, TensorDataset] = {}
 
     def setup(self, stage: str | None = None) -> None:
         if self._data:

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from lightning_xai._validation import validate_number
 from lightning_xai.data.digits import InMemorySplits, stratified_split
-from lightning_xai.quantization.engine import validate_number
 
 __all__ = ["NamesDataModule", "load_census_names", "encode_names", "TASKS"]
 
@@ -63,22 +63,16 @@ class NamesDataModule(InMemorySplits):
         seed: int = 0,
         task: str = "first_vs_last",
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, val_fraction, test_fraction, seed)
         if task not in TASKS:
             raise ValueError(f"`task` must be one of {sorted(TASKS)}, got {task!r}")
         self.task = task
         self.classes = TASKS[task]
         self.num_classes = len(self.classes)
-        validate_number("batch_size", batch_size, low=1, integer=True)
         validate_number("max_len", max_len, low=2, integer=True)
-        validate_number("val_fraction", val_fraction, low=0.0, low_open=True, high=0.5)
-        validate_number("test_fraction", test_fraction, low=0.0, low_open=True, high=0.5)
-        self.batch_size, self.max_len, self.seed = batch_size, max_len, seed
-        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self.max_len = max_len
         self.input_shape = (max_len,)
-        self.indices: dict[str, np.ndarray] = {}
         self.words: list[str] = []
-        self._data: dict[str, TensorDataset] = {}
 
     def setup(self, stage: str | None = None) -> None:
         if self._data:

@@ -8,8 +8,8 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from lightning_xai._validation import validate_number
 from lightning_xai.data.digits import DigitsDataModule, EpochSeededSampler
-from lightning_xai.quantization.engine import validate_number
 
 __all__ = ["VisionDataModule", "make_datamodule", "DATASETS"]
 

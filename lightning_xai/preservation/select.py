@@ -9,13 +9,13 @@ import torch
 from sklearn.cluster import KMeans
 from torch import Tensor, nn
 
+from lightning_xai._validation import validate_number
 from lightning_xai.preservation.scores import (
     gradcam_scores,
     gradient_embedding_scores,
     penultimate_embeddings,
     uncertainty_scores,
 )
-from lightning_xai.quantization.engine import validate_number
 
 __all__ = ["kmeans_representatives", "build_preservation_set", "PreservationSet"]
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -174,8 +174,6 @@ def read_compressed(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
         raise FileNotFoundError(f"`path`={str(path)!r} does not exist")
     try:
         raw = load_file(str(path))
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as handle:
             file_meta = handle.metadata() or {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
@@ -209,10 +207,10 @@ def read_compressed(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
             codes = unpack_codes(stream[bit_pos : bit_pos + nbits], k, per_channel)
             stored = torch.from_numpy(k > 0)
             n_stored = int(stored.sum())
-            e = torch.zeros(channels)
-            e[stored] = exps[exp_pos : exp_pos + n_stored]
             if exps[exp_pos : exp_pos + n_stored].numel() != n_stored:
                 raise ValueError("exponent table too short")
+            e = torch.zeros(channels)
+            e[stored] = exps[exp_pos : exp_pos + n_stored]
             scale = torch.exp2(e).reshape((-1,) + (1,) * (len(shape) - 1))
             state[layer["name"]] = scale * torch.from_numpy(codes).float().reshape(shape)
             if layer["bias"] is not None:
