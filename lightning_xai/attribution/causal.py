@@ -80,9 +80,15 @@ class NeuronVerdicts:
     classes: list[int]
 
 
-def classify_neurons(sigma: Tensor, sigma_star: Tensor, labels: Tensor, alpha: float = 0.05) -> NeuronVerdicts:
+def classify_neurons(
+    sigma: Tensor, sigma_star: Tensor, labels: Tensor, alpha: float = 0.05, rtol: float = 1e-5
+) -> NeuronVerdicts:
     """Definition 2 for ``N`` neurons: ``sigma`` ``(M,)`` unperturbed scores, ``sigma_star`` ``(N, M)`` with each
     neuron cut, ``labels`` ``(M,)``. Classes with fewer than two samples are skipped (they cannot be tested).
+
+    Per-sample changes within ``rtol`` of ``σ`` count as no change: float32 rounding (a different batch size or
+    summation order) must not turn a neuron without effect into a "significant" one, and two correct implementations
+    must reach the same verdicts.
 
     Example:
         >>> s = torch.tensor([0.9, 0.8, 0.7, 0.9, 0.6, 0.8])
@@ -92,11 +98,14 @@ def classify_neurons(sigma: Tensor, sigma_star: Tensor, labels: Tensor, alpha: f
         ['neutral', 'critical', 'detrimental']
     """
     validate_number("alpha", alpha, low=0.0, low_open=True, high=1.0)
+    validate_number("rtol", rtol, low=0.0)
     if sigma_star.dim() != 2 or sigma_star.shape[1] != sigma.shape[0] or labels.shape[0] != sigma.shape[0]:
         raise ValueError(
             f"shapes disagree: `sigma` {tuple(sigma.shape)}, `sigma_star` {tuple(sigma_star.shape)} "
             f"(expected (N, {sigma.shape[0]})), `labels` {tuple(labels.shape)}"
         )
+    sigma, sigma_star = sigma.double(), sigma_star.double()
+    sigma_star = torch.where((sigma_star - sigma).abs() <= rtol * sigma.abs(), sigma.expand_as(sigma_star), sigma_star)
     counts = torch.bincount(labels)
     classes = [k for k in sorted(set(labels.tolist())) if counts[k] >= 2]  # one sample cannot be t-tested
     if not classes:

@@ -165,10 +165,17 @@ class RemovalReport:
         return bool(self.removed)
 
 
+def _is_depthwise(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.conv._ConvNd) and module.groups == module.in_channels == module.out_channels
+
+
 def _group_cuts(
-    group: Any, DG: tp.DependencyGraph, names: dict[nn.Module, str], dead: dict[str, set[int]]
+    group: Any, DG: tp.DependencyGraph, names: dict[nn.Module, str], dead: dict[str, set[int]] | None
 ) -> tuple[list[ChannelCut], str | None]:
-    """Translate a torch-pruning group into cuts, or give the reason it cannot be removed exactly."""
+    """Translate a torch-pruning group into cuts, or give the reason it cannot be removed exactly.
+
+    With ``dead`` given, every coupled producer must be dead on the group's channels; ``None`` skips that check.
+    """
     cuts: list[ChannelCut] = []
     for dep, idxs in group:
         target = dep.target
@@ -183,10 +190,14 @@ def _group_cuts(
         is_out = DG.is_out_channel_pruning_fn(dep.handler)
         is_in = DG.is_in_channel_pruning_fn(dep.handler)
         if target.type in (tp.ops.OPTYPE.CONV, tp.ops.OPTYPE.DEPTHWISE_CONV) and module.groups != 1:
-            return [], f"it is coupled with {name}, a grouped convolution (not sliced here)"
+            if not _is_depthwise(module):
+                return [], f"it is coupled with {name}, a grouped convolution (not sliced here)"
+            if is_out or is_in:  # a depthwise conv loses the channel as a whole: slice its output dimension once
+                cuts.append(ChannelCut(name, "out", tuple(sorted(set(idxs)))))
+                continue
         if target.type in (tp.ops.OPTYPE.CONV, tp.ops.OPTYPE.LINEAR):
             if is_out:
-                missing = set(idxs) - dead.get(name, set())
+                missing = set(idxs) - dead.get(name, set()) if dead is not None else set()
                 if missing:
                     return [], f"coupled layer {name} still uses channels {sorted(missing)[:8]}"
                 cuts.append(ChannelCut(name, "out", tuple(sorted(set(idxs)))))
