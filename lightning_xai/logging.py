@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
-__all__ = ["log_scalars", "log_histogram", "log_text", "tensorboard_writers", "flush"]
+__all__ = ["log_scalars", "log_histogram", "log_text", "log_figure", "tensorboard_writers", "flush"]
 
 _warned: set[str] = set()
 
@@ -59,6 +59,21 @@ def log_text(trainer: Any, tag: str, text: str, step: int) -> None:
         _warn_once("text", "lightning_xai: text summaries are only written to TensorBoard loggers; skipping them")
     for writer in writers:
         writer.add_text(tag, text, global_step=step)
+
+
+@rank_zero_only
+def log_figure(trainer: Any, tag: str, figure: Any, step: int) -> None:
+    """A matplotlib ``figure`` as an image under ``tag`` (TensorBoard only); the figure is closed afterwards."""
+    import matplotlib.pyplot as plt
+
+    try:
+        writers = tensorboard_writers(trainer)
+        if not writers and getattr(trainer, "loggers", None):
+            _warn_once("figure", "lightning_xai: figures are only written to TensorBoard loggers; skipping them")
+        for writer in writers:
+            writer.add_figure(tag, figure, global_step=step, close=False)
+    finally:
+        plt.close(figure)
 
 
 @rank_zero_only

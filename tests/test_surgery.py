@@ -177,21 +177,35 @@ def test_torchvision_resnet18_inner_channels_removed():
     torch.testing.assert_close(_outputs(net, x), y, rtol=1e-4, atol=1e-5)
 
 
-def test_torchvision_mobilenet_v2_depthwise_groups_are_refused_safely():
+def test_torchvision_mobilenet_v2_depthwise_chain_is_sliced_and_outputs_refused():
     net = torchvision.models.mobilenet_v2(weights=None, num_classes=10)
     layers = {q.name: q for q in install_quantizers(net)}
     x = torch.randn(2, 3, 64, 64)
     gate_following_batchnorms(net, x)
     kill_channels(layers["features.2.conv.0.0"], [1, 2])  # expansion conv feeding a depthwise conv
     kill_channels(layers["classifier.1"], [0])  # model outputs
+    before = sum(p.numel() for p in net.parameters())
+    net.eval()
+    y = _outputs(net, x)[0]
+    report = remove_dead_channels(net, x)
+    assert report.removed == {"features.2.conv.0.0": 2}
+    assert "model outputs" in report.rejected["classifier.1"]
+    dw = net.features[2].conv[1][0]
+    assert dw.groups == dw.in_channels == dw.out_channels == 94 and dw.weight.shape[0] == 94
+    assert sum(p.numel() for p in net.parameters()) < before
+    torch.testing.assert_close(_outputs(net, x)[0], y, rtol=1e-4, atol=1e-5)
+
+
+def test_grouped_non_depthwise_convolutions_are_refused_safely():
+    net = nn.Sequential(nn.Conv2d(2, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2), nn.ReLU(), nn.Conv2d(8, 3, 1))
+    layers = {q.name: q for q in install_quantizers(net)}
+    kill_channels(layers["0"], [1])
+    x = torch.randn(2, 2, 6, 6)
     saved = state_copy(net)
-    y = _outputs(net, x)
     report = remove_dead_channels(net, x)
     assert report.removed == {}
-    assert "grouped convolution" in report.rejected["features.2.conv.0.0"]
-    assert "model outputs" in report.rejected["classifier.1"]
+    assert "grouped convolution" in report.rejected["0"]
     assert_same_state(net, saved)
-    assert torch.equal(_outputs(net, x), y)
 
 
 def test_gate_following_batchnorms_leaves_no_hooks_and_restores_modes():

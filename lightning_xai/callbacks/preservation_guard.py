@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_xai._validation import validate_number
+from lightning_xai.callbacks._data import dataset_tensors, split_dataset
 from lightning_xai.logging import log_scalars, log_text
 from lightning_xai.preservation.scores import UNCERTAINTY_KINDS, model_state_guard
 from lightning_xai.preservation.select import build_preservation_set
@@ -131,16 +132,7 @@ class PreservationGuard(Callback):
     # -- data -------------------------------------------------------------------------------------------------
     @staticmethod
     def _training_tensors(trainer: pl.Trainer) -> tuple[Tensor, Tensor]:
-        loader = trainer.train_dataloader
-        if isinstance(loader, (list, tuple)):
-            loader = loader[0]
-        if isinstance(loader, dict):
-            loader = next(iter(loader.values()))
-        dataset = getattr(loader, "dataset", None)
-        if dataset is None or not hasattr(dataset, "__len__"):
-            raise ValueError("PreservationGuard needs a map-style training dataset of (input, label) pairs")
-        xs, ys = zip(*(dataset[i][:2] for i in range(len(dataset))))
-        return torch.stack([torch.as_tensor(x) for x in xs]), torch.as_tensor(np.asarray(ys), dtype=torch.long)
+        return dataset_tensors(split_dataset(trainer, "train", "PreservationGuard"))
 
     def _build(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         x, y = self._training_tensors(trainer)

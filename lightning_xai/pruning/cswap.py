@@ -158,9 +158,10 @@ class _Engine:
 class _FastEngine(_Engine):
     """Cached prefix, delta updates at the unit's first consumers, batched interventions."""
 
-    def __init__(self, *args: Any, max_batch: int = 256, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, max_elements: int = 1 << 18, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.max_batch = max_batch
+        self.max_elements = max_elements  # activation elements per suffix slice: small enough to stay in cache
+        self.max_batch = self.batch_size
         self.gm = torch.fx.symbolic_trace(self.model)
         self.gm.eval()
         self.interp = torch.fx.Interpreter(self.gm, garbage_collect_values=False)
@@ -172,10 +173,15 @@ class _FastEngine(_Engine):
                 batchy.add(node)
         self.batchy = batchy
         self._unit: PrunableUnit | None = None
+        self.row_size: dict[torch.fx.Node, int] = {}
 
     @property
     def per_forward(self) -> int:
         return max(1, self.max_batch // self.inputs.shape[0])
+
+    def _record_sizes(self, node: torch.fx.Node, value: Any) -> None:
+        if isinstance(value, Tensor) and value.dim() > 0 and node in self.batchy:
+            self.row_size[node] = max(1, value.numel() // max(1, value.shape[0]))
 
     # -- graph helpers
     def _exec(self, node: torch.fx.Node, env: dict) -> Any:
@@ -198,6 +204,8 @@ class _FastEngine(_Engine):
                 pass
             else:
                 env[node] = self._exec(node, env)
+                if node not in self.row_size:
+                    self._record_sizes(node, env[node])
             for a in node.all_input_nodes:
                 if last_use.get(a) == i and a not in keep:
                     env.pop(a, None)
@@ -246,6 +254,9 @@ class _FastEngine(_Engine):
         self.suffix = [n for n in self.nodes if n in downstream and n not in roots]
         self.frontier = {n: cache[n] for n in frontier}
         self.roots = {n: (captured[n], cache[n]) for n in roots}  # masked input, output
+        # rows per slice: the widest activation of the suffix decides (late, small activations batch more rows)
+        widest = max([self.row_size.get(n, 1) for n in self.suffix] + [1])
+        self.max_batch = max(self.batch_size, self.max_elements // widest)
 
     @staticmethod
     def _delta_ok(module: nn.Module) -> bool:
@@ -315,7 +326,8 @@ class _FastEngine(_Engine):
 
     def _suffix(self, chunks: Sequence[Sequence[int]]) -> Tensor:
         """σ for ``len(chunks)`` interventions (each a list of channels of the current unit), batched together and
-        run over slices of the samples so that at most ``max_batch`` rows go through the suffix at once."""
+        run over slices of the samples so that at most ``max_batch`` rows (set per unit from the widest activation of
+        the suffix) go through it at once."""
         unit = self._unit
         assert unit is not None
         k = len(chunks)
@@ -363,7 +375,7 @@ def _make_engine(
     if mode != "fast":
         raise ValueError(f"`mode` must be 'fast' or 'reference', got {mode!r}")
     try:
-        return _FastEngine(model, units, masker, inputs, labels, score_fn, batch_size, max_batch=batch_size)
+        return _FastEngine(model, units, masker, inputs, labels, score_fn, batch_size)
     except Exception as err:  # noqa: BLE001 - tracing arbitrary models fails in many ways; fall back, same decisions
         import warnings
 

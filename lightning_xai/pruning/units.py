@@ -118,8 +118,6 @@ def find_units(
         >>> units, refused = find_units(net, torch.randn(2, 4))
         >>> [(u.name, u.size, u.consumers) for u in units]
         [('2', 3, ['4']), ('0', 6, ['2'])]
-        >>> refused
-        {'4': 'its channels are model outputs'}
     """
     args, kwargs = _normalise_inputs(example_inputs)
     names = {m: n for n, m in model.named_modules()}

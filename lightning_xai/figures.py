@@ -1,0 +1,56 @@
+"""Matplotlib figures for TensorBoard and notebooks (headless: the Agg backend is used when none is set)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import matplotlib
+
+if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
+    matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+__all__ = ["pruning_curves_figure", "categories_figure"]
+
+
+def pruning_curves_figure(curves: Sequence[Any], baseline: float | None = None) -> Any:
+    """Accuracy vs % parameters removed, one line per method (``PruningCurve`` objects), SAUCE in the legend."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for curve in curves:
+        ax.plot(
+            [100 * r for r in curve.removed],
+            [100 * a for a in curve.accuracy],
+            marker=".",
+            label=f"{curve.method} (SAUCE {curve.sauce:.1f})",
+        )
+    if baseline is not None:
+        ax.axhline(100 * baseline, color="grey", linestyle="--", linewidth=1, label="unpruned")
+    ax.set_xlabel("parameters removed (%)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def categories_figure(per_unit: Mapping[str, Mapping[str, int]]) -> Any:
+    """Stacked bars: % critical / neutral / detrimental neurons per unit (output side first, like the analysis)."""
+    names = list(per_unit)
+    fig, ax = plt.subplots(figsize=(max(5, 0.45 * len(names) + 2), 4))
+    bottom = [0.0] * len(names)
+    colours = {"critical": "tab:green", "neutral": "tab:grey", "detrimental": "tab:red"}
+    for cat, colour in colours.items():
+        vals = []
+        for n in names:
+            total = sum(per_unit[n].values()) or 1
+            vals.append(100 * per_unit[n].get(cat, 0) / total)
+        ax.bar(range(len(names)), vals, bottom=bottom, color=colour, label=cat)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("neurons (%)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
