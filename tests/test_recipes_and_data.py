@@ -119,3 +119,14 @@ def test_safe_compress_recipe_quick(tmp_path, capsys, task):
     assert Path(summary["export"]).is_file()
     assert summary["preservation_set"] > 0 and summary["preservation_acc"] >= summary["threshold"]
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == summary
+
+
+def test_cswap_recipe_quick(tmp_path, capsys):
+    recipe = _load(ROOT / "recipes" / "cswap_prune.py")
+    summary = recipe.main(["--quick", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "TensorBoard logs:" in out and "Pruned model:" in out
+    assert json.loads(out.strip().splitlines()[-1]) == summary
+    assert Path(summary["export"]).is_file()
+    assert summary["params_after"] <= 0.5 * summary["params_before"] + 1
+    assert set(summary["sauce"]) == {"cswap", "omp", "random"}
