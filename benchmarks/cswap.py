@@ -22,8 +22,8 @@ import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 from _common import quiet_trainer, update_benchmarks_md  # noqa: E402
 
-from lightning_xai.callbacks.cswap_pruning import _flops, measure_latency  # noqa: E402
 from lightning_xai.data import DigitsDataModule, make_datamodule  # noqa: E402
+from lightning_xai.evaluation import count_macs, latency_ratio  # noqa: E402
 from lightning_xai.models import ImageClassifier  # noqa: E402
 from lightning_xai.pruning.cswap import (  # noqa: E402
     PruningOrder,
@@ -37,17 +37,6 @@ from lightning_xai.pruning.cswap import (  # noqa: E402
     random_order,
 )
 from lightning_xai.pruning.units import apply_plan, find_units  # noqa: E402
-
-
-def _latency_ratio(original: torch.nn.Module, pruned: torch.nn.Module, x: torch.Tensor, rounds: int) -> float:
-    """Median of per-round ratios, the two models measured alternately (the machine's noise hits both)."""
-    ratios = []
-    for _ in range(rounds):
-        a = measure_latency(original, x, repeats=10)
-        b = measure_latency(pruned, x, repeats=10)
-        ratios.append(b / a)
-    ratios.sort()
-    return ratios[len(ratios) // 2]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -106,11 +95,11 @@ def main(argv: list[str] | None = None) -> dict:
     pruned = copy.deepcopy(net)
     apply_plan(pruned, units, plan_from_order(units, fast.order, k50), x[:8])
     bench_x = tx[:256]
-    latency = _latency_ratio(net, pruned, bench_x, rounds=3 if args.quick else 7)
+    latency = latency_ratio(net, pruned, bench_x, rounds=3 if args.quick else 7)
     with torch.no_grad():
         acc50 = float((pruned(tx).argmax(1) == ty).double().mean())
-    flops0, _ = _flops(net, x[:1])
-    flops50, _ = _flops(pruned, x[:1])
+    flops0, _ = count_macs(net, x[:1])
+    flops50, _ = count_macs(pruned, x[:1])
 
     result = {
         "dataset": dataset_name,

@@ -11,7 +11,7 @@ if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.b
     matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["pruning_curves_figure", "categories_figure"]
+__all__ = ["pruning_curves_figure", "categories_figure", "layer_rankings_figure"]
 
 
 def pruning_curves_figure(curves: Sequence[Any], baseline: float | None = None) -> Any:
@@ -52,5 +52,27 @@ def categories_figure(per_unit: Mapping[str, Mapping[str, int]]) -> Any:
     ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("neurons (%)")
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def layer_rankings_figure(
+    layers: Sequence[str], scores: Mapping[str, Mapping[str, float]], pruned: Mapping[str, Sequence[str]]
+) -> Any:
+    """Side by side, per criterion: each layer's score as a share of that criterion's total; pruned layers hatched."""
+    fig, axes = plt.subplots(1, len(scores), figsize=(4 + 3 * len(scores), max(3, 0.25 * len(layers) + 1)), sharey=True)
+    axes = list(axes) if len(scores) > 1 else [axes]
+    for ax, (name, values) in zip(axes, scores.items()):
+        total = sum(values[n] for n in layers) or 1.0
+        shares = [100 * values[n] / total for n in layers]
+        bars = ax.barh(range(len(layers)), shares, color="tab:blue")
+        for bar, n in zip(bars, layers):
+            if n in pruned.get(name, ()):
+                bar.set_color("tab:red")
+        ax.set_title(f"{name} (red: pruned)", fontsize=9)
+        ax.set_xlabel("share of total score (%)")
+    axes[0].set_yticks(range(len(layers)))
+    axes[0].set_yticklabels(layers, fontsize=7)
+    axes[0].invert_yaxis()
     fig.tight_layout()
     return fig

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
-import time
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
-import torch_pruning as tp
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_xai._validation import validate_number
 from lightning_xai.callbacks._data import dataset_tensors, split_dataset
+from lightning_xai.evaluation import accuracy, count_macs, measure_latency
 from lightning_xai.figures import categories_figure, pruning_curves_figure
 from lightning_xai.logging import flush, log_figure, log_scalars, log_text
 from lightning_xai.pruning.cswap import (
@@ -33,25 +29,7 @@ from lightning_xai.pruning.cswap import (
 )
 from lightning_xai.pruning.units import apply_plan, find_units, save_pruned
 
-__all__ = ["CSWAPPruning", "measure_latency"]
-
-
-def measure_latency(model: nn.Module, inputs: Tensor, repeats: int = 20, warmup: int = 3) -> float:
-    """Median seconds of one eval-mode forward of ``inputs`` on the current device (no grad)."""
-    was = model.training
-    model.eval()
-    times = []
-    try:
-        with torch.no_grad():
-            for i in range(warmup + repeats):
-                t = time.perf_counter()
-                model(inputs)
-                if i >= warmup:
-                    times.append(time.perf_counter() - t)
-    finally:
-        model.train(was)
-    times.sort()
-    return times[len(times) // 2]
+__all__ = ["CSWAPPruning"]
 
 
 class CSWAPPruning(pl.Callback):
@@ -174,9 +152,9 @@ class CSWAPPruning(pl.Callback):
         if not units:
             raise ValueError(f"CSWAPPruning found no prunable layer in {type(pl_module).__name__}; refused: {refused}")
         params_before = sum(p.numel() for p in pl_module.parameters())
-        flops_before, _ = _flops(pl_module, example[:1])
+        flops_before, _ = count_macs(pl_module, example[:1])
         latency_before = measure_latency(pl_module, vx[: self.batch_size])
-        acc_before = _accuracy(pl_module, vx, vy, self.batch_size)
+        acc_before = accuracy(pl_module, vx, vy, self.batch_size)
 
         orders: dict[str, PruningOrder] = {}
         for method in dict.fromkeys((self.method, *self.curves)):
@@ -193,9 +171,9 @@ class CSWAPPruning(pl.Callback):
         apply_plan(pl_module, units, plan, example)  # transactional: the model is untouched if this raises
         self.plan = plan
         params_after = sum(p.numel() for p in pl_module.parameters())
-        flops_after, _ = _flops(pl_module, example[:1])
+        flops_after, _ = count_macs(pl_module, example[:1])
         latency_after = measure_latency(pl_module, vx[: self.batch_size])
-        acc_after = _accuracy(pl_module, vx, vy, self.batch_size)
+        acc_after = accuracy(pl_module, vx, vy, self.batch_size)
 
         result: dict[str, Any] = {
             "method": self.method,
@@ -259,21 +237,6 @@ class CSWAPPruning(pl.Callback):
         plan = state_dict.get("plan")
         self.plan = None if plan is None else {k: list(v) for k, v in plan.items()}
         self.result = dict(state_dict.get("result", {}))
-
-
-def _flops(model: nn.Module, example: Tensor) -> tuple[int, int]:
-    """(MACs, parameters) of one forward (torch-pruning's counter; its stray prints are silenced)."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        macs, params = tp.utils.count_ops_and_params(model, example)
-    return int(macs), int(params)
-
-
-def _accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> float:
-    correct = 0
-    with torch.no_grad():
-        for start in range(0, x.shape[0], batch_size):
-            correct += int((model(x[start : start + batch_size]).argmax(-1) == y[start : start + batch_size]).sum())
-    return correct / max(1, x.shape[0])
 
 
 def _summary(result: dict[str, Any], per_unit: dict[str, dict[str, int]]) -> str:

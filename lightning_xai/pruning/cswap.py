@@ -46,6 +46,7 @@ from lightning_xai.attribution.causal import (
     classify_neurons,
     true_class_probability,
 )
+from lightning_xai.evaluation import accuracy
 from lightning_xai.pruning.surgery import _eval_mode
 from lightning_xai.pruning.units import ChannelMasker, Plan, PrunableUnit, count_parameters, names_to
 
@@ -622,15 +623,6 @@ def sauce(removed: Sequence[float], accuracy: Sequence[float]) -> float:
     return 100.0 * float(torch.trapezoid(y, x)) / span
 
 
-def _accuracy(model: nn.Module, inputs: Tensor, labels: Tensor, batch_size: int) -> float:
-    correct = 0
-    with torch.no_grad():
-        for start in range(0, inputs.shape[0], batch_size):
-            sl = slice(start, start + batch_size)
-            correct += int((model(inputs[sl]).argmax(-1) == labels[sl]).sum())
-    return correct / max(1, inputs.shape[0])
-
-
 def pruning_curve(
     model: nn.Module,
     units: Sequence[PrunableUnit],
@@ -660,7 +652,7 @@ def pruning_curve(
                     masker.remove(by_name[name].index, chs)
                 removed = 1 - count_parameters(model, units, masker.plan()) / total
                 curve.removed.append(removed)
-                curve.accuracy.append(_accuracy(model, inputs, labels, batch_size))
+                curve.accuracy.append(accuracy(model, inputs, labels, batch_size))
                 curve.kept_neurons.append(n - k)
     return curve
 
