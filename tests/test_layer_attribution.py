@@ -267,3 +267,35 @@ def test_classification_loss_is_summed():
     y = torch.tensor([0, 1, 2, 0])
     loss, n = classification_loss(net, (x, y))
     assert n == 4 and float(loss) == pytest.approx(float(F.cross_entropy(net(x), y, reduction="sum")))
+
+
+def _ddp_worker(rank, world, port, x, y, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        net = _tiny()
+        half = x.shape[0] // world
+        sl = slice(rank * half, (rank + 1) * half)
+        out[rank] = GradientActivationScorer().score(net, [(x[sl], y[sl])])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_scores_are_all_reduced_across_ddp_processes():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    x = torch.randn(8, 2, 4, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,))
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_ddp_worker, args=(2, port, x, y, out), nprocs=2, join=True)
+        per_rank = dict(out)
+    whole = GradientActivationScorer().score(_tiny(), [(x, y)])
+    for rank in (0, 1):
+        assert per_rank[rank] == pytest.approx(whole, rel=1e-10)  # every rank holds the global expectation

@@ -130,3 +130,11 @@ def test_cswap_recipe_quick(tmp_path, capsys):
     assert Path(summary["export"]).is_file()
     assert summary["params_after"] <= 0.5 * summary["params_before"] + 1
     assert set(summary["sauce"]) == {"cswap", "omp", "random"}
+
+
+def test_layer_prune_recipe_quick(tmp_path, capsys):
+    recipe = _load(ROOT / "recipes" / "layer_prune.py")
+    summary = recipe.main(["--quick", "--mode", "bypass", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "TensorBoard logs:" in out and json.loads(out.strip().splitlines()[-1]) == summary
+    assert len(summary["pruned"]["gradxact"]) == 1 and -1 <= summary["spearman"] <= 1
