@@ -1,0 +1,521 @@
+"""Layer-wise Relevance Propagation with **weight** relevance (arXiv 2507.05286, eq. ``R_ij = (a_i·w_ij / z_j)·R_j``).
+
+The model is traced with torch.fx and relevance is propagated through the graph from the output back to the input,
+one node at a time, so residual additions and concatenations are handled wherever they are (no hooks are put on the
+user's modules; batch norms are folded into the preceding layer inside :func:`canonized`, and restored on exit).
+
+Rules (small configurations of one generic linear-layer step, chosen per layer by :class:`Composite`):
+
+* :class:`Epsilon` — ``R_i = Σ_j a_i w_ij / (z_j + ε·sign z_j) · R_j``;
+* :class:`ZPlus` — the same with ``w⁺`` only, no bias (``α=1, β=0``);
+* :class:`AlphaBeta` — ``α·(positive contributions) − β·(negative contributions)``, ``α − β = 1``;
+* :class:`ZBox` — the first-layer rule for inputs bounded by ``[low, high]``.
+
+Every rule also returns the weight relevance ``R_W`` (per weight, summed over samples and positions): the terms
+whose sum over ``i`` is the message ``R_j``. Non-parametric nodes: ReLU/dropout/identity/reshape pass relevance
+through, max-pooling routes it to the winners, average pooling uses the epsilon rule, additions split it in
+proportion to the summands. Anything else raises a ``ValueError`` naming the module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "Rule",
+    "Epsilon",
+    "ZPlus",
+    "AlphaBeta",
+    "ZBox",
+    "Composite",
+    "LRPResult",
+    "lrp",
+    "canonized",
+    "weight_relevance",
+]
+
+_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d)
+_PASS_MODULES = (nn.ReLU, nn.Dropout, nn.Dropout2d, nn.Identity, nn.Flatten, nn.Unflatten) + _BN
+_PASS_FUNCTIONS = {
+    F.relu,
+    torch.relu,
+    torch.flatten,
+    torch.reshape,
+    torch.cat,
+    torch.squeeze,
+    torch.unsqueeze,
+    torch.permute,
+    torch.transpose,
+    F.dropout,
+    operator.getitem,
+}
+_PASS_METHODS = {"relu", "view", "reshape", "flatten", "squeeze", "unsqueeze", "permute", "transpose", "contiguous"}
+_AVG_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
+_MAX_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
+
+
+def _stabilize(z: Tensor, eps: float) -> Tensor:
+    return z + eps * torch.where(z >= 0, torch.ones_like(z), -torch.ones_like(z))
+
+
+def _apply(module: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    if isinstance(module, nn.Linear):
+        return F.linear(x, weight, bias)
+    conv = F.conv1d if isinstance(module, nn.Conv1d) else F.conv2d
+    return conv(x, weight, bias, module.stride, module.padding, module.dilation, module.groups)
+
+
+def _message(module, x, weight, bias, s) -> tuple[Tensor, Tensor]:
+    """``(Jᵀ s, ∂(z·s)/∂W)`` for ``z = layer(x; weight, bias)`` — both linear in ``s``."""
+    x = x.detach().requires_grad_(True)
+    w = weight.detach().requires_grad_(True)
+    with torch.enable_grad():
+        z = _apply(module, x, w, None if bias is None else bias.detach())
+        gx, gw = torch.autograd.grad(z, (x, w), grad_outputs=s)
+    return gx, gw
+
+
+class Rule:
+    """One LRP step through a Linear/Conv layer: ``(R_in, R_W) = rule(module, a, R_out, weight, bias)``."""
+
+    def __call__(self, module: nn.Module, a: Tensor, r: Tensor, weight: Tensor, bias: Tensor | None):
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Epsilon(Rule):
+    """``R_ij = a_i w_ij / (z_j + ε·sign z_j) · R_j`` (ε → 0: the basic rule of the paper).
+
+    ``absolute=True`` changes only the *weight* relevance to ``Σ_samples |a_i w_ij / z_j · R_j|`` (how much flows
+    through the weight, whatever its sign); the propagated relevance is unchanged.
+    """
+
+    eps: float = 1e-6
+    absolute: bool = False
+
+    def __call__(self, module, a, r, weight, bias):
+        with torch.no_grad():
+            z = _apply(module, a, weight, bias)
+        s = r / _stabilize(z, self.eps)
+        gx, gw = _message(module, a, weight, bias, s)
+        if self.absolute:
+            _, gw_abs = _message(module, a.abs(), weight.abs(), None, s.abs())
+            return a * gx, weight.abs() * gw_abs
+        return a * gx, weight * gw
+
+
+@dataclass(frozen=True)
+class ZPlus(Rule):
+    """``R_ij = a_i w⁺_ij / Σ_i a_i w⁺_ij · R_j`` for non-negative inputs (α=1, β=0); negative weights get none."""
+
+    eps: float = 1e-9
+
+    def __call__(self, module, a, r, weight, bias):
+        wp = weight.clamp(min=0)
+        with torch.no_grad():
+            z = _apply(module, a, wp, None)
+        s = r / _stabilize(z, self.eps)
+        gx, gw = _message(module, a, wp, None, s)
+        return a * gx, wp * gw
+
+
+@dataclass(frozen=True)
+class AlphaBeta(Rule):
+    """``R_ij = (α·(a_i w_ij)⁺ / z⁺_j − β·(a_i w_ij)⁻ / z⁻_j) · R_j`` with ``α − β = 1`` (inputs of any sign)."""
+
+    alpha: float = 2.0
+    beta: float = 1.0
+    eps: float = 1e-9
+
+    def __post_init__(self) -> None:
+        if abs(self.alpha - self.beta - 1.0) > 1e-9:
+            raise ValueError(f"AlphaBeta needs `alpha` - `beta` = 1, got alpha={self.alpha}, beta={self.beta}")
+
+    def __call__(self, module, a, r, weight, bias):
+        ap, an = a.clamp(min=0), a.clamp(max=0)
+        wp, wn = weight.clamp(min=0), weight.clamp(max=0)
+        with torch.no_grad():
+            zp = _apply(module, ap, wp, None) + _apply(module, an, wn, None)  # sum of positive contributions
+            zn = _apply(module, ap, wn, None) + _apply(module, an, wp, None)  # sum of negative contributions
+        sp = r / _stabilize(zp, self.eps)
+        sn = r / _stabilize(zn, self.eps)
+        gx1, gw1 = _message(module, ap, wp, None, sp)
+        gx2, gw2 = _message(module, an, wn, None, sp)
+        gx3, gw3 = _message(module, ap, wn, None, sn)
+        gx4, gw4 = _message(module, an, wp, None, sn)
+        r_in = self.alpha * (ap * gx1 + an * gx2) - self.beta * (ap * gx3 + an * gx4)
+        r_w = self.alpha * (wp * gw1 + wn * gw2) - self.beta * (wn * gw3 + wp * gw4)
+        return r_in, r_w
+
+
+@dataclass(frozen=True)
+class ZBox(Rule):
+    """First-layer rule for inputs in ``[low, high]``: ``z_ij = a_i w_ij − l_i w⁺_ij − h_i w⁻_ij``."""
+
+    low: float | Tensor = -1.0
+    high: float | Tensor = 1.0
+    eps: float = 1e-9
+
+    def __call__(self, module, a, r, weight, bias):
+        low = torch.as_tensor(self.low, dtype=a.dtype, device=a.device).expand_as(a)
+        high = torch.as_tensor(self.high, dtype=a.dtype, device=a.device).expand_as(a)
+        wp, wn = weight.clamp(min=0), weight.clamp(max=0)
+        with torch.no_grad():
+            z = _apply(module, a, weight, None) - _apply(module, low, wp, None) - _apply(module, high, wn, None)
+        s = r / _stabilize(z, self.eps)
+        gx, gw = _message(module, a, weight, None, s)
+        gl, gwl = _message(module, low, wp, None, s)
+        gh, gwh = _message(module, high, wn, None, s)
+        return a * gx - low * gl - high * gh, weight * gw - wp * gwl - wn * gwh
+
+
+@dataclass
+class Composite:
+    """Which rule for which layer: ``by_name`` > ``first`` (the first layer the input reaches) > ``by_type`` >
+    ``default``.
+
+    Example:
+        >>> c = Composite(first=ZBox(-1.0, 1.0), by_type={nn.Conv2d: ZPlus()})
+        >>> c.rule_for("features.0", nn.Conv2d(1, 2, 3), is_first=True)
+        ZBox(low=-1.0, high=1.0, eps=1e-09)
+    """
+
+    default: Rule = field(default_factory=Epsilon)
+    by_type: Mapping[type, Rule] = field(default_factory=dict)
+    by_name: Mapping[str, Rule] = field(default_factory=dict)
+    first: Rule | None = None
+
+    def rule_for(self, name: str, module: nn.Module, is_first: bool) -> Rule:
+        if name in self.by_name:
+            return self.by_name[name]
+        if is_first and self.first is not None:
+            return self.first
+        for cls, rule in self.by_type.items():
+            if isinstance(module, cls):
+                return rule
+        return self.default
+
+
+@dataclass
+class LRPResult:
+    """Relevance of the input, of every node's output (by node name) and of every Linear/Conv weight (summed over
+    samples), plus the relevance put on the output."""
+
+    input: Tensor
+    activations: dict[str, Tensor]
+    weights: dict[str, Tensor]
+    output: Tensor
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Canonization
+
+
+def _fold_pairs(gm: torch.fx.GraphModule, modules: Mapping[str, nn.Module]) -> list[tuple[str, str]]:
+    """(layer, batch norm) pairs where the batch norm reads only that Linear/Conv layer's output."""
+    pairs = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(str(node.target)), _BN):
+            continue
+        prev = node.args[0] if node.args else None
+        if (
+            isinstance(prev, torch.fx.Node)
+            and prev.op == "call_module"
+            and isinstance(modules.get(str(prev.target)), _LAYERS)
+            and len(prev.users) == 1
+        ):
+            pairs.append((str(prev.target), str(node.target)))
+        else:
+            raise ValueError(
+                f"LRP cannot fold batch norm `{node.target}`: it does not directly follow a Linear/Conv layer "
+                "whose only user it is"
+            )
+    return pairs
+
+
+@contextlib.contextmanager
+def canonized(model: nn.Module) -> Iterator[list[tuple[str, str]]]:
+    """Fold every batch norm into the Linear/Conv layer before it (in eval mode the function is unchanged) and make
+    the batch norm an identity; everything is restored on exit, also after an exception. Yields the folded pairs."""
+    gm = torch.fx.symbolic_trace(model)
+    modules = dict(model.named_modules())
+    pairs = _fold_pairs(gm, modules)
+    saved: list[tuple[nn.Module, dict[str, Tensor | None]]] = []
+    try:
+        with torch.no_grad():
+            for layer_name, bn_name in pairs:
+                layer, bn = modules[layer_name], modules[bn_name]
+                saved.append((layer, {"weight": layer.weight.detach().clone(), "bias": _clone(layer.bias)}))
+                saved.append(
+                    (
+                        bn,
+                        {
+                            k: _clone(getattr(bn, k))
+                            for k in ("weight", "bias", "running_mean", "running_var")
+                            if getattr(bn, k) is not None
+                        },
+                    )
+                )
+                var = bn.running_var if bn.running_var is not None else torch.ones(bn.num_features)
+                mean = bn.running_mean if bn.running_mean is not None else torch.zeros(bn.num_features)
+                gamma = bn.weight if bn.weight is not None else torch.ones_like(var)
+                beta = bn.bias if bn.bias is not None else torch.zeros_like(var)
+                scale = gamma / torch.sqrt(var + bn.eps)
+                shape = (-1,) + (1,) * (layer.weight.dim() - 1)
+                layer.weight.mul_(scale.reshape(shape))
+                old_bias = layer.bias if layer.bias is not None else torch.zeros_like(var)
+                new_bias = (old_bias - mean) * scale + beta
+                if layer.bias is None:
+                    layer.bias = nn.Parameter(new_bias.clone())
+                    saved[-2][1]["bias"] = None
+                else:
+                    layer.bias.copy_(new_bias)
+                if bn.running_mean is not None:
+                    bn.running_mean.zero_()
+                    bn.running_var.fill_(1.0 - bn.eps)
+                if bn.weight is not None:
+                    bn.weight.fill_(1.0)
+                    bn.bias.zero_()
+        yield pairs
+    finally:
+        with torch.no_grad():
+            for module, tensors in reversed(saved):
+                for k, v in tensors.items():
+                    if v is None:
+                        module.bias = None  # type: ignore[assignment]
+                    else:
+                        getattr(module, k).copy_(v)
+
+
+def _clone(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach().clone()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Propagation
+
+
+def _node_kind(node: torch.fx.Node, modules: Mapping[str, nn.Module]) -> str:
+    if node.op in ("placeholder", "output", "get_attr"):
+        return node.op
+    if node.op == "call_module":
+        m = modules[str(node.target)]
+        if isinstance(m, _LAYERS):
+            if getattr(m, "groups", 1) != 1:
+                raise ValueError(f"LRP does not support grouped convolution `{node.target}`")
+            return "layer"
+        if isinstance(m, _MAX_MODULES):
+            return "max"
+        if isinstance(m, _AVG_MODULES):
+            return "avg"
+        if isinstance(m, _PASS_MODULES):
+            return "pass"
+        raise ValueError(f"LRP does not support module `{node.target}` ({type(m).__name__})")
+    if node.op == "call_function":
+        if node.target in (operator.add, torch.add):
+            return "add"
+        if node.target in _PASS_FUNCTIONS:
+            return "pass"
+        if node.target in (F.max_pool1d, F.max_pool2d, F.adaptive_max_pool2d):
+            return "max"
+        if node.target in (F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool2d):
+            return "avg"
+        raise ValueError(f"LRP does not support function `{getattr(node.target, '__name__', node.target)}` ({node})")
+    if node.op == "call_method":
+        if node.target in _PASS_METHODS:
+            return "pass"
+        if node.target == "mean":
+            return "avg"
+        raise ValueError(f"LRP does not support tensor method `.{node.target}()` ({node})")
+    raise ValueError(f"LRP does not support graph node {node}")  # pragma: no cover
+
+
+def _vjp(fn: Callable[..., Tensor], inputs: Sequence[Tensor], grad: Tensor) -> tuple[Tensor | None, ...]:
+    leaves = [x.detach().requires_grad_(True) for x in inputs]
+    with torch.enable_grad():
+        out = fn(*leaves)
+        return torch.autograd.grad(out, leaves, grad_outputs=grad, allow_unused=True)
+
+
+def lrp(
+    model: nn.Module,
+    x: Tensor,
+    target: Tensor | None = None,
+    composite: Composite | None = None,
+    eps_pool: float = 1e-9,
+    output: str = "target",
+) -> LRPResult:
+    """Relevance of ``model`` for ``x``. ``output="target"``: the output relevance is the logit of ``target``
+    (default: the predicted class) per sample, all other outputs zero (the usual LRP start, the paper's).
+    ``output="contrastive"``: additionally every other logit ``z_k`` starts with ``−z_k/(C−1)``, so weights that
+    keep wrong classes down earn positive relevance (in the spirit of contrastive LRP). The model is evaluated in
+    eval mode with batch norms folded; it is left exactly as it was (modes and parameters).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(3, 4, bias=False), nn.ReLU(), nn.Linear(4, 2, bias=False))
+        >>> res = lrp(net, torch.rand(5, 3))
+        >>> torch.allclose(res.input.sum(), res.output.sum(), rtol=1e-4)  # conservation (ε → 0, no bias)
+        True
+        >>> sorted(res.weights)
+        ['0', '2']
+    """
+    composite = composite or Composite()
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with canonized(model):
+            return _propagate(model, x, target, composite, eps_pool, output)
+    finally:
+        for m, mode in modes.items():
+            m.train(mode)
+
+
+def _propagate(model, x, target, composite, eps_pool, output) -> LRPResult:
+    gm = torch.fx.symbolic_trace(model)
+    modules = dict(gm.named_modules())
+    nodes = list(gm.graph.nodes)
+    kinds = {n: _node_kind(n, modules) for n in nodes}
+    interp = torch.fx.Interpreter(gm)
+    env: dict[torch.fx.Node, Any] = {}
+    with torch.no_grad():
+        for node in nodes:
+            if node.op == "placeholder":
+                env[node] = x
+            elif node.op == "output":
+                env[node] = env[node.args[0]] if isinstance(node.args[0], torch.fx.Node) else None
+            else:
+                args = torch.fx.node.map_arg(node.args, lambda a: env[a])
+                kwargs = torch.fx.node.map_arg(node.kwargs, lambda a: env[a])
+                env[node] = getattr(interp, node.op)(node.target, args, kwargs)
+    out_node = next(n for n in nodes if n.op == "output")
+    logits = env[out_node]
+    if not isinstance(logits, Tensor) or logits.dim() != 2:
+        raise ValueError("LRP needs a model whose output is a (batch, classes) tensor")
+    if target is None:
+        target = logits.argmax(1)
+    onehot = torch.zeros_like(logits).scatter_(1, target[:, None], 1.0)
+    if output == "target":
+        r_out = logits * onehot
+    elif output == "contrastive":  # target logit for, every other logit (shared equally) against
+        r_out = logits * onehot - logits * (1 - onehot) / max(1, logits.shape[1] - 1)
+    else:
+        raise ValueError(f"`output` must be 'target' or 'contrastive', got {output!r}")
+    first_layer = next((n for n in nodes if kinds[n] == "layer"), None)
+    rel: dict[torch.fx.Node, Tensor] = {out_node.args[0]: r_out}
+    weights: dict[str, Tensor] = {}
+    activations: dict[str, Tensor] = {}
+    input_rel = torch.zeros_like(x)
+
+    def give(node: Any, r: Tensor) -> None:
+        if isinstance(node, torch.fx.Node):
+            rel[node] = rel[node] + r if node in rel else r
+
+    for node in reversed(nodes):
+        if node not in rel or node.op == "output":
+            continue
+        r = rel.pop(node)
+        activations[node.name] = r
+        kind = kinds[node]
+        if kind == "placeholder":
+            input_rel = input_rel + r
+            continue
+        if kind == "get_attr":
+            continue
+        tensor_args = _arg_nodes(node)
+        if kind == "layer":
+            module = modules[str(node.target)]
+            src = node.args[0]
+            rule = composite.rule_for(str(node.target), module, node is first_layer)
+            r_in, r_w = rule(module, env[src], r, module.weight, module.bias)
+            name = str(node.target)
+            weights[name] = weights[name] + r_w if name in weights else r_w
+            give(src, r_in)
+        elif kind == "add":
+            a, b = node.args[0], node.args[1]
+            va = env[a] if isinstance(a, torch.fx.Node) else torch.as_tensor(a)
+            vb = env[b] if isinstance(b, torch.fx.Node) else torch.as_tensor(b)
+            s = r / _stabilize(va + vb, eps_pool)
+            give(a, va * s)
+            give(b, vb * s)
+        elif kind == "max" or kind == "pass":
+            fn = _callable(node, modules, interp)
+            values = [env[a] for a in tensor_args]
+            grads = _vjp(lambda *t, fn=fn, node=node: fn(*_substitute(node, t, env)), values, r)
+            for a, g in zip(tensor_args, grads):
+                if g is not None:
+                    give(a, g)
+        elif kind == "avg":
+            fn = _callable(node, modules, interp)
+            src = tensor_args[0]
+            s = r / _stabilize(env[node], eps_pool)
+            (g,) = _vjp(lambda t, fn=fn, node=node: fn(*_substitute(node, (t,), env)), [env[src]], s)
+            give(src, env[src] * g)
+    return LRPResult(input=input_rel, activations=activations, weights=weights, output=r_out)
+
+
+def _callable(node: torch.fx.Node, modules: Mapping[str, nn.Module], interp: torch.fx.Interpreter):
+    def call(*args: Any) -> Any:
+        kwargs = torch.fx.node.map_arg(node.kwargs, lambda a: a)
+        return getattr(interp, node.op)(node.target, args, kwargs)
+
+    return call
+
+
+def _arg_nodes(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The graph nodes among ``node.args`` (also inside lists, e.g. ``torch.cat([a, b])``), in order."""
+    found: list[torch.fx.Node] = []
+    for a in node.args:
+        for v in a if isinstance(a, (list, tuple)) else (a,):
+            if isinstance(v, torch.fx.Node):
+                found.append(v)
+    return found
+
+
+def _substitute(node: torch.fx.Node, tensors: Sequence[Tensor], env: Mapping) -> tuple:
+    """``node.args`` with its tensor arguments replaced, in order, by ``tensors`` (others from ``env``)."""
+    it = iter(tensors)
+
+    def sub(a: Any) -> Any:
+        if isinstance(a, torch.fx.Node):
+            return next(it)
+        return a
+
+    args = []
+    for a in node.args:
+        if isinstance(a, (list, tuple)):
+            args.append(type(a)(sub(v) for v in a))
+        else:
+            args.append(sub(a))
+    return tuple(args)
+
+
+def weight_relevance(
+    model: nn.Module,
+    x: Tensor,
+    target: Tensor | None = None,
+    composite: Composite | None = None,
+    output: str = "target",
+    batch_size: int = 256,
+) -> dict[str, Tensor]:
+    """Weight relevance of every Linear/Conv layer summed over all samples of ``x``, computed in batches."""
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` must be >= 1, got {batch_size}")
+    total: dict[str, Tensor] = {}
+    for start in range(0, x.shape[0], batch_size):
+        sl = slice(start, start + batch_size)
+        res = lrp(model, x[sl], None if target is None else target[sl], composite, output=output)
+        for name, r in res.weights.items():
+            if not torch.isfinite(r).all():
+                raise FloatingPointError(f"LRP produced non-finite relevance for layer `{name}`")
+            total[name] = total[name] + r if name in total else r
+    return total
