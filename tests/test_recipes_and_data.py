@@ -138,3 +138,12 @@ def test_layer_prune_recipe_quick(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "TensorBoard logs:" in out and json.loads(out.strip().splitlines()[-1]) == summary
     assert len(summary["pruned"]["gradxact"]) == 1 and -1 <= summary["spearman"] <= 1
+
+
+def test_lrp_recipe_quick(tmp_path, capsys):
+    recipe = _load(ROOT / "recipes" / "lrp_compress.py")
+    summary = recipe.main(["--quick", "--relevance", "absolute", "--prune", "0.3", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "Packed model:" in out and json.loads(out.strip().splitlines()[-1]) == summary
+    assert Path(summary["export"]).is_file() and summary["size_ratio"] < 0.36
+    assert summary["test_acc_reloaded"] > 0

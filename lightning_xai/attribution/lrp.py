@@ -65,7 +65,7 @@ _MAX_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMax
 
 
 def _stabilize(z: Tensor, eps: float) -> Tensor:
-    return z + eps * torch.where(z >= 0, torch.ones_like(z), -torch.ones_like(z))
+    return torch.where(z >= 0, z + eps, z - eps)
 
 
 def _apply(module: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -86,9 +86,10 @@ def _message(module, x, weight, bias, s) -> tuple[Tensor, Tensor]:
 
 
 class Rule:
-    """One LRP step through a Linear/Conv layer: ``(R_in, R_W) = rule(module, a, R_out, weight, bias)``."""
+    """One LRP step through a Linear/Conv layer: ``(R_in, R_W) = rule(module, a, R_out, weight, bias, z)``; ``z`` is
+    the layer's output when the caller already has it."""
 
-    def __call__(self, module: nn.Module, a: Tensor, r: Tensor, weight: Tensor, bias: Tensor | None):
+    def __call__(self, module: nn.Module, a: Tensor, r: Tensor, weight: Tensor, bias: Tensor | None, z=None):
         raise NotImplementedError
 
 
@@ -103,9 +104,10 @@ class Epsilon(Rule):
     eps: float = 1e-6
     absolute: bool = False
 
-    def __call__(self, module, a, r, weight, bias):
-        with torch.no_grad():
-            z = _apply(module, a, weight, bias)
+    def __call__(self, module, a, r, weight, bias, z=None):
+        if z is None:
+            with torch.no_grad():
+                z = _apply(module, a, weight, bias)
         s = r / _stabilize(z, self.eps)
         gx, gw = _message(module, a, weight, bias, s)
         if self.absolute:
@@ -120,7 +122,7 @@ class ZPlus(Rule):
 
     eps: float = 1e-9
 
-    def __call__(self, module, a, r, weight, bias):
+    def __call__(self, module, a, r, weight, bias, z=None):
         wp = weight.clamp(min=0)
         with torch.no_grad():
             z = _apply(module, a, wp, None)
@@ -141,7 +143,7 @@ class AlphaBeta(Rule):
         if abs(self.alpha - self.beta - 1.0) > 1e-9:
             raise ValueError(f"AlphaBeta needs `alpha` - `beta` = 1, got alpha={self.alpha}, beta={self.beta}")
 
-    def __call__(self, module, a, r, weight, bias):
+    def __call__(self, module, a, r, weight, bias, z=None):
         ap, an = a.clamp(min=0), a.clamp(max=0)
         wp, wn = weight.clamp(min=0), weight.clamp(max=0)
         with torch.no_grad():
@@ -166,7 +168,7 @@ class ZBox(Rule):
     high: float | Tensor = 1.0
     eps: float = 1e-9
 
-    def __call__(self, module, a, r, weight, bias):
+    def __call__(self, module, a, r, weight, bias, z=None):
         low = torch.as_tensor(self.low, dtype=a.dtype, device=a.device).expand_as(a)
         high = torch.as_tensor(self.high, dtype=a.dtype, device=a.device).expand_as(a)
         wp, wn = weight.clamp(min=0), weight.clamp(max=0)
@@ -208,8 +210,8 @@ class Composite:
 
 @dataclass
 class LRPResult:
-    """Relevance of the input, of every node's output (by node name) and of every Linear/Conv weight (summed over
-    samples), plus the relevance put on the output."""
+    """Relevance of the input, of every node's output (keyed by module name for module calls, by graph node name
+    otherwise), of every Linear/Conv weight (summed over samples), and the relevance put on the output."""
 
     input: Tensor
     activations: dict[str, Tensor]
@@ -244,10 +246,11 @@ def _fold_pairs(gm: torch.fx.GraphModule, modules: Mapping[str, nn.Module]) -> l
 
 
 @contextlib.contextmanager
-def canonized(model: nn.Module) -> Iterator[list[tuple[str, str]]]:
+def canonized(model: nn.Module, gm: torch.fx.GraphModule | None = None) -> Iterator[list[tuple[str, str]]]:
     """Fold every batch norm into the Linear/Conv layer before it (in eval mode the function is unchanged) and make
-    the batch norm an identity; everything is restored on exit, also after an exception. Yields the folded pairs."""
-    gm = torch.fx.symbolic_trace(model)
+    the batch norm an identity; everything is restored on exit, also after an exception. Yields the folded pairs.
+    ``gm``: the model already traced (it shares the model's modules)."""
+    gm = gm if gm is not None else torch.fx.symbolic_trace(model)
     modules = dict(model.named_modules())
     pairs = _fold_pairs(gm, modules)
     saved: list[tuple[nn.Module, dict[str, Tensor | None]]] = []
@@ -369,22 +372,32 @@ def lrp(
         >>> sorted(res.weights)
         ['0', '2']
     """
-    composite = composite or Composite()
+    with _session(model) as run:
+        return run(x, target, composite or Composite(), eps_pool, output)
+
+
+@contextlib.contextmanager
+def _session(model: nn.Module) -> Iterator[Callable[..., LRPResult]]:
+    """Trace once, canonize once, restore modes and parameters on exit; yields ``run(x, target, composite, ...)``."""
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
-        with canonized(model):
-            return _propagate(model, x, target, composite, eps_pool, output)
+        gm = torch.fx.symbolic_trace(model)
+        modules = dict(gm.named_modules())
+        nodes = list(gm.graph.nodes)
+        kinds = {n: _node_kind(n, modules) for n in nodes}  # unsupported modules fail before anything changes
+        with canonized(model, gm):
+
+            def run(x, target, composite, eps_pool, output):
+                return _propagate(gm, modules, nodes, kinds, x, target, composite, eps_pool, output)
+
+            yield run
     finally:
         for m, mode in modes.items():
             m.train(mode)
 
 
-def _propagate(model, x, target, composite, eps_pool, output) -> LRPResult:
-    gm = torch.fx.symbolic_trace(model)
-    modules = dict(gm.named_modules())
-    nodes = list(gm.graph.nodes)
-    kinds = {n: _node_kind(n, modules) for n in nodes}
+def _propagate(gm, modules, nodes, kinds, x, target, composite, eps_pool, output) -> LRPResult:
     interp = torch.fx.Interpreter(gm)
     env: dict[torch.fx.Node, Any] = {}
     with torch.no_grad():
@@ -424,7 +437,8 @@ def _propagate(model, x, target, composite, eps_pool, output) -> LRPResult:
         if node not in rel or node.op == "output":
             continue
         r = rel.pop(node)
-        activations[node.name] = r
+        key = str(node.target) if node.op == "call_module" else node.name
+        activations[key if key not in activations else f"{key}#{node.name}"] = r
         kind = kinds[node]
         if kind == "placeholder":
             input_rel = input_rel + r
@@ -436,7 +450,7 @@ def _propagate(model, x, target, composite, eps_pool, output) -> LRPResult:
             module = modules[str(node.target)]
             src = node.args[0]
             rule = composite.rule_for(str(node.target), module, node is first_layer)
-            r_in, r_w = rule(module, env[src], r, module.weight, module.bias)
+            r_in, r_w = rule(module, env[src], r, module.weight, module.bias, z=env[node])
             name = str(node.target)
             weights[name] = weights[name] + r_w if name in weights else r_w
             give(src, r_in)
@@ -511,11 +525,12 @@ def weight_relevance(
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be >= 1, got {batch_size}")
     total: dict[str, Tensor] = {}
-    for start in range(0, x.shape[0], batch_size):
-        sl = slice(start, start + batch_size)
-        res = lrp(model, x[sl], None if target is None else target[sl], composite, output=output)
-        for name, r in res.weights.items():
-            if not torch.isfinite(r).all():
-                raise FloatingPointError(f"LRP produced non-finite relevance for layer `{name}`")
-            total[name] = total[name] + r if name in total else r
+    with _session(model) as run:
+        for start in range(0, x.shape[0], batch_size):
+            sl = slice(start, start + batch_size)
+            res = run(x[sl], None if target is None else target[sl], composite or Composite(), 1e-9, output)
+            for name, r in res.weights.items():
+                if not torch.isfinite(r).all():
+                    raise FloatingPointError(f"LRP produced non-finite relevance for layer `{name}`")
+                total[name] = total[name] + r if name in total else r
     return total
