@@ -11,7 +11,13 @@ if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.b
     matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["pruning_curves_figure", "categories_figure", "layer_rankings_figure"]
+__all__ = [
+    "pruning_curves_figure",
+    "categories_figure",
+    "layer_rankings_figure",
+    "bits_heatmap_figure",
+    "gradcam_figure",
+]
 
 
 def pruning_curves_figure(curves: Sequence[Any], baseline: float | None = None) -> Any:
@@ -74,5 +80,41 @@ def layer_rankings_figure(
     axes[0].set_yticks(range(len(layers)))
     axes[0].set_yticklabels(layers, fontsize=7)
     axes[0].invert_yaxis()
+    fig.tight_layout()
+    return fig
+
+
+def bits_heatmap_figure(bits: Mapping[str, Sequence[float]]) -> Any:
+    """Bit depth per output channel (columns) of every quantized layer (rows); removed channels are blank."""
+    import numpy as np
+
+    names = list(bits)
+    width = max((len(v) for v in bits.values()), default=1)
+    grid = np.full((len(names), width), np.nan)
+    for i, n in enumerate(names):
+        grid[i, : len(bits[n])] = np.asarray(bits[n], dtype=float)
+    fig, ax = plt.subplots(figsize=(min(14, 3 + 0.08 * width), 1 + 0.35 * len(names)))
+    image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_yticks(range(len(names)))
+    ax.set_yticklabels(names, fontsize=7)
+    ax.set_xlabel("output channel")
+    fig.colorbar(image, ax=ax, label="bits")
+    fig.tight_layout()
+    return fig
+
+
+def gradcam_figure(images: Any, maps: Any, labels: Sequence[int], max_items: int = 16) -> Any:
+    """Preservation samples with their Grad-CAM map overlaid (first channel of each image)."""
+    n = min(max_items, len(labels))
+    cols = min(8, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.8 * rows), squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k >= n:
+            continue
+        ax.imshow(images[k][0], cmap="gray")
+        ax.imshow(maps[k], cmap="jet", alpha=0.45)
+        ax.set_title(f"y={int(labels[k])}", fontsize=7)
     fig.tight_layout()
     return fig

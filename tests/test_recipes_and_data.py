@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -147,3 +148,56 @@ def test_lrp_recipe_quick(tmp_path, capsys):
     assert "Packed model:" in out and json.loads(out.strip().splitlines()[-1]) == summary
     assert Path(summary["export"]).is_file() and summary["size_ratio"] < 0.36
     assert summary["test_acc_reloaded"] > 0
+
+
+def _readme_tags(callback: str) -> list[tuple[str, str]]:
+    text = (ROOT / "README.md").read_text()
+    rows = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[2] == callback and cells[1] in ("scalar", "histogram", "image", "text"):
+            for tag in re.findall(r"`([^`]+)`", cells[0]):
+                rows.append((tag, cells[1]))
+    return rows
+
+
+def test_main_command_writes_every_documented_tag(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    recipe = _load(ROOT / "recipes" / "self_compress.py")
+    summary = recipe.main(["--quick", "--out", str(tmp_path)])
+    acc = EventAccumulator(
+        summary["tensorboard"], size_guidance={"scalars": 0, "histograms": 0, "images": 0, "tensors": 0}
+    ).Reload()
+    tags = acc.Tags()
+    kinds = {
+        "scalar": tags["scalars"],
+        "histogram": tags["histograms"],
+        "image": tags["images"],
+        "text": tags["tensors"],
+    }
+    documented = _readme_tags("SelfCompression")
+    assert len(documented) >= 12
+    for tag, kind in documented:
+        present = kinds[kind]
+        if "{layer}" in tag:
+            prefix = tag.split("{layer}")[0]
+            assert any(t.startswith(prefix) for t in present), (tag, kind)
+        else:
+            assert any(t == tag or t.startswith(tag + "/") for t in present), (tag, kind, sorted(present)[:20])
+    image = acc.Images("compression/bits_heatmap")[-1]
+    assert image.width > 100 and image.height > 50 and image.encoded_image_string[:4] == b"\x89PNG"
+
+
+def test_chain_recipe_combines_everything_in_one_run(tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    recipe = _load(ROOT / "recipes" / "chain.py")
+    summary = recipe.main(["--quick", "--out", str(tmp_path)])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == summary
+    assert summary["reload_matches"] and summary["test_acc_reloaded"] == summary["test_acc"]
+    assert summary["bits_ratio"] < 0.5 and summary["cswap_params_ratio"] < 1.0
+    acc = EventAccumulator(summary["tensorboard"], size_guidance={"images": 0, "scalars": 0}).Reload()
+    images = set(acc.Tags()["images"])
+    assert {"compression/bits_heatmap", "preservation/gradcam", "pruning/curves", "pruning/categories"} <= images
+    assert {"preservation/accuracy", "compression/bits_ratio", "pruning/sauce/cswap"} <= set(acc.Tags()["scalars"])

@@ -14,8 +14,9 @@ from torch import Tensor
 
 from lightning_xai._validation import validate_number
 from lightning_xai.callbacks._data import dataset_tensors, split_dataset
-from lightning_xai.logging import log_scalars, log_text
-from lightning_xai.preservation.scores import UNCERTAINTY_KINDS, model_state_guard
+from lightning_xai.figures import gradcam_figure
+from lightning_xai.logging import log_figure, log_scalars, log_text, tensorboard_writers
+from lightning_xai.preservation.scores import UNCERTAINTY_KINDS, gradcam_maps, model_state_guard
 from lightning_xai.preservation.select import build_preservation_set
 from lightning_xai.quantization.install import quantized_layers
 
@@ -158,6 +159,19 @@ class PreservationGuard(Callback):
                 f"PreservationGuard: {len(self.indices)} training samples selected; accuracy {self.baseline:.4f}, "
                 f"threshold {self.threshold:.4f}"
             )
+            self._log_gradcam(trainer, pl_module)
+
+    def _log_gradcam(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Grad-CAM pictures of (up to 16) preservation samples, for image models with a convolution."""
+        assert self._data is not None
+        x, y = self._data
+        if x.dim() != 4 or not tensorboard_writers(trainer):
+            return
+        try:
+            maps = gradcam_maps(pl_module, x[:16], y[:16])
+        except ValueError:  # no Conv2d to look at
+            return
+        log_figure(trainer, "preservation/gradcam", gradcam_figure(x[:16].cpu().numpy(), maps.numpy(), y[:16]), 0)
 
     def accuracy(self, pl_module: pl.LightningModule) -> float:
         """Accuracy on the preservation set (eval mode; modes and gradients restored)."""

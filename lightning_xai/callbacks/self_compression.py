@@ -13,7 +13,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_xai._validation import validate_number
-from lightning_xai.logging import flush, log_histogram, log_scalars
+from lightning_xai.figures import bits_heatmap_figure
+from lightning_xai.logging import flush, log_figure, log_histogram, log_scalars, log_text, tensorboard_writers
 from lightning_xai.mixin import CompressionMixin
 from lightning_xai.pruning.surgery import remove_dead_channels, resize_to_state_dict
 from lightning_xai.quantization.engine import SelfCompressor
@@ -244,7 +245,7 @@ class SelfCompression(Callback):
         if self.remove_every_n_steps and step % self.remove_every_n_steps == 0 and trainer.world_size == 1:
             self._remove(trainer, pl_module)
         if self.log_every_n_steps and step % self.log_every_n_steps == 0:
-            self.log_state(trainer, step)
+            self.log_state(trainer, step, figure=step % (10 * self.log_every_n_steps) == 0)
 
     def _inputs(self, pl_module: pl.LightningModule) -> Any:
         if self._example_inputs is not None:
@@ -283,8 +284,8 @@ class SelfCompression(Callback):
                 f"({report.params_before} -> {report.params_after} parameters)"
             )
 
-    def log_state(self, trainer: pl.Trainer, step: int) -> dict[str, float]:
-        """Log the current compression state (and return the scalars)."""
+    def log_state(self, trainer: pl.Trainer, step: int, figure: bool = False) -> dict[str, float]:
+        """Log the current compression state (and return the scalars); ``figure`` adds the bit-depth heat map."""
         size = self.compressor.size()
         with torch.no_grad():
             terms = self.compressor.penalty()
@@ -299,17 +300,31 @@ class SelfCompression(Callback):
         log_scalars(trainer, metrics, step)
         for name, ls in size.layers.items():
             log_histogram(trainer, f"compression/bits/{name}", ls.bits, step)
+        if figure and tensorboard_writers(trainer):
+            heat = {name: ls.bits.tolist() for name, ls in size.layers.items()}
+            log_figure(trainer, "compression/bits_heatmap", bits_heatmap_figure(heat), step)
         return metrics
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._finish_detection(pl_module)
         if self.remove_at_fit_end:
             self._remove(trainer, pl_module)
-        self.log_state(trainer, trainer.global_step)
+        metrics = self.log_state(trainer, trainer.global_step, figure=True)
+        log_text(trainer, "compression/summary", self._summary(metrics), trainer.global_step)
         if self.export_path is not None and trainer.is_global_zero:
             self.exported_bytes = export_compressed(pl_module, self.export_path)
             rank_zero_info(f"SelfCompression: packed model written to {self.export_path} ({self.exported_bytes} bytes)")
         flush(trainer)
+
+    def _summary(self, metrics: dict[str, float]) -> str:
+        size = self.compressor.size()
+        lines = ["| layer | channels alive | mean bits |", "|---|---|---|"]
+        lines += [f"| {n} | {ls.alive_channels} | {ls.mean_bits:.2f} |" for n, ls in size.layers.items()]
+        lines.append(
+            f"\nbits ratio {metrics.get('compression/bits_ratio', float('nan')):.4f}, size ratio "
+            f"{metrics.get('compression/size_ratio', float('nan')):.4f}, channels removed {self.channels_removed}"
+        )
+        return "\n".join(lines)
 
     # -- checkpointing --------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "gradcam_scores",
+    "gradcam_maps",
     "gradient_embedding_scores",
     "uncertainty_scores",
     "penultimate_embeddings",
@@ -98,6 +99,18 @@ def gradcam_scores(
         finally:
             cam.activations_and_grads.release()
     return torch.cat(out)
+
+
+def gradcam_maps(model: nn.Module, inputs: Tensor, labels: Tensor, target_layer: nn.Module | None = None) -> Tensor:
+    """Grad-CAM maps for each sample's label, as the package returns them: ``(N, H, W)`` in [0, 1], input size."""
+    layer = last_conv(model) if target_layer is None else target_layer
+    with model_state_guard(model), torch.enable_grad():
+        cam = GradCAM(model=model, target_layers=[layer])
+        try:
+            maps = cam(input_tensor=inputs, targets=[ClassifierOutputTarget(int(c)) for c in labels.tolist()])
+        finally:
+            cam.activations_and_grads.release()
+    return torch.from_numpy(np.asarray(maps)).float()
 
 
 def gradient_embedding_scores(
