@@ -1,15 +1,11 @@
-"""Matplotlib figures for TensorBoard and notebooks (headless: the Agg backend is used when none is set)."""
+"""Matplotlib figures for TensorBoard and notebooks."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import matplotlib
-
-if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
-    matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt  # headless machines fall back to Agg by themselves; notebooks keep their backend
 
 __all__ = [
     "pruning_curves_figure",

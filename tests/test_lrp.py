@@ -222,6 +222,7 @@ def test_batched_weight_relevance_equals_one_pass():
     for k in whole:
         torch.testing.assert_close(parts[k], whole[k], rtol=1e-4, atol=1e-6)
     assert L.__all__  # public API exported
+    assert not any(r.requires_grad for r in whole.values())  # plain tensors, no autograd graph attached
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -201,3 +201,15 @@ def test_chain_recipe_combines_everything_in_one_run(tmp_path, capsys):
     images = set(acc.Tags()["images"])
     assert {"compression/bits_heatmap", "preservation/gradcam", "pruning/curves", "pruning/categories"} <= images
     assert {"preservation/accuracy", "compression/bits_ratio", "pruning/sauce/cswap"} <= set(acc.Tags()["scalars"])
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "recipes" / "configs").glob("*.yaml")))
+def test_every_lightning_cli_config_runs(tmp_path, monkeypatch, config):
+    cli = _load(ROOT / "recipes" / "cli.py")
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--config", str(ROOT / "recipes" / "configs" / config)]
+    args += ["--trainer.max_epochs=1", "--trainer.limit_train_batches=4", "--trainer.enable_progress_bar=false"]
+    result = cli.main(args)
+    assert result.trainer.state.finished
+    logs = list((tmp_path / "runs").rglob("events.out.tfevents.*"))
+    assert logs, "each config logs to TensorBoard under runs/"

@@ -450,7 +450,8 @@ def _propagate(gm, modules, nodes, kinds, x, target, composite, eps_pool, output
             module = modules[str(node.target)]
             src = node.args[0]
             rule = composite.rule_for(str(node.target), module, node is first_layer)
-            r_in, r_w = rule(module, env[src], r, module.weight, module.bias, z=env[node])
+            bias = None if module.bias is None else module.bias.detach()
+            r_in, r_w = rule(module, env[src], r, module.weight.detach(), bias, z=env[node])
             name = str(node.target)
             weights[name] = weights[name] + r_w if name in weights else r_w
             give(src, r_in)
