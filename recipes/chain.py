@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=20, help="compression epochs")
     p.add_argument("--gamma", type=float, default=0.5)
     p.add_argument(
-        "--target-ratio", type=float, default=None, help="C-SWAP: fraction of parameters; default non-critical"
+        "--target-ratio", type=float, default=0.3, help="C-SWAP: fraction of the parameters to remove at fit end"
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs")
