@@ -204,6 +204,9 @@ class L1Scorer:
     def score(self, model: nn.Module, batches: Iterable[Any] = ()) -> dict[str, float]:
         names = self.layers if self.layers is not None else prunable_layers(model, self.types)
         modules = dict(model.named_modules())
+        missing = [n for n in names if n not in modules]
+        if missing:
+            raise ValueError(f"`layers` names modules that `model` does not have: {missing[:5]}")
         out = {}
         for name in names:
             w = getattr(modules[name], "weight", None)
