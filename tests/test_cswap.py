@@ -432,3 +432,16 @@ def test_cswap_callback_arguments_are_validated():
         CSWAPPruning(analysis_split="test")
     with pytest.raises(ValueError, match="`samples_per_class` must be >= 2"):
         CSWAPPruning(samples_per_class=1)
+
+
+def test_counts_and_removal_on_a_quantized_model():
+    from lightning_xai.quantization.install import install_quantizers
+
+    net = _random_bn(SmallResNet(1, 10, width=8))
+    install_quantizers(net)
+    x = torch.randn(3, 1, 8, 8)
+    units, _ = find_units(net, x)
+    plan = {u.name: list(range(0, u.size, 3)) for u in units}
+    expected = count_parameters(net, units, plan)
+    assert expected < sum(p.numel() for p in net.parameters())
+    assert apply_plan(net, units, plan, x) == expected  # quantizer b/e and parametrized weights shrink too

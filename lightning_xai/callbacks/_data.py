@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["split_dataset", "dataset_tensors"]
+__all__ = ["split_dataset", "dataset_tensors", "from_rank_zero"]
 
 
 def split_dataset(trainer: Any, split: str, who: str) -> Any:
@@ -35,3 +35,10 @@ def dataset_tensors(dataset: Any) -> tuple[Tensor, Tensor]:
     """All ``(input, label)`` pairs of a map-style dataset, stacked."""
     xs, ys = zip(*(dataset[i][:2] for i in range(len(dataset))))
     return torch.stack([torch.as_tensor(x) for x in xs]), torch.as_tensor(np.asarray(ys), dtype=torch.long)
+
+
+def from_rank_zero(trainer: Any, obj: Any) -> Any:
+    """``obj`` as rank 0 has it, on every rank (decisions are taken once and broadcast under DDP)."""
+    if getattr(trainer, "world_size", 1) > 1:
+        return trainer.strategy.broadcast(obj, src=0)
+    return obj

@@ -21,7 +21,7 @@ from lightning_xai.attribution.layers import (
     TaylorScorer,
     classification_loss,
 )
-from lightning_xai.callbacks._data import dataset_tensors, split_dataset
+from lightning_xai.callbacks._data import dataset_tensors, from_rank_zero, split_dataset
 from lightning_xai.evaluation import accuracy, latency_ratio
 from lightning_xai.figures import layer_rankings_figure
 from lightning_xai.logging import flush, log_figure, log_scalars, log_text
@@ -127,8 +127,8 @@ class AttributionPruning(pl.Callback):
         cls = GradientActivationScorer if self.scorer_name == "gradxact" else TaylorScorer
         attr = cls(self.loss_fn, self.num_batches, layers=candidates).score(pl_module, batches)
         l1 = L1Scorer(layers=candidates).score(pl_module)
-        pruned_attr = select_bottom(attr, self.fraction, candidates)
-        pruned_l1 = select_bottom(l1, self.fraction, candidates)
+        pruned_attr = from_rank_zero(trainer, select_bottom(attr, self.fraction, candidates))
+        pruned_l1 = from_rank_zero(trainer, select_bottom(l1, self.fraction, candidates))
         bench = vx[: self.batch_size]
         acc_before = accuracy(pl_module, vx, vy, self.batch_size)
         original = copy.deepcopy(pl_module)

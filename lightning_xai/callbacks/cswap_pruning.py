@@ -10,7 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_xai._validation import validate_number
-from lightning_xai.callbacks._data import dataset_tensors, split_dataset
+from lightning_xai.callbacks._data import dataset_tensors, from_rank_zero, split_dataset
 from lightning_xai.evaluation import accuracy, count_macs, measure_latency
 from lightning_xai.figures import categories_figure, pruning_curves_figure
 from lightning_xai.logging import flush, log_figure, log_scalars, log_text
@@ -157,16 +157,19 @@ class CSWAPPruning(pl.Callback):
         acc_before = accuracy(pl_module, vx, vy, self.batch_size)
 
         orders: dict[str, PruningOrder] = {}
-        for method in dict.fromkeys((self.method, *self.curves)):
-            orders[method] = self._order(method, pl_module, units, x, y)
-        main = orders[self.method]
+        if trainer.is_global_zero:  # the analysis runs once; every rank applies rank 0's order
+            for method in dict.fromkeys((self.method, *self.curves)):
+                orders[method] = self._order(method, pl_module, units, x, y)
+        main = from_rank_zero(trainer, orders.get(self.method))
         if self.target_ratio is None:
             k = main.non_critical
         else:
             k = prefix_for_ratio(pl_module, units, main.order, self.target_ratio)
         plan = plan_from_order(units, main.order, k)
         curves: list[PruningCurve] = [
-            pruning_curve(pl_module, units, orders[m], vx, vy, self.curve_points, self.batch_size) for m in self.curves
+            pruning_curve(pl_module, units, orders[m], vx, vy, self.curve_points, self.batch_size)
+            for m in self.curves
+            if m in orders
         ]
         apply_plan(pl_module, units, plan, example)  # transactional: the model is untouched if this raises
         self.plan = plan

@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_xai._validation import validate_number
 from lightning_xai.attribution.lrp import Composite, Epsilon, weight_relevance
-from lightning_xai.callbacks._data import dataset_tensors, split_dataset
+from lightning_xai.callbacks._data import dataset_tensors, from_rank_zero, split_dataset
 from lightning_xai.evaluation import accuracy
 from lightning_xai.logging import flush, log_histogram, log_scalars, log_text
 from lightning_xai.pruning.cswap import class_balanced_samples
@@ -104,7 +104,9 @@ class LRPCompression(pl.Callback):
 
     def _compress(self, trainer, pl_module, x, y, vx, vy) -> None:
         relevance = weight_relevance(pl_module, x, y, self.composite, self.output, self.batch_size)
-        plans = {name: relevance_plan(r, self.prune, self.bits) for name, r in relevance.items()}
+        plans = from_rank_zero(
+            trainer, {name: relevance_plan(r, self.prune, self.bits) for name, r in relevance.items()}
+        )
         float_bytes = sum(v.numel() * v.element_size() for v in pl_module.state_dict().values())
         acc_before = accuracy(pl_module, vx, vy, self.batch_size)
         size_after = packed_size(pl_module, plans)

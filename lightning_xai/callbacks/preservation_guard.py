@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_xai._validation import validate_number
-from lightning_xai.callbacks._data import dataset_tensors, split_dataset
+from lightning_xai.callbacks._data import dataset_tensors, from_rank_zero, split_dataset
 from lightning_xai.figures import gradcam_figure
 from lightning_xai.logging import log_figure, log_scalars, log_text, tensorboard_writers
 from lightning_xai.preservation.scores import UNCERTAINTY_KINDS, gradcam_maps, model_state_guard
@@ -150,7 +150,7 @@ class PreservationGuard(Callback):
         sel = torch.as_tensor(self.indices, device=x.device)
         self._data = (x[sel], y[sel])
         if self.baseline is None:
-            self.baseline = self.accuracy(pl_module)
+            self.baseline = from_rank_zero(trainer, self.accuracy(pl_module))
             self.threshold = self.min_accuracy if self.min_accuracy is not None else self.baseline - self.max_drop
             self.snapshot = self._current(pl_module)
             if self.baseline >= self.threshold:
@@ -234,7 +234,7 @@ class PreservationGuard(Callback):
             self._last_check = trainer.global_step
             acc = self.check(trainer, pl_module)
         else:
-            acc = self.accuracy(pl_module)
+            acc = from_rank_zero(trainer, self.accuracy(pl_module))
         if acc < self.threshold and self.rollback_at_end and self._healthy_state is not None:  # type: ignore[operator]
             from lightning_xai.pruning.surgery import resize_to_state_dict
 
@@ -269,7 +269,7 @@ class PreservationGuard(Callback):
         """Measure, then snapshot (healthy) or restore (below threshold). Returns the accuracy after."""
         assert self.threshold is not None
         step = trainer.global_step
-        acc = self.accuracy(pl_module)
+        acc = from_rank_zero(trainer, self.accuracy(pl_module))  # one decision for all ranks
         metrics = {"preservation/accuracy": acc, "preservation/threshold": self.threshold}
         if acc >= self.threshold:
             self.snapshot = self._current(pl_module)

@@ -328,21 +328,28 @@ def count_parameters(model: nn.Module, units: Sequence[PrunableUnit], plan: Mapp
     for cut in cuts:
         (out_cut if cut.kind == "out" else in_cut)[cut.name].update(cut.idxs)
     total = 0
-    for name, module in model.named_modules():
+    modules = dict(model.named_modules())
+    for name, module in modules.items():
         own = dict(module.named_parameters(recurse=False))
         if not own:
             continue
-        if name not in out_cut and name not in in_cut:
+        # parameters of a parametrization (the quantized weight's "original", a quantizer's b/e) belong to the layer
+        owner_name = name.split(".parametrizations.")[0] if ".parametrizations." in f"{name}." else name
+        owner_name = owner_name[: -len(".parametrizations")] if owner_name.endswith(".parametrizations") else owner_name
+        owner = modules.get(owner_name, module)
+        if owner_name not in out_cut and owner_name not in in_cut:
             total += sum(p.numel() for p in own.values())
             continue
+        layer_weight = _get(owner, "weight") if isinstance(owner, (nn.Linear, nn.modules.conv._ConvNd)) else None
         for pname, p in own.items():
             shape = list(p.shape)
-            if pname == "weight" and isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
-                shape[0] -= len(out_cut.get(name, ()))
-                if not _is_depthwise(module):
-                    shape[1] -= len(in_cut.get(name, ()))
-            else:  # biases, batch-norm affine parameters: along the output channels
-                shape[0] -= len(out_cut.get(name, ()))
+            is_weight = layer_weight is not None and (p is layer_weight or (pname in ("weight", "original")))
+            if is_weight and p.dim() >= 2:
+                shape[0] -= len(out_cut.get(owner_name, ()))
+                if not _is_depthwise(owner):
+                    shape[1] -= len(in_cut.get(owner_name, ()))
+            elif shape:  # biases, batch-norm affine parameters, per-channel quantizer b/e: along the outputs
+                shape[0] -= len(out_cut.get(owner_name, ()))
             n = 1
             for d in shape:
                 n *= max(d, 0)
