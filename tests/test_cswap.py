@@ -445,3 +445,58 @@ def test_counts_and_removal_on_a_quantized_model():
     expected = count_parameters(net, units, plan)
     assert expected < sum(p.numel() for p in net.parameters())
     assert apply_plan(net, units, plan, x) == expected  # quantizer b/e and parametrized weights shrink too
+
+
+def test_fit_end_pruning_resumes_like_an_uninterrupted_run_and_checkpoints_reload(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_xai.callbacks import CSWAPPruning, LRPCompression
+    from lightning_xai.data import DigitsDataModule
+    from lightning_xai.models import ImageClassifier
+
+    def callbacks():
+        return [
+            CSWAPPruning(target_ratio=0.3, samples_per_class=4, curves=()),
+            LRPCompression(samples_per_class=4, prune=0.2),
+        ]
+
+    def fresh():
+        torch.manual_seed(0)
+        return ImageClassifier(SmallResNet(1, 10, width=4))
+
+    import lightning.pytorch as pl
+
+    pl.seed_everything(0)
+    straight = fresh()
+    cbs_a = callbacks()
+    quiet_trainer(tmp_path / "a", cbs_a, max_epochs=2).fit(straight, DigitsDataModule(seed=0))
+
+    pl.seed_everything(0)
+    first = fresh()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
+    quiet_trainer(tmp_path / "b", [ckpt, *callbacks()], max_epochs=1).fit(first, DigitsDataModule(seed=0))
+    # "interrupted" after epoch 1: the fit-end callbacks of that run pruned `first`, the checkpoint is unpruned
+    resumed = fresh()
+    cbs_b = callbacks()
+    quiet_trainer(tmp_path / "c", cbs_b, max_epochs=2).fit(
+        resumed, DigitsDataModule(seed=0), ckpt_path=tmp_path / "ck" / "last.ckpt"
+    )
+    assert cbs_b[0].plan == cbs_a[0].plan
+    assert cbs_b[1].result["layers"] == cbs_a[1].result["layers"]
+    sa, sb = straight.state_dict(), resumed.state_dict()
+    assert list(sa) == list(sb) and all(torch.allclose(sa[k].float(), sb[k].float(), atol=1e-6) for k in sa)
+
+    # a checkpoint written after pruning loads into a fresh full-size model (shapes follow the checkpoint)
+    trainer = quiet_trainer(
+        tmp_path / "d", [CSWAPPruning(target_ratio=0.3, samples_per_class=4, curves=())], max_epochs=1
+    )
+    pruned = fresh()
+    trainer.fit(pruned, DigitsDataModule(seed=0))
+    trainer.save_checkpoint(tmp_path / "pruned.ckpt")
+    again = fresh()
+    cb = CSWAPPruning(target_ratio=0.3, samples_per_class=4, curves=())
+    quiet_trainer(tmp_path / "e", [cb], max_epochs=1).fit(
+        again, DigitsDataModule(seed=0), ckpt_path=tmp_path / "pruned.ckpt"
+    )
+    assert cb.plan == trainer.callbacks[0].plan  # restored: not pruned a second time
+    assert sum(p.numel() for p in again.parameters()) == sum(p.numel() for p in pruned.parameters())

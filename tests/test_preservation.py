@@ -265,3 +265,37 @@ def test_guard_works_with_the_mixin(tmp_path):
     _trainer(tmp_path, [sc, guard], epochs=1, limit_train_batches=6).fit(model, DigitsDataModule())
     assert guard.indices is not None and len(guard.indices) > 0
     assert guard.snapshot and guard.last_accuracy is not None
+
+
+def test_a_failing_restoration_leaves_bits_exponents_and_optimizer_untouched(monkeypatch):
+    from types import SimpleNamespace
+
+    from lightning_xai.quantization.install import install_quantizers
+
+    net = ImageClassifier("lenet")
+    layers = install_quantizers(net)
+    opt = torch.optim.Adam([p for q in layers for p in (q.quantizer.b, q.quantizer.e)], lr=0.5)
+    for q in layers:  # give Adam some moments to protect
+        (q.quantizer.b.sum() + q.quantizer.e.sum()).backward()
+    opt.step()
+    guard = PreservationGuard(fraction=0.1, cooldown_steps=5)
+    guard.snapshot = guard._current(net)
+    with torch.no_grad():
+        layers[0].quantizer.b[:3] -= 2.0  # bits lost since the snapshot
+    before = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    moments = {id(p): {k: v.clone() for k, v in s.items() if torch.is_tensor(v)} for p, s in opt.state.items()}
+    sc = SimpleNamespace(optimizer=opt)
+    monkeypatch.setattr("lightning_xai.callbacks.self_compression.SelfCompression", SimpleNamespace)
+    trainer = SimpleNamespace(callbacks=[sc], global_step=7)
+
+    def boom(model):
+        raise RuntimeError("accuracy failed mid-restoration")
+
+    monkeypatch.setattr(guard, "accuracy", boom)
+    with pytest.raises(RuntimeError, match="mid-restoration"):
+        guard._restore(trainer, net, 0.5)
+    after = net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    for p, s in opt.state.items():
+        assert all(torch.equal(moments[id(p)][k], v) for k, v in s.items() if torch.is_tensor(v))
+    assert guard._frozen == {} and guard._frozen_until == -1 and guard.restorations == []

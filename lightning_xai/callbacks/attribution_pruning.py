@@ -22,6 +22,7 @@ from lightning_xai.attribution.layers import (
     classification_loss,
 )
 from lightning_xai.callbacks._data import dataset_tensors, from_rank_zero, split_dataset
+from lightning_xai.callbacks._resize import ResizeOnLoad
 from lightning_xai.evaluation import accuracy, latency_ratio
 from lightning_xai.figures import layer_rankings_figure
 from lightning_xai.logging import flush, log_figure, log_scalars, log_text
@@ -45,7 +46,7 @@ def compare_rankings(a: dict[str, float], b: dict[str, float], layers: Sequence[
     return {"spearman": float(stats.spearmanr(x, y).statistic), "kendall": float(stats.kendalltau(x, y).statistic)}
 
 
-class AttributionPruning(pl.Callback):
+class AttributionPruning(ResizeOnLoad):
     """Layer-wise pruning at fit end guided by gradient × activation, with L1 as the baseline.
 
     Args:

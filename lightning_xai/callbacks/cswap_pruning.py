@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from lightning_xai._validation import validate_number
 from lightning_xai.callbacks._data import dataset_tensors, from_rank_zero, split_dataset
+from lightning_xai.callbacks._resize import ResizeOnLoad
 from lightning_xai.evaluation import accuracy, count_macs, measure_latency
 from lightning_xai.figures import categories_figure, pruning_curves_figure
 from lightning_xai.logging import flush, log_figure, log_scalars, log_text
@@ -32,7 +33,7 @@ from lightning_xai.pruning.units import apply_plan, find_units, save_pruned
 __all__ = ["CSWAPPruning"]
 
 
-class CSWAPPruning(pl.Callback):
+class CSWAPPruning(ResizeOnLoad):
     """Prune the trained model at fit end with C-SWAP (or C-BP / OMP / random), without fine-tuning.
 
     Args:

@@ -290,23 +290,44 @@ class PreservationGuard(Callback):
 
         opt = next((cb.optimizer for cb in trainer.callbacks if isinstance(cb, SelfCompression)), None)  # type: ignore[attr-defined]
         restored_bits = 0.0
-        for name, mask in lost.items():
-            q = layers[name].quantizer
-            b_snap, e_snap = self.snapshot[name]
-            with torch.no_grad():
-                restored_bits += float((b_snap[mask].clamp(min=0) - q.b[mask].clamp(min=0)).sum())
-                q.b[mask] = b_snap[mask]
-                q.e[mask] = e_snap[mask]
-            if opt is not None:
-                for p in (q.b, q.e):
-                    for v in opt.state.get(p, {}).values():
-                        if isinstance(v, Tensor) and v.shape == p.shape:
-                            v[mask] = 0
+        # a transaction: if anything below raises, bits, exponents, optimizer moments and cool-downs are put back
+        params = [p for name in lost for p in (layers[name].quantizer.b, layers[name].quantizer.e)]
+        saved_params = [p.detach().clone() for p in params]
+        saved_moments = {
+            (id(p), k): v.clone()
+            for p in params
+            for k, v in (opt.state.get(p, {}) if opt is not None else {}).items()
+            if isinstance(v, Tensor)
+        }
+        saved_frozen = (dict(self._frozen), self._frozen_until)
+        try:
+            for name, mask in lost.items():
+                q = layers[name].quantizer
+                b_snap, e_snap = self.snapshot[name]
+                with torch.no_grad():
+                    restored_bits += float((b_snap[mask].clamp(min=0) - q.b[mask].clamp(min=0)).sum())
+                    q.b[mask] = b_snap[mask]
+                    q.e[mask] = e_snap[mask]
+                if opt is not None:
+                    for p in (q.b, q.e):
+                        for v in opt.state.get(p, {}).values():
+                            if isinstance(v, Tensor) and v.shape == p.shape:
+                                v[mask] = 0
+                if self.cooldown_steps:
+                    self._frozen[name] = (mask.clone(), q.b.detach().clone(), q.e.detach().clone())
             if self.cooldown_steps:
-                self._frozen[name] = (mask.clone(), q.b.detach().clone(), q.e.detach().clone())
-        if self.cooldown_steps:
-            self._frozen_until = trainer.global_step + self.cooldown_steps
-        after = self.accuracy(pl_module)
+                self._frozen_until = trainer.global_step + self.cooldown_steps
+            after = self.accuracy(pl_module)
+        except BaseException:
+            with torch.no_grad():
+                for p, old in zip(params, saved_params):
+                    p.copy_(old)
+                for p in params:
+                    for k, v in (opt.state.get(p, {}) if opt is not None else {}).items():
+                        if (id(p), k) in saved_moments:
+                            v.copy_(saved_moments[(id(p), k)])
+            self._frozen, self._frozen_until = saved_frozen
+            raise
         event = {
             "step": trainer.global_step,
             "layers": sorted(lost),
