@@ -450,7 +450,7 @@ def test_counts_and_removal_on_a_quantized_model():
 def test_fit_end_pruning_resumes_like_an_uninterrupted_run_and_checkpoints_reload(tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from lightning_xai.callbacks import CSWAPPruning, LRPCompression
+    from lightning_xai.callbacks import AttributionPruning, CSWAPPruning, LRPCompression
     from lightning_xai.data import DigitsDataModule
     from lightning_xai.models import ImageClassifier
 
@@ -458,6 +458,7 @@ def test_fit_end_pruning_resumes_like_an_uninterrupted_run_and_checkpoints_reloa
         return [
             CSWAPPruning(target_ratio=0.3, samples_per_class=4, curves=()),
             LRPCompression(samples_per_class=4, prune=0.2),
+            AttributionPruning(num_batches=1),
         ]
 
     def fresh():
@@ -483,6 +484,7 @@ def test_fit_end_pruning_resumes_like_an_uninterrupted_run_and_checkpoints_reloa
     )
     assert cbs_b[0].plan == cbs_a[0].plan
     assert cbs_b[1].result["layers"] == cbs_a[1].result["layers"]
+    assert cbs_b[2].pruned == cbs_a[2].pruned and cbs_b[2].result["ranking"] == cbs_a[2].result["ranking"]
     sa, sb = straight.state_dict(), resumed.state_dict()
     assert list(sa) == list(sb) and all(torch.allclose(sa[k].float(), sb[k].float(), atol=1e-6) for k in sa)
 

@@ -366,3 +366,11 @@ def test_synthetic_multi_data_is_deterministic_and_stratified():
     assert torch.bincount(ya).min() > 0.8 * torch.bincount(ya).max()
     with pytest.raises(ValueError, match="`n_samples` must be an integer >= 60"):
         SyntheticMultiDataModule(n_samples=10)
+
+
+def test_non_finite_relevance_is_reported_not_propagated():
+    net = _dense()
+    x = torch.rand(3, 4, dtype=torch.float64)
+    x[1, 2] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite relevance for layer"):
+        weight_relevance(net, x)
