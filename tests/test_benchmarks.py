@@ -1,0 +1,47 @@
+"""Benchmarks run in quick mode and print the JSON keys their issues ask for (full runs are not part of the suite)."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+REQUIRED = {
+    "self_compression": {"float_acc", "compressed_acc", "bits_ratio", "step_time_ratio"},
+    "cswap": {
+        "sauce",
+        "categories",
+        "speedup_vs_naive",
+        "same_decisions_as_naive",
+        "neurons_per_s",
+        "params_ratio_at_50",
+        "latency_ratio_at_50",
+    },
+    "layer_attribution": {
+        "baseline_acc",
+        "attr_acc",
+        "l1_acc",
+        "rank_spearman",
+        "attr_latency_ratio",
+        "l1_latency_ratio",
+        "bypass_attr_latency_ratio",
+    },
+    "lrp_compression": {"float_acc", "lrp_acc", "lrp_size_ratio", "magnitude_acc", "uniform_acc", "scoring_time_ratio"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(REQUIRED))
+def test_benchmark_quick_mode_prints_its_json(name, capsys):
+    before = (ROOT / "BENCHMARKS.md").read_text()
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--quick"])
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert REQUIRED[name] <= set(result) and printed == json.loads(json.dumps(result))
+    assert (ROOT / "BENCHMARKS.md").read_text() == before  # quick runs never rewrite the published numbers
+    if name == "cswap":
+        assert result["same_decisions_as_naive"] is True
