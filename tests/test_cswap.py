@@ -257,8 +257,8 @@ def test_fast_mode_makes_the_same_decisions_as_the_reference():
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in net.modules())
     unit = next(u for u in units if u.name == "layers.1.conv1")
     assert int(fast.category[unit.index][1]) == NEUTRAL  # the dead channel
-    cbp_fast = C.cbp_order(net, units, x, y, mode="fast")
-    cbp_ref = C.cbp_order(net, units, x, y, mode="reference")
+    cbp_fast = C.cbp_order(net, units, x, y, mode="fast", cut="all")
+    cbp_ref = C.cbp_order(net, units, x, y, mode="reference", cut="all")
     assert cbp_fast.order == cbp_ref.order
 
 
@@ -502,3 +502,24 @@ def test_fit_end_pruning_resumes_like_an_uninterrupted_run_and_checkpoints_reloa
     )
     assert cb.plan == trainer.callbacks[0].plan  # restored: not pruned a second time
     assert sum(p.numel() for p in again.parameters()) == sum(p.numel() for p in pruned.parameters())
+
+
+def test_cbp_cuts_only_the_connections_to_critical_next_layer_neurons():
+    net = _mlp()
+    x = torch.randn(40, 5)
+    y = net(x).argmax(1)
+    units, _ = find_units(net, x[:2])
+    order = C.cbp_order(net, units, x, y)  # cut="critical_next"
+    hidden2 = next(u for u in units if u.name == "2")  # analysed first: its consumer is the output layer
+    hidden1 = next(u for u in units if u.name == "0")
+    critical2 = order.category[hidden2.index] == CRITICAL
+    sigma = true_class_probability(net(x).detach(), y)
+    for n in range(hidden1.size):  # by hand: zero W2[critical rows, n] on a copy
+        m = copy.deepcopy(net)
+        with torch.no_grad():
+            m[2].weight[critical2, n] = 0.0
+            star = true_class_probability(m(x), y)
+        xi = float(((star - sigma) / sigma).mean())
+        assert float(order.xi[hidden1.index][n]) == pytest.approx(xi, rel=1e-4, abs=1e-7)
+    with pytest.raises(ValueError, match="`cut` must be 'critical_next' or 'all'"):
+        C.cbp_order(net, units, x, y, cut="some")

@@ -507,20 +507,36 @@ def cbp_order(
     batch_size: int = 256,
     rtol: float = 1e-5,
     progress: bool = False,
+    cut: str = "critical_next",
 ) -> PruningOrder:
-    """C-BP (algorithm 4): causal ranking on the intact network, no progressive removal."""
+    """C-BP (algorithm 4): causal ranking on the intact network, no progressive removal.
+
+    ``cut="critical_next"`` (the algorithm): a neuron's connections are cut only towards the *critical* neurons of
+    the next layer (the consumers' output channels found critical before — units are analysed output first; outputs
+    of the model count as critical); this runs one forward per neuron. ``cut="all"``: every outgoing connection, like
+    C-SWAP (``mode`` then picks the engine).
+    """
+    if cut not in ("critical_next", "all"):
+        raise ValueError(f"`cut` must be 'critical_next' or 'all', got {cut!r}")
     _check_inputs(units, inputs, labels, alpha)
     start = time.perf_counter()
     result = PruningOrder("cbp", [])
     bar = _progress(sum(u.size for u in units), progress, "C-BP")
+    owner = _output_owners(units)
     with _eval_mode(model):
         masker = ChannelMasker(model, units)
         with masker.active():
-            engine = _make_engine(mode, model, units, masker, inputs, labels, score_fn, batch_size)
+            engine = _make_engine(
+                mode if cut == "all" else "reference", model, units, masker, inputs, labels, score_fn, batch_size
+            )
             sigma = engine.baseline()
             for unit in units:
-                engine.begin_unit(unit)
-                stars = engine.scores(unit, list(range(unit.size)), sigma)
+                if cut == "all":
+                    engine.begin_unit(unit)
+                    stars = engine.scores(unit, list(range(unit.size)), sigma)
+                else:
+                    rows = {m: _critical_rows(model, m, owner, result.category) for m in unit.consumers}
+                    stars = torch.stack([_partial_cut_scores(engine, model, unit, c, rows) for c in range(unit.size)])
                 verdicts = classify_neurons(sigma, stars, labels, alpha, rtol)
                 result.category[unit.index] = verdicts.category
                 result.xi[unit.index] = verdicts.xi
@@ -541,6 +557,65 @@ def cbp_order(
     result.forwards = engine.forwards
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _output_owners(units: Sequence[PrunableUnit]) -> dict[str, dict[int, tuple[int, int]]]:
+    """Layer name -> {output index: (unit, channel)} for every Conv/Linear output channel that belongs to a unit."""
+    owner: dict[str, dict[int, tuple[int, int]]] = {}
+    for u in units:
+        for c, cuts in enumerate(u.channel_cuts):
+            for cut in cuts:
+                if cut.kind == "out":
+                    for i in cut.idxs:
+                        owner.setdefault(cut.name, {})[int(i)] = (u.index, c)
+    return owner
+
+
+def _critical_rows(
+    model: nn.Module, name: str, owner: dict[str, dict[int, tuple[int, int]]], category: dict[int, Tensor]
+) -> Tensor:
+    """Which output channels of layer ``name`` are critical (model outputs and not-yet-analysed ones count as such)."""
+    module = names_to(model, name)
+    width = module.weight.shape[0]
+    rows = torch.ones(width, dtype=torch.bool)
+    for i, (u, c) in owner.get(name, {}).items():
+        if u in category and i < width:
+            rows[i] = bool(category[u][c] == CRITICAL)
+    return rows
+
+
+def _partial_cut_scores(
+    engine: _Engine, model: nn.Module, unit: PrunableUnit, channel: int, rows: dict[str, Tensor]
+) -> Tensor:
+    """σ with ``channel`` cut only towards the critical output rows of each consumer (forward hooks that subtract
+    the channel's contribution on those rows; removed afterwards)."""
+    handles = []
+
+    def hook_for(name: str, idxs: tuple[int, ...]):
+        idx = list(idxs)
+        keep_rows = rows[name]
+
+        def hook(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+            x = args[0]
+            w = module.weight
+            if isinstance(module, nn.Linear):
+                contrib = x[..., idx] @ w[:, idx].T
+                return out - contrib * keep_rows.to(out.dtype)
+            conv = F.conv1d if isinstance(module, nn.Conv1d) else F.conv2d
+            contrib = conv(x[:, idx], w[:, idx], None, module.stride, module.padding, module.dilation, 1)
+            shape = [1, -1] + [1] * (out.dim() - 2)
+            return out - contrib * keep_rows.to(out.dtype).reshape(shape)
+
+        return hook
+
+    try:
+        for name, idxs in unit.consumer_inputs(channel).items():
+            if bool(rows[name].any()):
+                handles.append(names_to(model, name).register_forward_hook(hook_for(name, idxs)))
+        return engine.baseline()
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def magnitude_order(units: Sequence[PrunableUnit], criterion: str = "group_l2") -> PruningOrder:
