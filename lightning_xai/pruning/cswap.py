@@ -8,11 +8,11 @@ removed, so one curve can be drawn per method and any target ratio is a prefix o
   *as pruned so far*, ``ξ`` and the per-class paired t-tests are computed, and a neuron that is not critical
   (``∨π ∧ ξ ≤ 0`` fails) is removed at once. The order is: non-critical neurons in the order they were removed, then
   the critical ones by ``ξ`` from the closest to zero to the most negative.
-* **C-BP** analyses every neuron on the intact network and orders detrimental (by ``ξ`` descending), neutral (by
-  ``|ξ|`` ascending), critical (by ``ξ`` descending). The paper's algorithm 4 cuts only the connections to the next
-  layer's *critical* neurons; here every outgoing connection is cut, like C-SWAP, so the two differ only in the
-  progressive removal (this is what the paper uses C-BP to show).
-* **OMP**: global ascending mean ``|w|`` of the unit's producer rows. **Random**: a seeded permutation.
+* **C-BP** (algorithm 4) analyses every neuron on the intact network, cutting its connections only towards the
+  next layer's *critical* neurons, and orders detrimental (by ``ξ`` descending), neutral (by ``|ξ|`` ascending),
+  critical (by ``ξ`` descending); ``cut="all"`` cuts every outgoing connection instead (like C-SWAP, without the
+  progressive removal).
+* **OMP**: one global ranking by DepGraph's group L2 magnitude (or mean ``|w|``). **Random**: a seeded permutation.
 
 Two engines compute the same scores. ``mode="reference"`` is the slow, obviously-correct one: per neuron, hooks
 zero the channel and the whole model runs on the analysis samples. ``mode="fast"`` traces the model with torch.fx;
