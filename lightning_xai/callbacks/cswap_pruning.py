@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any
 
@@ -12,7 +13,7 @@ from torch import Tensor, nn
 from lightning_xai._validation import validate_number
 from lightning_xai.callbacks._data import dataset_tensors, from_rank_zero, split_dataset
 from lightning_xai.callbacks._resize import ResizeOnLoad
-from lightning_xai.evaluation import accuracy, count_macs, measure_latency
+from lightning_xai.evaluation import accuracy, count_macs, latency_ratio, measure_latency
 from lightning_xai.figures import categories_figure, pruning_curves_figure
 from lightning_xai.logging import flush, log_figure, log_scalars, log_text
 from lightning_xai.pruning.cswap import (
@@ -172,11 +173,14 @@ class CSWAPPruning(ResizeOnLoad):
             for m in self.curves
             if m in orders
         ]
+        original = copy.deepcopy(pl_module)  # to time both alternately (the machine's drifts hit both alike)
         apply_plan(pl_module, units, plan, example)  # transactional: the model is untouched if this raises
         self.plan = plan
         params_after = sum(p.numel() for p in pl_module.parameters())
         flops_after, _ = count_macs(pl_module, example[:1])
-        latency_after = measure_latency(pl_module, vx[: self.batch_size])
+        ratio = latency_ratio(original, pl_module, vx[: self.batch_size], rounds=5)
+        latency_after = latency_before * ratio
+        del original
         acc_after = accuracy(pl_module, vx, vy, self.batch_size)
 
         result: dict[str, Any] = {
@@ -190,7 +194,7 @@ class CSWAPPruning(ResizeOnLoad):
             "flops_after": int(flops_after),
             "latency_before_s": latency_before,
             "latency_after_s": latency_after,
-            "latency_ratio": latency_after / latency_before,
+            "latency_ratio": ratio,
             "accuracy_before": acc_before,
             "accuracy_after": acc_after,
             "sauce": {c.method: c.sauce for c in curves},
