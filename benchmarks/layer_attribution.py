@@ -76,7 +76,7 @@ def _coverage(args) -> dict:
     r18 = torchvision.models.resnet18(weights=None, num_classes=10).eval()
     x = torch.randn(8, 3, 64, 64)
     y = torch.randint(0, 10, (8,))
-    out["resnet18"] = _graph(r18, x, [(x, y)], GradientActivationScorer(num_batches=1), args, (x,))
+    out["resnet18"] = _graph(r18, [(x, y)], GradientActivationScorer(num_batches=1), args, (x,))
     ssd = torchvision.models.detection.ssdlite320_mobilenet_v3_large(
         weights=None, weights_backbone=None, num_classes=3
     ).eval()
@@ -86,11 +86,11 @@ def _coverage(args) -> dict:
         {"boxes": torch.tensor([[50.0, 40.0, 200.0, 260.0]]), "labels": torch.tensor([2])},
     ]
     scorer = GradientActivationScorer(detection_loss, num_batches=1)
-    out["ssdlite"] = _graph(ssd, None, [(images, targets)], scorer, args, (images,))
+    out["ssdlite"] = _graph(ssd, [(images, targets)], scorer, args, (images,))
     return out
 
 
-def _graph(model, x, batches, scorer, args, example) -> dict:
+def _graph(model, batches, scorer, args, example) -> dict:
     candidates = default_candidates(model, example)
     able = bypassable_layers(model, example, candidates)
     attr = scorer.score(model, batches)
@@ -108,8 +108,7 @@ def _graph(model, x, batches, scorer, args, example) -> dict:
         if isinstance(before, torch.Tensor)
         else [len(d["boxes"].shape) for d in before] == [len(d["boxes"].shape) for d in after]
     )
-    inputs = x if x is not None else example[0]
-    ratio = latency_ratio(model, m, inputs, rounds=3, repeats=3) if x is not None else _det_latency(model, m, inputs)
+    ratio = latency_ratio(model, m, example[0], rounds=3, repeats=3)  # a tensor, or a detector's list of images
     return {
         "layers": len(candidates),
         "bypassable": len(able),
@@ -118,21 +117,6 @@ def _graph(model, x, batches, scorer, args, example) -> dict:
         "outputs_kept": bool(same),
         "bypass_latency_ratio": ratio,
     }
-
-
-def _det_latency(a, b, images) -> float:
-    import time
-
-    def t(m):
-        with torch.no_grad():
-            m(images)
-            s = time.perf_counter()
-            for _ in range(3):
-                m(images)
-        return time.perf_counter() - s
-
-    ratios = sorted(t(b) / t(a) for _ in range(3))
-    return ratios[1]
 
 
 def main(argv: list[str] | None = None) -> dict:

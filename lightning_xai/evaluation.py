@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import time
+from typing import Any
 
 import torch
 import torch_pruning as tp
@@ -22,7 +23,7 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 256) -> f
     return correct / max(1, x.shape[0])
 
 
-def measure_latency(model: nn.Module, inputs: Tensor, repeats: int = 20, warmup: int = 3) -> float:
+def measure_latency(model: nn.Module, inputs: Any, repeats: int = 20, warmup: int = 3) -> float:
     """Median seconds of one eval-mode forward of ``inputs`` (no grad); the model's mode is restored."""
     was = model.training
     model.eval()
@@ -47,7 +48,7 @@ def count_macs(model: nn.Module, example: Tensor) -> tuple[int, int]:
     return int(macs), int(params)
 
 
-def latency_ratio(original: nn.Module, changed: nn.Module, inputs: Tensor, rounds: int = 7, repeats: int = 10) -> float:
+def latency_ratio(original: nn.Module, changed: nn.Module, inputs: Any, rounds: int = 7, repeats: int = 10) -> float:
     """Median over ``rounds`` of latency(changed) / latency(original), the two measured alternately so that the
     machine's drifts hit both alike."""
     ratios = sorted(

@@ -20,12 +20,14 @@ Under DDP, the summed scores and sample counts are all-reduced, so every rank ra
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lightning_xai.preservation.scores import model_state_guard
 
 __all__ = [
     "LayerScorer",
@@ -73,23 +75,9 @@ def detection_loss(model: nn.Module, batch: Any) -> tuple[Tensor, int]:
     return sum(losses.values()) * n, n
 
 
-@contextlib.contextmanager
-def untouched(model: nn.Module) -> Iterator[None]:
+def untouched(model: nn.Module) -> contextlib.AbstractContextManager[None]:
     """Restore modes, buffers (e.g. batch-norm statistics) and ``.grad`` of ``model`` on exit, even after errors."""
-    modes = {m: m.training for m in model.modules()}
-    buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
-    grads = {p: (None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()}
-    try:
-        yield
-    finally:
-        for m, mode in modes.items():
-            m.train(mode)
-        with torch.no_grad():
-            for k, v in model.named_buffers():
-                if k in buffers and v.shape == buffers[k].shape:
-                    v.copy_(buffers[k])
-        for p, g in grads.items():
-            p.grad = g
+    return model_state_guard(model, buffers=True)
 
 
 def _all_reduce(values: Tensor) -> Tensor:

@@ -39,10 +39,12 @@ UNCERTAINTY_KINDS = ("least_confidence", "margin", "entropy")
 
 
 @contextlib.contextmanager
-def model_state_guard(model: nn.Module) -> Iterator[None]:
-    """Restore train/eval modes and parameter gradients on exit (grad-cam calls ``eval()`` and ``zero_grad()``)."""
+def model_state_guard(model: nn.Module, buffers: bool = False) -> Iterator[None]:
+    """Restore train/eval modes and parameter gradients on exit, even after errors (grad-cam calls ``eval()`` and
+    ``zero_grad()``); with ``buffers``, also every buffer (batch-norm statistics a train-mode forward updates)."""
     modes = {m: m.training for m in model.modules()}
     grads = {p: (None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()}
+    saved = {k: v.detach().clone() for k, v in model.named_buffers()} if buffers else {}
     try:
         yield
     finally:
@@ -50,6 +52,10 @@ def model_state_guard(model: nn.Module) -> Iterator[None]:
             m.train(mode)
         for p, g in grads.items():
             p.grad = g
+        with torch.no_grad():
+            for k, v in model.named_buffers():
+                if k in saved and v.shape == saved[k].shape:
+                    v.copy_(saved[k])
 
 
 def last_conv(model: nn.Module) -> nn.Module:

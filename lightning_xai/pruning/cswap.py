@@ -64,6 +64,7 @@ __all__ = [
     "sauce",
     "class_balanced_samples",
     "category_table",
+    "channel_contribution",
 ]
 
 METHODS = ("cswap", "cbp", "omp", "random")
@@ -104,6 +105,17 @@ class PruningOrder:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Score engines
+
+
+def channel_contribution(module: nn.Module, x: Tensor, idxs: Sequence[int]) -> Tensor:
+    """The part of a Linear/Conv (groups 1) layer's output that comes from its input channels ``idxs``, without the
+    bias — the layer is linear in its input, so cutting those channels subtracts exactly this."""
+    w = module.weight  # the effective (possibly quantized) weight
+    idx = list(idxs)
+    if isinstance(module, nn.Linear):
+        return x[..., idx] @ w[:, idx].T
+    conv = F.conv1d if isinstance(module, nn.Conv1d) else F.conv2d
+    return conv(x[:, idx], w[:, idx], None, module.stride, module.padding, module.dilation, 1)
 
 
 class _Engine:
@@ -271,14 +283,7 @@ class _FastEngine(_Engine):
         )
 
     def _contribution(self, node: torch.fx.Node, x: Tensor, idxs: Sequence[int]) -> Tensor:
-        """The part of the consumer's output that comes from input channels ``idxs`` (no bias)."""
-        module = names_to(self.model, str(node.target))
-        w = module.weight  # the effective (possibly quantized) weight
-        idx = list(idxs)
-        if isinstance(module, nn.Linear):
-            return x[..., idx] @ w[:, idx].T
-        conv = F.conv1d if isinstance(module, nn.Conv1d) else F.conv2d
-        return conv(x[:, idx], w[:, idx], None, module.stride, module.padding, module.dilation, 1)
+        return channel_contribution(names_to(self.model, str(node.target)), x, idxs)
 
     def _zero_effect(self, unit: PrunableUnit, channel: int) -> bool:
         """True when cutting ``channel`` provably changes nothing: it is zero at every consumer input."""
@@ -596,15 +601,8 @@ def _partial_cut_scores(
         keep_rows = rows[name]
 
         def hook(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
-            x = args[0]
-            w = module.weight
-            if isinstance(module, nn.Linear):
-                contrib = x[..., idx] @ w[:, idx].T
-                return out - contrib * keep_rows.to(out.dtype)
-            conv = F.conv1d if isinstance(module, nn.Conv1d) else F.conv2d
-            contrib = conv(x[:, idx], w[:, idx], None, module.stride, module.padding, module.dilation, 1)
-            shape = [1, -1] + [1] * (out.dim() - 2)
-            return out - contrib * keep_rows.to(out.dtype).reshape(shape)
+            shape = [-1] if isinstance(module, nn.Linear) else [1, -1] + [1] * (out.dim() - 2)
+            return out - channel_contribution(module, args[0], idx) * keep_rows.to(out.dtype).reshape(shape)
 
         return hook
 

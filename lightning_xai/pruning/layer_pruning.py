@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from lightning_xai.attribution.layers import DEFAULT_TYPES
-from lightning_xai.pruning.surgery import _eval_mode, _normalise_inputs
+from lightning_xai.pruning.surgery import _eval_mode, _normalise_inputs, execution_order
 
 __all__ = [
     "MODES",
@@ -46,22 +46,9 @@ def _run(model: nn.Module, example_inputs: Any) -> Any:
 
 def layer_order(model: nn.Module, example_inputs: Any, types: Sequence[type[nn.Module]] = DEFAULT_TYPES) -> list[str]:
     """Layers of ``types`` in the order the forward pass first calls them (unused layers are left out)."""
-    order: list[str] = []
-    handles = []
-    for name, module in model.named_modules():
-        if name and isinstance(module, tuple(types)):
-
-            def hook(mod: nn.Module, args: Any, name: str = name) -> None:
-                if name not in order:
-                    order.append(name)
-
-            handles.append(module.register_forward_pre_hook(hook))
-    try:
-        _run(model, example_inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    return order
+    modules = dict(model.named_modules())
+    order = execution_order(model, example_inputs)
+    return [n for n in sorted(order, key=order.get) if n and isinstance(modules[n], tuple(types))]
 
 
 def default_candidates(

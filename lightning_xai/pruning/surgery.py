@@ -30,6 +30,7 @@ __all__ = [
     "dead_channels",
     "ChannelCut",
     "apply_cuts",
+    "execution_order",
 ]
 
 _PASS_THROUGH = {
@@ -474,6 +475,27 @@ def _try_apply(model, planned, optimizers, args, kwargs, reference, rtol, atol, 
         else:
             report.rejected[item[0]] = "removing its dead channels would change the model's outputs"
     return accepted
+
+
+def execution_order(model: nn.Module, example_inputs: Any) -> dict[str, int]:
+    """Module name -> position of its first call in one eval-mode, no-grad forward of ``example_inputs`` (modules
+    the forward does not call are absent)."""
+    args, kwargs = _normalise_inputs(example_inputs)
+    order: dict[str, int] = {}
+    handles = []
+    for name, module in model.named_modules():
+
+        def hook(mod: nn.Module, inputs: Any, name: str = name) -> None:
+            order.setdefault(name, len(order))
+
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad(), _eval_mode(model):
+            model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return order
 
 
 def _normalise_inputs(example_inputs: Any) -> tuple[tuple, dict]:

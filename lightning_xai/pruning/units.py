@@ -17,10 +17,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,8 +40,10 @@ from lightning_xai.pruning.surgery import (
     _rollback,
     _tp_inputs,
     apply_cuts,
+    execution_order,
     resize_to_state_dict,
 )
+from lightning_xai.quantization.export import _atomic_save, read_tagged
 
 __all__ = [
     "PrunableUnit",
@@ -55,6 +57,7 @@ __all__ = [
 ]
 
 Plan = dict[str, list[int]]  # unit name -> removed channels
+_FORMAT = "lightning_xai.pruned/1"
 
 
 @dataclass
@@ -87,24 +90,6 @@ def names_to(model: nn.Module, name: str) -> nn.Module:
 _IMPORTANCE = tp.importance.GroupMagnitudeImportance(p=2)  # DepGraph's default criterion (used for OMP)
 
 
-def _execution_order(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, int]:
-    order: dict[str, int] = {}
-    handles = []
-    for name, module in model.named_modules():
-
-        def hook(mod: nn.Module, inputs: Any, name: str = name) -> None:
-            order.setdefault(name, len(order))
-
-        handles.append(module.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            model(*args, **kwargs)
-    finally:
-        for h in handles:
-            h.remove()
-    return order
-
-
 def find_units(
     model: nn.Module, example_inputs: Any, ignore: Sequence[str] = ()
 ) -> tuple[list[PrunableUnit], dict[str, str]]:
@@ -124,7 +109,7 @@ def find_units(
     units: list[PrunableUnit] = []
     refused: dict[str, str] = {}
     with _eval_mode(model):
-        order = _execution_order(model, args, kwargs)
+        order = execution_order(model, (args, kwargs))
         with torch.enable_grad():
             DG = tp.DependencyGraph().build_dependency(model, example_inputs=_tp_inputs(args, kwargs), verbose=False)
         ignored = [m for n, m in model.named_modules() if n in set(ignore)]
@@ -432,40 +417,15 @@ def apply_plan(
 
 def save_pruned(model: nn.Module, path: str | os.PathLike, plan: Mapping[str, Sequence[int]] | None = None) -> None:
     """Save a (pruned) model's state dict as safetensors, with the plan in the metadata; atomic write."""
-    from safetensors.torch import save_file
-
-    path = os.fspath(path)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    meta = {
-        "format": "lightning_xai.pruned/1",
-        "plan": json.dumps({k: list(map(int, v)) for k, v in (plan or {}).items()}),
-    }
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)) or ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
+    meta = {"format": _FORMAT, "plan": json.dumps({k: list(map(int, v)) for k, v in (plan or {}).items()})}
+    _atomic_save(tensors, meta, Path(path))
 
 
 def load_pruned(path: str | os.PathLike, model: nn.Module) -> tuple[nn.Module, Plan]:
     """Shrink a fresh ``model`` (same class, full size) to the saved shapes and load the weights. Returns
     ``(model, plan)``. No pickle is involved; a foreign or truncated file raises ``ValueError``."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(os.fspath(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no items()
-    except Exception as err:  # noqa: BLE001 - safetensors raises several error types for bad files
-        raise ValueError(f"`path`={os.fspath(path)!r} is not a readable safetensors file: {err}") from err
-    if meta.get("format") != "lightning_xai.pruned/1":
-        raise ValueError(
-            f"`path`={os.fspath(path)!r} is not a lightning_xai pruned model (format {meta.get('format')!r})"
-        )
+    state, meta = read_tagged(path, _FORMAT, "pruned model")
     resize_to_state_dict(model, state)
     model.load_state_dict(state)
     return model, {k: list(v) for k, v in json.loads(meta.get("plan", "{}")).items()}

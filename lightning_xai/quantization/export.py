@@ -86,6 +86,22 @@ def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], pat
         raise
 
 
+def read_tagged(path: str | os.PathLike[str], expected_format: str, what: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """All tensors and the metadata of a safetensors file whose metadata ``format`` is ``expected_format``.
+
+    Raises ``ValueError`` naming ``path`` for unreadable (truncated, foreign) files and for other formats.
+    """
+    try:
+        with safe_open(os.fspath(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 - safe_open has no items()
+    except Exception as err:  # noqa: BLE001 - safetensors raises several error types for bad files
+        raise ValueError(f"`path`={os.fspath(path)!r} is not a readable safetensors file: {err}") from err
+    if meta.get("format") != expected_format:
+        raise ValueError(f"`path`={os.fspath(path)!r} is not a lightning_xai {what} (format {meta.get('format')!r})")
+    return tensors, meta
+
+
 def export_compressed(model: nn.Module, path: str | os.PathLike[str]) -> int:
     """Write ``model`` (with quantizers installed) as a packed file; returns its size in bytes.
 

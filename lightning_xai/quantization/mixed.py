@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_xai.quantization.export import _atomic_save, pack_codes, unpack_codes
+from lightning_xai.quantization.export import _atomic_save, pack_codes, read_tagged, unpack_codes
 
 __all__ = [
     "WeightPlan",
@@ -230,16 +230,7 @@ def export_mixed(model: nn.Module, plans: Mapping[str, WeightPlan], path: str | 
 
 def load_mixed(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
     """Load a packed file into a fresh ``model`` of the same architecture (weights dequantized)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(os.fspath(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            stored = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    except Exception as err:  # noqa: BLE001 - safetensors raises several types for damaged files
-        raise ValueError(f"`path`={os.fspath(path)!r} is not a readable safetensors file: {err}") from err
-    if meta.get("format") != _FORMAT:
-        raise ValueError(f"`path`={os.fspath(path)!r} is not a lightning_xai mixed-precision file")
+    stored, meta = read_tagged(path, _FORMAT, "mixed-precision file")
     layers = json.loads(meta["layers"])
     state = {k: v for k, v in stored.items() if "::" not in k}
     for name, m in layers.items():
