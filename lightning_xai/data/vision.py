@@ -92,6 +92,11 @@ class VisionDataModule(pl.LightningDataModule):
         if self._data:
             return
         full = self._dataset(train=True)
+        if not 0 < self.val_size < len(full):  # type: ignore[arg-type]
+            raise ValueError(
+                f"`val_size`={self.val_size} leaves no training images: {self.name} under {self.data_dir!r} has "
+                f"{len(full)} training images, so `val_size` must be between 1 and {len(full) - 1}"  # type: ignore[arg-type]
+            )
         g = torch.Generator().manual_seed(self.seed)
         perm = torch.randperm(len(full), generator=g).tolist()  # type: ignore[arg-type]
         self._data["val"] = Subset(full, perm[: self.val_size])
@@ -121,4 +126,8 @@ def make_datamodule(
         raise ValueError(
             f"`data_dir` is required for dataset {name!r}: pass --data-dir pointing at torchvision's files"
         )
+    if name == "mnist":  # read from the raw files in memory (offline; a smaller folder gets a proportionate split)
+        from lightning_xai.data.mnist import MNISTDataModule
+
+        return MNISTDataModule(data_dir, batch_size=batch_size, seed=seed, flatten=flatten)
     return VisionDataModule(name, data_dir, batch_size=batch_size, seed=seed)
