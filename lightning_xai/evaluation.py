@@ -4,40 +4,54 @@ from __future__ import annotations
 
 import contextlib
 import io
-import time
 from typing import Any
 
 import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-__all__ = ["accuracy", "measure_latency", "latency_ratio", "count_macs"]
+__all__ = ["accuracy", "measure_latency", "latency_ratio", "count_macs", "model_device"]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter (or buffer); the CPU for a model without tensors."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
 
 
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 256) -> float:
-    """Top-1 accuracy of ``model`` on ``(x, y)`` in its current mode, without gradients."""
-    correct = 0
+    """Top-1 accuracy of ``model`` on ``(x, y)`` in its current mode, without gradients. ``x``/``y`` may live on the
+    CPU: each batch is moved to the model's device, and the count stays there until one read at the end."""
+    device = model_device(model)
+    correct = torch.zeros((), dtype=torch.long, device=device)
     with torch.no_grad():
         for start in range(0, x.shape[0], batch_size):
-            correct += int((model(x[start : start + batch_size]).argmax(-1) == y[start : start + batch_size]).sum())
-    return correct / max(1, x.shape[0])
+            xb = x[start : start + batch_size].to(device, non_blocking=True)
+            yb = y[start : start + batch_size].to(device, non_blocking=True)
+            correct += (model(xb).argmax(-1) == yb).sum()
+    return int(correct) / max(1, x.shape[0])
 
 
 def measure_latency(model: nn.Module, inputs: Any, repeats: int = 20, warmup: int = 3) -> float:
-    """Median seconds of one eval-mode forward of ``inputs`` (no grad); the model's mode is restored."""
+    """Median seconds of one eval-mode forward of ``inputs`` (no grad); the model's mode is restored.
+
+    Timed with ``torch.utils.benchmark``, which synchronises CUDA around each measurement (a plain wall clock would
+    time kernel launches, not the work)."""
+    from torch.utils import benchmark  # imported here: it imports cpp_extension, which logs about CUDA_HOME
+
     was = model.training
     model.eval()
-    times = []
+    timer = benchmark.Timer(stmt="model(inputs)", globals={"model": model, "inputs": inputs})
     try:
         with torch.no_grad():
-            for i in range(warmup + repeats):
-                t = time.perf_counter()
-                model(inputs)
-                if i >= warmup:
-                    times.append(time.perf_counter() - t)
+            if warmup:
+                timer.timeit(warmup)
+            times = sorted(timer.timeit(1).mean for _ in range(repeats))
     finally:
         model.train(was)
-    times.sort()
     return times[len(times) // 2]
 
 

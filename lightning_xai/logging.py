@@ -6,7 +6,7 @@ warning.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -24,7 +24,10 @@ def _warn_once(key: str, message: str) -> None:
 
 
 def tensorboard_writers(trainer: Any) -> list[Any]:
-    """The ``SummaryWriter`` of every TensorBoard logger of ``trainer``."""
+    """The ``SummaryWriter`` of every TensorBoard logger of ``trainer`` (none on ranks other than global zero, whose
+    loggers hold dummy experiments)."""
+    if not getattr(trainer, "is_global_zero", True):
+        return []
     writers = []
     for logger in getattr(trainer, "loggers", []) or []:
         experiment = getattr(logger, "experiment", None)
@@ -62,18 +65,22 @@ def log_text(trainer: Any, tag: str, text: str, step: int) -> None:
 
 
 @rank_zero_only
-def log_figure(trainer: Any, tag: str, figure: Any, step: int) -> None:
-    """A matplotlib ``figure`` as an image under ``tag`` (TensorBoard only); the figure is closed afterwards."""
+def log_figure(trainer: Any, tag: str, figure: Callable[[], Any], step: int) -> None:
+    """The matplotlib figure ``figure()`` builds, as an image under ``tag`` (TensorBoard only). The figure is built
+    only on global rank zero and only when a TensorBoard logger will take it, and closed afterwards."""
     import matplotlib.pyplot as plt
 
-    try:
-        writers = tensorboard_writers(trainer)
-        if not writers and getattr(trainer, "loggers", None):
+    writers = tensorboard_writers(trainer)
+    if not writers:
+        if getattr(trainer, "loggers", None):
             _warn_once("figure", "lightning_xai: figures are only written to TensorBoard loggers; skipping them")
+        return
+    fig = figure()
+    try:
         for writer in writers:
-            writer.add_figure(tag, figure, global_step=step, close=False)
+            writer.add_figure(tag, fig, global_step=step, close=False)
     finally:
-        plt.close(figure)
+        plt.close(fig)
 
 
 @rank_zero_only

@@ -1,14 +1,19 @@
 """Physical removal of 0-bit channels: outputs unchanged, model smaller, optimizer state carried, rollback."""
 
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 import torchvision
 from helpers import assert_same_state, kill_channels, state_copy
 from torch import nn
+from torch.nn.utils import parametrize
 
 from lightning_xai.models import MLP, LeNet, SmallResNet
 from lightning_xai.pruning import surgery
 from lightning_xai.pruning.surgery import remove_dead_channels, resize_to_state_dict
+from lightning_xai.quantization.export import export_compressed, load_compressed
 from lightning_xai.quantization.install import (
     gate_batchnorm,
     gate_following_batchnorms,
@@ -216,8 +221,45 @@ def test_gate_following_batchnorms_leaves_no_hooks_and_restores_modes():
     pairs = gate_following_batchnorms(net, torch.randn(2, 1, 8, 8))
     assert ("stem.1", "stem.0") in pairs and ("layers.2.shortcut.1", "layers.2.shortcut.0") in pairs
     assert net.training and not net.layers[0].training and net.layers[1].training
-    assert all(not m._forward_pre_hooks for m in net.modules())
-    assert sum(len(m._forward_hooks) for m in net.modules()) == len(pairs)  # only the gates
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in net.modules())
+    modules = dict(net.named_modules())
+    # the gates are folded into the (affine) batch norms' γ and β, nothing else is parametrized but the quantizers
+    gated = {n for n, m in modules.items() if isinstance(m, torch.nn.BatchNorm2d) and parametrize.is_parametrized(m)}
+    assert gated == {bn for bn, _ in pairs}
+
+
+def test_batchnorm_gate_zeroes_dead_channels_with_nonzero_beta_and_running_stats():
+    """A gated batch norm with β ≠ 0, γ ≠ 1 and non-zero running statistics outputs exactly 0 on a 0-bit channel, in
+    eval and in train mode, also after export → reload; the latent γ/β keep their values."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+    bn = net[1]
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1.5, -0.7, 2.0, 0.3]))
+        bn.bias.copy_(torch.tensor([0.4, 1.2, -0.9, 0.8]))
+        bn.running_mean.copy_(torch.tensor([0.3, -0.2, 0.5, 1.0]))
+        bn.running_var.copy_(torch.tensor([2.0, 0.5, 1.5, 0.7]))
+    layers = install_quantizers(net)
+    x = torch.randn(5, 2, 6, 6)
+    gate_following_batchnorms(net, x)
+    kill_channels(layers[0], [1, 3])
+    for train in (False, True):
+        net.train(train)
+        with torch.no_grad():
+            out = net[1](net[0](x))  # before the ReLU: β alone would make it non-zero
+        assert torch.equal(out[:, [1, 3]], torch.zeros_like(out[:, [1, 3]])), train
+        assert out[:, [0, 2]].abs().sum() > 0
+    net.eval()
+    assert torch.equal(bn.parametrizations.bias.original, torch.tensor([0.4, 1.2, -0.9, 0.8]))
+    with torch.no_grad():
+        expected = net(x)
+    path = Path(tempfile.mkdtemp()) / "m.safetensors"
+    export_compressed(net, path)
+    fresh = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+    load_compressed(path, fresh).eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(x), expected)
+        assert torch.equal(fresh[1](fresh[0](x))[:, [1, 3]], torch.zeros(5, 2, 6, 6))
 
 
 def test_resize_to_state_dict_then_load_roundtrip():

@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d)
+_BN = (nn.modules.batchnorm._BatchNorm,)
 _PASS_MODULES = (nn.ReLU, nn.Dropout, nn.Dropout2d, nn.Identity, nn.Flatten, nn.Unflatten) + _BN
 _PASS_FUNCTIONS = {
     F.relu,

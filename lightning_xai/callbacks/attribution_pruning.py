@@ -176,7 +176,7 @@ class AttributionPruning(ResizeOnLoad):
         log_figure(
             trainer,
             "pruning/layers/rankings",
-            layer_rankings_figure(candidates, {self.scorer_name: attr, "l1": l1}, self.result["pruned"]),
+            lambda: layer_rankings_figure(candidates, {self.scorer_name: attr, "l1": l1}, self.result["pruned"]),
             step,
         )
         log_text(trainer, "pruning/layers/summary", _summary(self.result), step)

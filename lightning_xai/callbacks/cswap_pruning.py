@@ -224,9 +224,9 @@ class CSWAPPruning(ResizeOnLoad):
         scalars.update({f"pruning/categories/{c}": v for c, v in result["categories"].items()})
         log_scalars(trainer, scalars, step)
         if curves:
-            log_figure(trainer, "pruning/curves", pruning_curves_figure(curves, acc_before), step)
+            log_figure(trainer, "pruning/curves", lambda: pruning_curves_figure(curves, acc_before), step)
         if main.category:
-            log_figure(trainer, "pruning/categories", categories_figure(main.categories_per_unit(units)), step)
+            log_figure(trainer, "pruning/categories", lambda: categories_figure(main.categories_per_unit(units)), step)
         log_text(trainer, "pruning/summary", _summary(result, main.categories_per_unit(units)), step)
         rank_zero_info(
             f"CSWAPPruning: removed {k}/{len(main.order)} neurons, parameters {params_before} -> {params_after} "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import lightning.pytorch as pl
@@ -10,15 +11,16 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_xai._validation import validate_number
-from lightning_xai.callbacks._data import dataset_tensors, from_rank_zero, split_dataset
+from lightning_xai.callbacks._data import dataset_inputs, dataset_labels, from_rank_zero, split_dataset
+from lightning_xai.evaluation import accuracy
 from lightning_xai.figures import gradcam_figure
 from lightning_xai.logging import log_figure, log_scalars, log_text, tensorboard_writers
 from lightning_xai.preservation.scores import UNCERTAINTY_KINDS, gradcam_maps, model_state_guard
 from lightning_xai.preservation.select import build_preservation_set
-from lightning_xai.quantization.install import quantized_layers
+from lightning_xai.quantization.install import is_batchnorm, quantized_layers
 
 __all__ = ["PreservationGuard", "restore_lost_bits"]
 
@@ -26,12 +28,21 @@ __all__ = ["PreservationGuard", "restore_lost_bits"]
 def restore_lost_bits(
     current: dict[str, tuple[Tensor, Tensor]], snapshot: dict[str, tuple[Tensor, Tensor]]
 ) -> dict[str, Tensor]:
-    """Channels whose bit depth fell below the snapshot's: ``{layer: bool mask}`` (pure; nothing is changed)."""
+    """Channels whose bit depth fell below the snapshot's: ``{layer: bool mask}`` (pure; nothing is changed).
+
+    Raises ``RuntimeError`` when a layer's snapshot has another channel count than the layer (the snapshot was not
+    kept aligned with a physical removal): restoring the wrong channels would be worse than stopping."""
     lost: dict[str, Tensor] = {}
     for name, (b_now, _) in current.items():
-        if name not in snapshot or snapshot[name][0].shape != b_now.shape:
+        if name not in snapshot:
             continue
-        mask = b_now < snapshot[name][0]
+        b_snap = snapshot[name][0].to(b_now.device)
+        if b_snap.shape != b_now.shape:
+            raise RuntimeError(
+                f"PreservationGuard: the snapshot of {name!r} has {b_snap.shape[0]} channels but the layer has "
+                f"{b_now.shape[0]}; channels were removed without `channels_removed()` being told"
+            )
+        mask = b_now < b_snap
         if bool(mask.any()):
             lost[name] = mask
     return lost
@@ -67,6 +78,9 @@ class PreservationGuard(Callback):
         uncertainty: ``entropy``, ``margin`` or ``least_confidence``.
         indices: use these training-set indices instead of selecting.
         seed: selection and batch seed.
+        max_candidates: at most this many training samples (class-balanced, seeded) are scored to select the set;
+            ``None`` scores all. The set has ``fraction`` of the training set, capped at the pool's size.
+        eval_batch_size: batch size of the preservation-accuracy checks.
         rollback_at_end: keep a copy of the model at the last healthy check and fall back to it at train end if
             needed (costs one copy of the state dict in memory and in checkpoints).
     """
@@ -85,6 +99,8 @@ class PreservationGuard(Callback):
         indices: list[int] | None = None,
         seed: int = 0,
         rollback_at_end: bool = True,
+        max_candidates: int | None = 20_000,
+        eval_batch_size: int = 512,
     ) -> None:
         super().__init__()
         validate_number("fraction", fraction, low=0.0, low_open=True, high=1.0)
@@ -96,6 +112,8 @@ class PreservationGuard(Callback):
         validate_number("build_at_step", build_at_step, low=0, integer=True)
         validate_number("batch_size", batch_size, low=1, integer=True)
         validate_number("seed", seed, low=0, integer=True)
+        validate_number("max_candidates", max_candidates, low=1, integer=True, allow_none=True)
+        validate_number("eval_batch_size", eval_batch_size, low=1, integer=True)
         if min_accuracy is not None and max_drop is not None:
             raise ValueError(
                 f"give either `min_accuracy` or `max_drop`, not both (got {min_accuracy!r} and {max_drop!r})"
@@ -123,6 +141,8 @@ class PreservationGuard(Callback):
         self._data: tuple[Tensor, Tensor] | None = None
         self._last_check = -1
         self.rollback_at_end = rollback_at_end
+        self.max_candidates, self.eval_batch_size = max_candidates, eval_batch_size
+        self._gen: torch.Generator | None = None
         self.rolled_back = False
         self._healthy_state: dict[str, Tensor] | None = None
 
@@ -131,24 +151,29 @@ class PreservationGuard(Callback):
         return self._generate_state_key(fraction=self.fraction, lam=self.lam, seed=self.seed)
 
     # -- data -------------------------------------------------------------------------------------------------
-    @staticmethod
-    def _training_tensors(trainer: pl.Trainer) -> tuple[Tensor, Tensor]:
-        return dataset_tensors(split_dataset(trainer, "train", "PreservationGuard"))
-
     def _build(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        x, y = self._training_tensors(trainer)
-        x, y = x.to(pl_module.device), y.to(pl_module.device)
+        dataset = split_dataset(trainer, "train", "PreservationGuard")
+        labels = dataset_labels(dataset)
         if self.indices is None:
+            chosen: np.ndarray | None = None
             if self.given_indices is not None:
-                bad = [i for i in self.given_indices if not 0 <= i < len(y)]
+                bad = [i for i in self.given_indices if not 0 <= i < len(labels)]
                 if bad:
-                    raise ValueError(f"`indices` {bad[:5]} are outside the training set (size {len(y)})")
-                self.indices = np.array(sorted(set(self.given_indices)), dtype=np.int64)
-            else:
-                chosen = build_preservation_set(pl_module, x.cpu(), y.cpu(), self.fraction, self.seed, self.uncertainty)
-                self.indices = chosen.indices
-        sel = torch.as_tensor(self.indices, device=x.device)
-        self._data = (x[sel], y[sel])
+                    raise ValueError(
+                        f"`indices` {bad[:5]} are outside the training set (valid: 0 to {len(labels) - 1})"
+                    )
+                chosen = np.array(sorted(set(self.given_indices)), dtype=np.int64)
+            elif trainer.is_global_zero:  # chosen once, on rank 0, and broadcast
+                pool = _candidate_pool(labels, self.max_candidates, self.seed)
+                inputs = dataset_inputs(dataset, pool)
+                share = min(1.0, self.fraction * len(labels) / len(pool))
+                picked = build_preservation_set(
+                    _float_model(pl_module), inputs, labels[pool], share, self.seed, self.uncertainty
+                )
+                chosen = pool[picked.indices]
+            self.indices = np.asarray(from_rank_zero(trainer, chosen), dtype=np.int64)
+        device = pl_module.device
+        self._data = (dataset_inputs(dataset, self.indices).to(device), labels[self.indices].to(device))
         if self.baseline is None:
             self.baseline = from_rank_zero(trainer, self.accuracy(pl_module))
             self.threshold = self.min_accuracy if self.min_accuracy is not None else self.baseline - self.max_drop
@@ -168,21 +193,21 @@ class PreservationGuard(Callback):
         if x.dim() != 4 or not tensorboard_writers(trainer):
             return
         try:
-            maps = gradcam_maps(pl_module, x[:16], y[:16])
+            maps = gradcam_maps(_float_model(pl_module), x[:16], y[:16])
         except ValueError:  # no Conv2d to look at
             return
-        log_figure(trainer, "preservation/gradcam", gradcam_figure(x[:16].cpu().numpy(), maps.numpy(), y[:16]), 0)
+        log_figure(
+            trainer, "preservation/gradcam", lambda: gradcam_figure(x[:16].cpu().numpy(), maps.numpy(), y[:16]), 0
+        )
 
     def accuracy(self, pl_module: pl.LightningModule) -> float:
-        """Accuracy on the preservation set (eval mode; modes and gradients restored)."""
+        """Accuracy on the preservation set (eval mode, batches of ``eval_batch_size``; modes and gradients restored;
+        one host read)."""
         assert self._data is not None
         x, y = self._data
-        with model_state_guard(pl_module), torch.no_grad():
+        with model_state_guard(pl_module):
             pl_module.eval()
-            correct = sum(
-                int((pl_module(x[i : i + 512]).argmax(1) == y[i : i + 512]).sum()) for i in range(0, len(y), 512)
-            )
-        return correct / max(len(y), 1)
+            return accuracy(pl_module, x, y, self.eval_batch_size)
 
     @staticmethod
     def _current(pl_module: pl.LightningModule) -> dict[str, tuple[Tensor, Tensor]]:
@@ -197,18 +222,44 @@ class PreservationGuard(Callback):
             self._build(trainer, pl_module)
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """``λ·CE`` on a seeded batch of preservation samples, added to the gradients your loss produced.
+
+        The pass runs like a training forward (train mode, under the trainer's precision context, the AMP loss scale
+        applied on the device), with two differences: batch-norm running statistics are left as they were (momentum 0
+        for the pass, ``num_batches_tracked`` put back), and the random state is forked and seeded per step, so dropout
+        masks, like the batch, are the same on every rank. Data, batch and weights (DDP keeps them equal) being the
+        same on every rank, so is the gradient it adds, without a collective. No value is read back to the host.
+        """
         if self._data is None or not self.lam:
             return
         x, y = self._data
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + trainer.global_step)
-        pick = torch.randperm(len(y), generator=g)[: self.batch_size].to(x.device)
-        scale = self.lam / max(trainer.accumulate_grad_batches, 1)
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if scaler is not None and hasattr(scaler, "get_scale"):
-            scale *= float(scaler.get_scale())
-        with torch.enable_grad():
-            loss = F.cross_entropy(pl_module(x[pick]), y[pick]) * scale
-            loss.backward()
+        step_seed = self.seed * 1_000_003 + trainer.global_step
+        if self._gen is None or self._gen.device != x.device:
+            self._gen = torch.Generator(device=x.device)
+        self._gen.manual_seed(step_seed)
+        if y.shape[0] > self.batch_size:
+            pick = torch.randperm(y.shape[0], generator=self._gen, device=x.device)[: self.batch_size]
+            x, y = x[pick], y[pick]
+        plugin = trainer.precision_plugin
+        norms = [m for m in pl_module.modules() if is_batchnorm(m) and m.training and m.track_running_stats]
+        momenta = [m.momentum for m in norms]
+        counters = [m.num_batches_tracked for m in norms if m.num_batches_tracked is not None]
+        devices = [x.device] if x.device.type == "cuda" else []
+        try:
+            for m in norms:
+                m.momentum = 0.0  # running = 1·running + 0·batch: unchanged
+            with torch.random.fork_rng(devices=devices, device_type=x.device.type), torch.enable_grad():
+                torch.manual_seed(step_seed)
+                with plugin.forward_context():
+                    logits = pl_module(plugin.convert_input(x))
+            if counters:
+                torch._foreach_sub_(counters, 1)
+            loss = F.cross_entropy(logits.float(), y) * (self.lam / max(trainer.accumulate_grad_batches, 1))
+            scaler = getattr(plugin, "scaler", None)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        finally:
+            for m, momentum in zip(norms, momenta):
+                m.momentum = momentum
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -262,8 +313,9 @@ class PreservationGuard(Callback):
         self.last_accuracy = acc
 
     def _keep_healthy(self, pl_module: pl.LightningModule) -> None:
+        """Keep the model's state for the end-of-training rollback, on the CPU (not a second copy in GPU memory)."""
         if self.rollback_at_end:
-            self._healthy_state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+            self._healthy_state = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()}
 
     def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
         """Measure, then snapshot (healthy) or restore (below threshold). Returns the accuracy after."""
@@ -304,15 +356,16 @@ class PreservationGuard(Callback):
             for name, mask in lost.items():
                 q = layers[name].quantizer
                 b_snap, e_snap = self.snapshot[name]
+                b_snap, e_snap = b_snap.to(q.b.device), e_snap.to(q.e.device)
                 with torch.no_grad():
-                    restored_bits += float((b_snap[mask].clamp(min=0) - q.b[mask].clamp(min=0)).sum())
-                    q.b[mask] = b_snap[mask]
-                    q.e[mask] = e_snap[mask]
+                    restored_bits += float(((b_snap.clamp(min=0) - q.b.clamp(min=0)) * mask).sum())
+                    q.b.copy_(torch.where(mask, b_snap, q.b))
+                    q.e.copy_(torch.where(mask, e_snap, q.e))
                 if opt is not None:
                     for p in (q.b, q.e):
                         for v in opt.state.get(p, {}).values():
                             if isinstance(v, Tensor) and v.shape == p.shape:
-                                v[mask] = 0
+                                v.masked_fill_(mask, 0)
                 if self.cooldown_steps:
                     self._frozen[name] = (mask.clone(), q.b.detach().clone(), q.e.detach().clone())
             if self.cooldown_steps:
@@ -361,13 +414,16 @@ class PreservationGuard(Callback):
         return after
 
     def _hold(self, pl_module: pl.LightningModule) -> None:
+        """Keep the restored channels at their restored values during the cool-down (no host read: ``where``)."""
         layers = {q.qualified: q for q in quantized_layers(pl_module)}
         with torch.no_grad():
             for name, (mask, b, e) in self._frozen.items():
                 q = layers.get(name)
                 if q is not None and q.quantizer.b.shape == mask.shape:
-                    q.quantizer.b[mask] = b[mask]
-                    q.quantizer.e[mask] = e[mask]
+                    qb, qe = q.quantizer.b, q.quantizer.e
+                    mask = mask.to(qb.device)
+                    qb.copy_(torch.where(mask, b.to(qb.device), qb))
+                    qe.copy_(torch.where(mask, e.to(qe.device), qe))
 
     # -- cooperation with SelfCompression's physical removal ---------------------------------------------------
     def protected_channels(self) -> dict[str, set[int]]:
@@ -417,3 +473,26 @@ class PreservationGuard(Callback):
         self._last_check = int(state_dict.get("last_check", -1))
         self.rolled_back = bool(state_dict.get("rolled_back", False))
         self._healthy_state = state_dict.get("healthy_state")
+
+
+def _candidate_pool(labels: Tensor, limit: int | None, seed: int) -> np.ndarray:
+    """Sorted training indices to score: all of them, or ``limit`` drawn class-balanced (seeded) when there are
+    more (chosen by index on the CPU; only these samples are read and moved to the device)."""
+    n = int(labels.shape[0])
+    if limit is None or n <= limit:
+        return np.arange(n, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    y = labels.numpy()
+    classes = np.unique(y)
+    per_class = max(1, limit // len(classes))
+    chosen = [rng.permutation(np.nonzero(y == c)[0])[:per_class] for c in classes]
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def _float_model(model: nn.Module) -> nn.Module:
+    """``model`` itself, or a float32 copy when it runs in half precision (``precision="16-true"/"bf16-true"``): the
+    selection scores go through numpy and scikit-learn, which have no bfloat16."""
+    param = next(model.parameters(), None)
+    if param is None or param.dtype in (torch.float32, torch.float64):
+        return model
+    return copy.deepcopy(model).float()

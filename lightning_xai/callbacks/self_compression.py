@@ -13,10 +13,11 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_xai._validation import validate_number
+from lightning_xai.callbacks._resize import _resize_hook
 from lightning_xai.figures import bits_heatmap_figure
 from lightning_xai.logging import flush, log_figure, log_histogram, log_scalars, log_text, tensorboard_writers
 from lightning_xai.mixin import CompressionMixin
-from lightning_xai.pruning.surgery import remove_dead_channels, resize_to_state_dict
+from lightning_xai.pruning.surgery import plain_gate_keys, remove_dead_channels
 from lightning_xai.quantization.engine import SelfCompressor
 from lightning_xai.quantization.export import export_compressed
 from lightning_xai.quantization.install import BatchNormFollowerRecorder, apply_batchnorm_gates
@@ -161,7 +162,14 @@ class SelfCompression(Callback):
                 f"SelfCompression: {taken} bit-depth/exponent tensors moved from your optimizer to their own Adam "
                 f"(lr={self.bits_lr}, eps={self.bits_eps})"
             )
-        self.optimizer = torch.optim.Adam(params, lr=self.bits_lr, eps=self.bits_eps)
+        self.optimizer = _bits_optimizer(params, self.bits_lr, self.bits_eps)
+        device = params[0].device if params else pl_module.device
+        self._found_inf = torch.zeros((), device=device)
+        self._one = torch.ones((), device=device)
+        self._skipped = torch.zeros((), device=device)
+        self._skipped_reported = 0
+        for p in params:
+            p.requires_grad_(True)  # a previous fit may have frozen them
         pending = self._pending_state
         if pending is not None:
             if pending.get("optimizer") is not None:
@@ -201,7 +209,9 @@ class SelfCompression(Callback):
     def _apply_gates(self, pl_module: pl.LightningModule) -> None:
         apply_batchnorm_gates(pl_module, self._bn_pairs or [])
 
-    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # not before the backward: folding a gate into γ/β re-registers those tensors, which the backward of the
+        # forward that just ran still needs unchanged
         self._finish_detection(pl_module)
 
     # -- the optimizer step of b and e ----------------------------------------------------------------------
@@ -212,26 +222,42 @@ class SelfCompression(Callback):
             return  # second optimizer of the same step (e.g. GANs): b/e are stepped once
         self._last_step = trainer.global_step
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if scaler is not None and hasattr(scaler, "get_scale"):
-            inv = 1.0 / float(scaler.get_scale())
-            for p in params:
-                if p.grad is not None:
-                    p.grad.mul_(inv)
         if self.frozen:
             self.optimizer.zero_grad(set_to_none=True)
+            if trainer.world_size == 1:  # no b/e gradients at all from now on (DDP needs every gradient it knows)
+                for p in params:
+                    p.requires_grad_(False)
             return
+        # Everything below is device work without host reads: unscale + non-finite check in one op (AMP's own), the
+        # penalty gradient as a few vectorised ops, and a fused Adam that skips itself when ``found_inf`` is set.
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            self._found_inf.zero_()
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, self._found_inf, _inverse_scale(trainer, self._one))
         uses_mixin = isinstance(pl_module, CompressionMixin) and pl_module._lxai_penalty_step == trainer.global_step
         if not uses_mixin:
             self.compressor.add_penalty_gradients()
-        finite = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
-        if finite:
+        if grads and getattr(self.optimizer, "defaults", {}).get("fused"):
+            self.optimizer.found_inf = self._found_inf  # type: ignore[attr-defined]
+            self.optimizer.step()
+            self._skipped.add_(self._found_inf)
+        elif not grads or not bool(self._found_inf):  # fallback optimizer (no fused kernel): one host read
             self.optimizer.step()
         else:
-            rank_zero_warn(
-                f"SelfCompression: non-finite bit-depth gradients at step {trainer.global_step}; step skipped"
-            )
+            self._skipped.add_(1.0)
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _report_skipped(self, trainer: pl.Trainer) -> None:
+        """Warn (at logging time, where a host read is fine) about steps skipped for non-finite b/e gradients."""
+        if self.optimizer is None or not hasattr(self, "_skipped"):
+            return
+        skipped = int(self._skipped)
+        if skipped > self._skipped_reported:
+            rank_zero_warn(
+                f"SelfCompression: {skipped - self._skipped_reported} bit-depth steps skipped for non-finite "
+                f"gradients (total {skipped}, last check at step {trainer.global_step})"
+            )
+            self._skipped_reported = skipped
 
     # -- periodic work --------------------------------------------------------------------------------------
     def on_train_batch_end(
@@ -246,6 +272,7 @@ class SelfCompression(Callback):
             self._remove(trainer, pl_module)
         if self.log_every_n_steps and step % self.log_every_n_steps == 0:
             self.log_state(trainer, step, figure=step % (10 * self.log_every_n_steps) == 0)
+            self._report_skipped(trainer)
 
     def _inputs(self, pl_module: pl.LightningModule) -> Any:
         if self._example_inputs is not None:
@@ -302,11 +329,12 @@ class SelfCompression(Callback):
             log_histogram(trainer, f"compression/bits/{name}", ls.bits, step)
         if figure and tensorboard_writers(trainer):
             heat = {name: ls.bits.tolist() for name, ls in size.layers.items()}
-            log_figure(trainer, "compression/bits_heatmap", bits_heatmap_figure(heat), step)
+            log_figure(trainer, "compression/bits_heatmap", lambda: bits_heatmap_figure(heat), step)
         return metrics
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._finish_detection(pl_module)
+        self._report_skipped(trainer)
         if self.remove_at_fit_end:
             self._remove(trainer, pl_module)
         metrics = self.log_state(trainer, trainer.global_step, figure=True)
@@ -327,6 +355,13 @@ class SelfCompression(Callback):
         return "\n".join(lines)
 
     # -- checkpointing --------------------------------------------------------------------------------------
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # gated batch norms are stored under their plain keys; the gates come back from ``bn_pairs`` at fit start
+        if "state_dict" in checkpoint:
+            checkpoint["state_dict"] = plain_gate_keys(checkpoint["state_dict"])
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "version": 1,
@@ -346,8 +381,21 @@ class SelfCompression(Callback):
         self._pending_state = {"optimizer": state_dict.get("optimizer")}
 
 
-def _resize_hook(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
-    """Before a checkpoint is loaded, give pruned layers the checkpoint's shapes (the values follow)."""
-    if prefix:
-        return
-    resize_to_state_dict(module, state_dict)
+def _bits_optimizer(params: list[nn.Parameter], lr: float, eps: float) -> torch.optim.Optimizer:
+    """Adam for ``b``/``e``: the fused kernel (one op for all tensors, skips itself on ``found_inf``) where the
+    device has one, else the foreach implementation."""
+    try:
+        return torch.optim.Adam(params, lr=lr, eps=eps, fused=True)
+    except (RuntimeError, ValueError, TypeError):  # pragma: no cover - devices without a fused Adam
+        return torch.optim.Adam(params, lr=lr, eps=eps, foreach=True)
+
+
+def _inverse_scale(trainer: pl.Trainer, one: Tensor) -> Tensor:
+    """``1 / loss scale`` of the AMP grad scaler as a device tensor (no host read), or ``one`` without a scaler."""
+    scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+    scale = getattr(scaler, "_scale", None)
+    if isinstance(scale, Tensor):
+        return scale.double().reciprocal().float().to(one.device)
+    if scaler is not None and hasattr(scaler, "get_scale"):  # pragma: no cover - other scaler implementations
+        return torch.full((), 1.0 / float(scaler.get_scale()), device=one.device)
+    return one

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-__all__ = ["LeNet", "MLP", "SmallResNet", "build_model", "MODELS"]
+__all__ = ["LeNet", "MLP", "SmallResNet", "LeNet300100", "LeNet5Caffe", "build_model", "MODELS"]
 
 
 class LeNet(nn.Module):
@@ -56,6 +56,60 @@ class MLP(nn.Module):
         return self.net(x)
 
 
+class LeNet300100(nn.Module):
+    """LeNet-300-100 (LeCun et al. 1998), the standard compression benchmark on MNIST (Han et al. 2016): 784 → 300 →
+    100 → 10 with ReLU (266,610 parameters).
+
+    Example:
+        >>> import torch
+        >>> net = LeNet300100()
+        >>> net(torch.zeros(2, 1, 28, 28)).shape, sum(p.numel() for p in net.parameters())
+        (torch.Size([2, 10]), 266610)
+    """
+
+    def __init__(self, in_features: int = 784, num_classes: int = 10) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(in_features, 300),
+            nn.ReLU(),
+            nn.Linear(300, 100),
+            nn.ReLU(),
+            nn.Linear(100, num_classes),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class LeNet5Caffe(nn.Module):
+    """LeNet-5 as in Caffe's MNIST example, the other standard compression benchmark: conv 20@5×5 → max-pool →
+    conv 50@5×5 → max-pool → fc 500 (ReLU) → fc 10 (431,080 parameters on 28×28 inputs).
+
+    Example:
+        >>> import torch
+        >>> net = LeNet5Caffe()
+        >>> net(torch.zeros(2, 1, 28, 28)).shape, sum(p.numel() for p in net.parameters())
+        (torch.Size([2, 10]), 431080)
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, input_size: int = 28) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 20, 5),
+            nn.MaxPool2d(2),
+            nn.Conv2d(20, 50, 5),
+            nn.MaxPool2d(2),
+        )
+        side = ((input_size - 4) // 2 - 4) // 2
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(50 * side * side, 500), nn.ReLU(), nn.Linear(500, num_classes)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x))
+
+
 class BasicBlock(nn.Module):
     """Two 3×3 conv-BN layers with an identity (or 1×1 conv-BN) shortcut."""
 
@@ -98,7 +152,7 @@ class SmallResNet(nn.Module):
         return self.fc(self.pool(self.layers(self.stem(x))).flatten(1))
 
 
-MODELS = ("lenet", "mlp", "resnet", "char_transformer")
+MODELS = ("lenet", "mlp", "resnet", "char_transformer", "lenet300100", "lenet5caffe")
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int = 10, **kwargs: int) -> nn.Module:
@@ -116,6 +170,15 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int = 10, 
         if len(input_shape) != 3:
             raise ValueError(f"`model`='resnet' needs image inputs (C, H, W), got input shape {input_shape}")
         return SmallResNet(input_shape[0], num_classes, **kwargs)
+    if name == "lenet300100":
+        features = 1
+        for d in input_shape:
+            features *= d
+        return LeNet300100(features, num_classes)
+    if name == "lenet5caffe":
+        if len(input_shape) != 3:
+            raise ValueError(f"`model`='lenet5caffe' needs image inputs (C, H, W), got input shape {input_shape}")
+        return LeNet5Caffe(input_shape[0], num_classes, input_shape[1])
     if name == "char_transformer":
         from lightning_xai.models.char_transformer import CharTransformer
 

@@ -11,6 +11,8 @@
 
 All functions run with gradients enabled locally (they work inside Lightning's no-grad hooks), restore every
 module's train/eval mode and the parameters' ``.grad``, and remove their hooks even when an exception is raised.
+Inputs may live on the CPU: each batch is moved to the model's device, and the scores come back to the CPU once per
+batch (they feed scikit-learn and numpy).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import torch
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import Tensor, nn
+
+from lightning_xai.evaluation import model_device
 
 __all__ = [
     "gradcam_scores",
@@ -95,9 +99,10 @@ def gradcam_scores(
         # not `with GradCAM(...)`: its __exit__ swallows exceptions; release the hooks ourselves instead
         cam = _RawGradCAM(model=model, target_layers=[layer])
         try:
+            device = model_device(model)
             for start in range(0, inputs.shape[0], batch_size):
                 cam.raw = []
-                x = inputs[start : start + batch_size]
+                x = inputs[start : start + batch_size].to(device)
                 y = labels[start : start + batch_size].tolist()
                 cam(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in y])
                 raw = cam.raw[0].reshape(x.shape[0], -1)
@@ -113,7 +118,10 @@ def gradcam_maps(model: nn.Module, inputs: Tensor, labels: Tensor, target_layer:
     with model_state_guard(model), torch.enable_grad():
         cam = GradCAM(model=model, target_layers=[layer])
         try:
-            maps = cam(input_tensor=inputs, targets=[ClassifierOutputTarget(int(c)) for c in labels.tolist()])
+            maps = cam(
+                input_tensor=inputs.to(model_device(model)),
+                targets=[ClassifierOutputTarget(int(c)) for c in labels.tolist()],
+            )
         finally:
             cam.activations_and_grads.release()
     return torch.from_numpy(np.asarray(maps)).float()
@@ -138,13 +146,15 @@ def gradient_embedding_scores(
         model.eval()
         handle = emb.register_forward_hook(hook)
         try:
+            device = model_device(model)
             for start in range(0, tokens.shape[0], batch_size):
                 captured.clear()
-                x, y = tokens[start : start + batch_size], labels[start : start + batch_size]
+                x = tokens[start : start + batch_size].to(device)
+                y = labels[start : start + batch_size].to(device)
                 logits = model(x)
                 logits.gather(1, y[:, None]).sum().backward()
                 e = captured[0]
-                scores.append((e.grad * e).abs().flatten(1).sum(1).detach())
+                scores.append((e.grad * e).abs().flatten(1).sum(1).detach().float().cpu())
                 model.zero_grad(set_to_none=True)
         finally:
             handle.remove()
@@ -170,14 +180,17 @@ def penultimate_embeddings(model: nn.Module, inputs: Tensor, batch_size: int = 5
     if not linears:
         raise ValueError("penultimate embeddings need an nn.Linear head in `model`")
     feats: list[Tensor] = []
-    handle = linears[-1].register_forward_pre_hook(lambda m, args: feats.append(args[0].detach().flatten(1)))
+    handle = linears[-1].register_forward_pre_hook(
+        lambda m, args: feats.append(args[0].detach().flatten(1).float().cpu())
+    )
     outs: list[Tensor] = []
+    device = model_device(model)
     try:
         with model_state_guard(model), torch.no_grad():
             model.eval()
             for start in range(0, inputs.shape[0], batch_size):
                 before = len(feats)
-                outs.append(model(inputs[start : start + batch_size]).detach())
+                outs.append(model(inputs[start : start + batch_size].to(device)).detach().float().cpu())
                 if len(feats) > before + 1:  # head called more than once (e.g. per token): keep the last call
                     feats[before:] = feats[-1:]
     finally:

@@ -33,7 +33,7 @@ def kmeans_representatives(embeddings: Tensor | np.ndarray, k: int, seed: int = 
     if k <= 0:
         return np.zeros(0, dtype=np.int64)
     km = KMeans(n_clusters=k, random_state=seed, n_init=4).fit(x)
-    d = ((x[:, None, :] - km.cluster_centers_[None, :, :]) ** 2).sum(-1)  # (N, k)
+    d = km.transform(x)  # (N, k) distances to the centroids, without an N×k×D temporary
     chosen: list[int] = []
     taken: set[int] = set()
     for c in np.argsort(d.min(axis=0)):  # tightest clusters first, so ties resolve deterministically

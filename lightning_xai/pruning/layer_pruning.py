@@ -22,6 +22,7 @@ from torch.utils._pytree import tree_flatten
 
 from lightning_xai.attribution.layers import DEFAULT_TYPES
 from lightning_xai.pruning.surgery import _eval_mode, _normalise_inputs, execution_order
+from lightning_xai.quantization.install import BN_TYPES
 
 __all__ = [
     "MODES",
@@ -35,7 +36,7 @@ __all__ = [
 ]
 
 MODES = ("zero", "bypass")
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_BN = BN_TYPES
 
 
 def _run(model: nn.Module, example_inputs: Any) -> Any:

@@ -21,10 +21,13 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_flatten
 
-from lightning_xai.quantization.install import QuantizedLayer, quantized_layers
+from lightning_xai.quantization.install import BN_TYPES, QuantizedLayer, quantized_layers
+from lightning_xai.quantization.quantizer import ChannelQuantizer
 
 __all__ = [
     "resize_to_state_dict",
+    "align_gate_keys",
+    "plain_gate_keys",
     "remove_dead_channels",
     "RemovalReport",
     "dead_channels",
@@ -42,7 +45,7 @@ _PASS_THROUGH = {
     tp.ops.OPTYPE.EXPAND,
     tp.ops.OPTYPE.SLICE,
 }
-_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
+_BN_TYPES = BN_TYPES
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -63,7 +66,8 @@ def _get(module: nn.Module, name: str) -> Tensor | None:
 
 def _quantizer(module: nn.Module, name: str = "weight") -> nn.Module | None:
     if parametrize.is_parametrized(module, name):
-        return module.parametrizations[name][0]  # type: ignore[index]
+        first = module.parametrizations[name][0]  # type: ignore[index]
+        return first if isinstance(first, ChannelQuantizer) else None  # not a batch-norm gate
     return None
 
 
@@ -92,18 +96,69 @@ def _sync_attributes(module: nn.Module) -> None:
         w = _get(module, "weight")
         assert w is not None
         module.out_features, module.in_features = w.shape[0], w.shape[1]
-    elif isinstance(module, _BN_TYPES + (nn.BatchNorm3d,)):
+    elif isinstance(module, _BN_TYPES):
         ref = module.running_mean if module.running_mean is not None else _get(module, "weight")
         if ref is not None:
             module.num_features = ref.shape[0]
+
+
+_PARAM_KEY = ".parametrizations."
+
+
+def _gate_key(key: str, state_dict: dict[str, Tensor]) -> tuple[str, str] | None:
+    """``(owner, tensor)`` when ``key`` is ``owner.parametrizations.tensor.original`` of a parametrization without
+    parameters of its own (a batch-norm gate, not a quantizer with ``b``/``e``), else None."""
+    if not key.endswith(".original") or _PARAM_KEY not in f".{key}":
+        return None
+    if f"{key[: -len('.original')]}.0.b" in state_dict:
+        return None
+    prefix, _, rest = f".{key}".partition(_PARAM_KEY)
+    return prefix[1:], rest[: -len(".original")]
+
+
+def _join(owner: str, name: str) -> str:
+    return f"{owner}.{name}" if owner else name
+
+
+def plain_gate_keys(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``state_dict`` with the keys of batch-norm gates in their plain form (``bn.weight``), order kept."""
+    out: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        gate = _gate_key(key, state_dict)
+        out[key if gate is None else _join(*gate)] = value
+    return out
+
+
+def align_gate_keys(model: nn.Module, state_dict: dict[str, Tensor]) -> None:
+    """Rename, in place, the keys of batch-norm gates between their plain form ``bn.weight`` and their parametrized
+    form ``bn.parametrizations.weight.original``, to whatever ``model`` has now.
+
+    Checkpoints store gated batch norms under plain keys (the gates are re-applied from the callback state after
+    the model is restored); a state dict taken from a live gated model has the parametrized keys.
+    """
+    modules = dict(model.named_modules())
+    for key in list(state_dict):
+        gate = _gate_key(key, state_dict)
+        if gate is not None:
+            module = modules.get(gate[0])
+            if module is not None and not parametrize.is_parametrized(module, gate[1]):
+                state_dict[_join(*gate)] = state_dict.pop(key)
+            continue
+        owner, _, tensor = key.rpartition(".")
+        module = modules.get(owner)
+        if module is not None and parametrize.is_parametrized(module, tensor):
+            if not isinstance(module.parametrizations[tensor][0], ChannelQuantizer):  # type: ignore[index]
+                state_dict[_join(owner, f"parametrizations.{tensor}.original")] = state_dict.pop(key)
 
 
 def resize_to_state_dict(model: nn.Module, state_dict: dict[str, Tensor]) -> list[str]:
     """Resize every tensor of ``model`` whose shape differs from ``state_dict`` (e.g. a checkpoint of a pruned model).
 
     Works for plain and parametrized (quantized) models; module attributes such as ``out_channels`` follow. The
-    values are not copied: call ``load_state_dict`` afterwards. Returns the resized keys.
+    values are not copied: call ``load_state_dict`` afterwards. Keys of batch-norm gates are first aligned with the
+    model (:func:`align_gate_keys`). Returns the resized keys.
     """
+    align_gate_keys(model, state_dict)
     resized: list[str] = []
     touched: set[nn.Module] = set()
     modules = dict(model.named_modules())

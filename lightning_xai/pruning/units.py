@@ -44,6 +44,7 @@ from lightning_xai.pruning.surgery import (
     resize_to_state_dict,
 )
 from lightning_xai.quantization.export import _atomic_save, read_tagged
+from lightning_xai.quantization.install import BN_TYPES
 
 __all__ = [
     "PrunableUnit",
@@ -79,7 +80,7 @@ class PrunableUnit:
         return {cut.name: cut.idxs for cut in self.channel_cuts[channel] if cut.kind == "in"}
 
 
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_BN = BN_TYPES
 
 
 def names_to(model: nn.Module, name: str) -> nn.Module:

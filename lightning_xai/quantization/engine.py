@@ -13,6 +13,7 @@ from lightning_xai.quantization.install import (
     QuantizedLayer,
     compile_pattern,
     install_quantizers,
+    prepare_batchnorm_gates,
     quantized_layers,
 )
 from lightning_xai.quantization.size import SizeReport, float_state_bytes, size_report
@@ -65,6 +66,9 @@ class SelfCompressor:
         self.model: nn.Module | None = None
         self.initial_weights = 0
         self.float_bytes = 0
+        self._layers: list[QuantizedLayer] | None = None
+        self._weights: Tensor | None = None
+        self._weights_key: tuple | None = None
 
     # -- installation ---------------------------------------------------------------------------------------
     def install(self, model: nn.Module) -> list[QuantizedLayer]:
@@ -73,6 +77,7 @@ class SelfCompressor:
         if fresh:
             self.float_bytes = float_state_bytes(model)
         layers = install_quantizers(model, self.include, self.exclude, self.init_bits)
+        prepare_batchnorm_gates(model)  # now, before a DDP wrapper exists; paired after the first forward
         if not layers:
             raise ValueError(
                 f"no layer matched: `include`={self.include!r}, `exclude`={self.exclude!r} select none of the "
@@ -81,13 +86,24 @@ class SelfCompressor:
         if fresh:
             self.initial_weights = sum(layer.original.numel() for layer in layers)
         self.model = model
+        self._layers = layers
+        self._weights_key = None
         return layers
 
     @property
     def layers(self) -> list[QuantizedLayer]:
+        """The quantized layers (cached: physical removal keeps the modules and their parametrizations; call
+        :meth:`refresh` after installing or removing quantizers by hand)."""
         if self.model is None:
             raise RuntimeError("SelfCompressor.install(model) has not been called")
-        return quantized_layers(self.model)
+        if self._layers is None:
+            self._layers = quantized_layers(self.model)
+        return self._layers
+
+    def refresh(self) -> None:
+        """Forget the cached layer list (after quantizers were installed or removed outside :meth:`install`)."""
+        self._layers = None
+        self._weights_key = None
 
     def quant_parameters(self) -> list[nn.Parameter]:
         """Every ``b`` and ``e`` (in layer order)."""
@@ -96,21 +112,32 @@ class SelfCompressor:
             params += [layer.quantizer.b, layer.quantizer.e]
         return params
 
+    def _channel_weights(self, layers: list[QuantizedLayer]) -> Tensor:
+        """``n_l / N0`` for every channel of ``layers``, concatenated like their ``b`` (one device tensor, rebuilt
+        only when a layer's shape changed, i.e. after a removal)."""
+        bits = [layer.quantizer.b for layer in layers]
+        key = tuple((int(b.shape[0]), _per_channel(layer), b.device, b.dtype) for b, layer in zip(bits, layers))
+        if key != self._weights_key or self._weights is None:
+            n0 = float(max(self.initial_weights, 1))
+            device, dtype = bits[0].device, bits[0].dtype
+            self._weights = torch.cat(
+                [torch.full((c,), per / n0, device=device, dtype=dtype) for c, per, _, _ in key]
+                or [torch.zeros(0, device=device, dtype=dtype)]
+            )
+            self._weights_key = key
+        return self._weights
+
     # -- objective ------------------------------------------------------------------------------------------
     def penalty(self) -> PenaltyTerms:
-        """``γ·Q + α·L1`` as differentiable tensors."""
+        """``γ·Q + α·L1`` as differentiable tensors (one concatenation over all layers, not a loop of small ops)."""
         layers = self.layers
-        n0 = max(self.initial_weights, 1)
-        device = layers[0].quantizer.b.device
-        q = torch.zeros((), device=device)
-        l1 = torch.zeros((), device=device)
-        for layer in layers:
-            per_channel = layer.original[0].numel() if layer.original.shape[0] else 0
-            q = q + layer.quantizer.b.clamp(min=0).sum() * per_channel
-            if self.alpha:
-                l1 = l1 + layer.original.abs().sum()
-        q = q / n0
-        l1 = l1 / n0
+        bits = [layer.quantizer.b for layer in layers]
+        q = (torch.cat(bits).clamp(min=0) * self._channel_weights(layers)).sum()
+        if self.alpha:
+            n0 = max(self.initial_weights, 1)
+            l1 = torch.stack([layer.original.abs().sum() for layer in layers]).sum() / n0
+        else:
+            l1 = torch.zeros((), device=q.device, dtype=q.dtype)
         return PenaltyTerms(q=q, l1=l1, total=self.gamma * q + self.alpha * l1)
 
     def add_penalty_gradients(self, scale: float = 1.0) -> None:
@@ -119,26 +146,23 @@ class SelfCompressor:
         Used by the callback, which cannot change the user's loss. The penalty depends on parameters only, so its
         gradient is exact without a second backward through the network (and DDP hooks are not triggered). It is
         the closed form of :meth:`penalty`'s gradient: ``∂Q/∂b_lc = n_l/N0 · [b_lc > 0]``,
-        ``∂L1/∂w = sign(w)/N0``; a test checks it against autograd.
+        ``∂L1/∂w = sign(w)/N0``; a test checks it against autograd. A handful of ops for the whole model (one
+        concatenation, one split, foreach updates), none of which reads a value back to the host.
         """
-        n0 = max(self.initial_weights, 1)
         with torch.no_grad():
-            for layer in self.layers:
-                b = layer.quantizer.b
-                if self.gamma and b.requires_grad:
-                    per_channel = layer.original[0].numel() if layer.original.shape[0] else 0
-                    g = (b > 0).to(b.dtype) * (scale * self.gamma * per_channel / n0)
-                    if b.grad is None:
-                        b.grad = g
-                    else:
-                        b.grad.add_(g)
-                w = layer.original
-                if self.alpha and w.requires_grad:
-                    g = torch.sign(w) * (scale * self.alpha / n0)
-                    if w.grad is None:
-                        w.grad = g
-                    else:
-                        w.grad.add_(g)
+            if self.gamma:
+                trained = [layer for layer in self.layers if layer.quantizer.b.requires_grad]
+                bits = [layer.quantizer.b for layer in trained]
+                if bits:
+                    flat = torch.cat(bits)
+                    grads = ((flat > 0) * self._channel_weights(trained)) * (scale * self.gamma)
+                    _add_grads(bits, list(grads.split([b.shape[0] for b in bits])))
+            if self.alpha:
+                weights = [layer.original for layer in self.layers if layer.original.requires_grad]
+                if weights:
+                    signs = torch._foreach_sign(weights)
+                    torch._foreach_mul_(signs, scale * self.alpha / max(self.initial_weights, 1))
+                    _add_grads(weights, signs)
 
     # -- reporting ------------------------------------------------------------------------------------------
     def size(self) -> SizeReport:
@@ -153,3 +177,18 @@ class SelfCompressor:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.initial_weights = int(state.get("initial_weights", self.initial_weights))
         self.float_bytes = int(state.get("float_bytes", self.float_bytes))
+
+
+def _per_channel(layer: QuantizedLayer) -> int:
+    original = layer.original
+    return int(original[0].numel()) if original.shape[0] else 0
+
+
+def _add_grads(params: list[Tensor], grads: list[Tensor]) -> None:
+    """``p.grad += g`` for every pair, as one foreach op over the parameters that already have a gradient."""
+    have = [(p, g) for p, g in zip(params, grads) if p.grad is not None]
+    if have:
+        torch._foreach_add_([p.grad for p, _ in have], [g for _, g in have])  # type: ignore[misc]
+    for p, g in zip(params, grads):
+        if p.grad is None:
+            p.grad = g.clone()

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from lightning_xai.quantization.quantizer import BiasGate, ChannelQuantizer
+from lightning_xai.quantization.quantizer import BatchNormGate, BiasGate, ChannelQuantizer
 
 __all__ = [
     "QuantizedLayer",
@@ -26,6 +26,9 @@ __all__ = [
     "BatchNormFollowerRecorder",
     "apply_batchnorm_gates",
     "gate_following_batchnorms",
+    "prepare_batchnorm_gates",
+    "is_batchnorm",
+    "BN_TYPES",
 ]
 
 QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Linear)
@@ -160,11 +163,19 @@ def remove_quantizers(model: nn.Module, bake: bool = True) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Batch-norm gating: a BN that directly follows a quantized layer gets its dead channels multiplied by zero, so a
-# 0-bit channel is zero after the normalisation as well (and can be removed exactly).
-_GATES: weakref.WeakKeyDictionary[nn.Module, tuple[ChannelQuantizer, torch.utils.hooks.RemovableHandle]] = (
+# Batch-norm gating: a BN that directly follows a quantized layer is gated with that layer's alive mask, so a 0-bit
+# channel is zero after the normalisation as well (and can be removed exactly). An affine BN gets the mask folded
+# into γ and β (a parametrization: channel-sized work, exact in train and eval mode); a BN without affine parameters
+# gets a forward hook that multiplies its output.
+_GATES: weakref.WeakKeyDictionary[nn.Module, tuple[ChannelQuantizer, torch.utils.hooks.RemovableHandle | None]] = (
     weakref.WeakKeyDictionary()
 )
+BN_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm,)  # BatchNorm1d/2d/3d, SyncBatchNorm
+
+
+def is_batchnorm(module: nn.Module) -> bool:
+    """Batch norms the library gates, slices and folds (``SyncBatchNorm`` included)."""
+    return isinstance(module, BN_TYPES)
 
 
 def _gate_hook(quantizer_ref: weakref.ref[ChannelQuantizer]):
@@ -172,21 +183,75 @@ def _gate_hook(quantizer_ref: weakref.ref[ChannelQuantizer]):
         q = quantizer_ref()
         if q is None or q.b.numel() != output.shape[1]:
             return output
-        mask = q.alive().to(output.dtype).reshape((1, -1) + (1,) * (output.dim() - 2))
+        mask = (q.b > 0).reshape((1, -1) + (1,) * (output.dim() - 2))
         return output * mask
 
     return hook
 
 
+def _affine(bn: nn.Module) -> bool:
+    return getattr(bn, "weight", None) is not None and getattr(bn, "bias", None) is not None
+
+
+def _remove_gate(bn: nn.Module, unregister: bool = False) -> None:
+    """Unpair ``bn``'s gates (and drop a hook); with ``unregister``, also remove the gate parametrizations."""
+    entry = _GATES.pop(bn, None)
+    if entry is not None and entry[1] is not None:
+        entry[1].remove()
+    for gate in _prepared_gates(bn):
+        gate.set_quantizer(None)
+    if unregister:
+        for name in ("weight", "bias"):
+            if parametrize.is_parametrized(bn, name) and isinstance(
+                bn.parametrizations[name][0],  # type: ignore[index]
+                BatchNormGate,
+            ):
+                parametrize.remove_parametrizations(bn, name, leave_parametrized=False)
+
+
+def prepare_batchnorm_gates(model: nn.Module) -> int:
+    """Register an unpaired (pass-through) :class:`BatchNormGate` on γ and β of every affine batch norm of ``model``
+    that has none yet; :func:`gate_batchnorm` pairs them later without re-registering anything. Returns how many batch
+    norms were prepared. Call it before a DDP wrapper is built."""
+    count = 0
+    for module in model.modules():
+        if is_batchnorm(module) and _affine(module) and not parametrize.is_parametrized(module):
+            for name in ("weight", "bias"):
+                parametrize.register_parametrization(module, name, BatchNormGate(None))
+            count += 1
+    return count
+
+
+def _prepared_gates(bn: nn.Module) -> list[BatchNormGate]:
+    gates = []
+    for name in ("weight", "bias"):
+        if parametrize.is_parametrized(bn, name):
+            first = bn.parametrizations[name][0]  # type: ignore[index]
+            if isinstance(first, BatchNormGate):
+                gates.append(first)
+    return gates
+
+
 def gate_batchnorm(bn: nn.Module, quantizer: ChannelQuantizer) -> None:
-    """Zero the outputs of ``bn`` on the channels where ``quantizer`` has 0 bits (idempotent)."""
+    """Zero the outputs of ``bn`` on the channels where ``quantizer`` has 0 bits (idempotent).
+
+    An affine batch norm gets the mask folded into γ and β (pairing prepared gates, or registering new ones); one
+    without affine parameters gets a forward hook on its output."""
     if bn in _GATES:
-        old_q, handle = _GATES[bn]
-        if old_q is quantizer:
+        if _GATES[bn][0] is quantizer:
             return
-        handle.remove()
-    handle = bn.register_forward_hook(_gate_hook(weakref.ref(quantizer)))
-    _GATES[bn] = (quantizer, handle)
+        _remove_gate(bn)
+    gates = _prepared_gates(bn)
+    if not gates and _affine(bn) and not parametrize.is_parametrized(bn):
+        for name in ("weight", "bias"):
+            parametrize.register_parametrization(bn, name, BatchNormGate(None))
+        gates = _prepared_gates(bn)
+    if gates:
+        for gate in gates:
+            gate.set_quantizer(quantizer)
+        _GATES[bn] = (quantizer, None)
+    else:
+        _GATES[bn] = (quantizer, bn.register_forward_hook(_gate_hook(weakref.ref(quantizer))))
 
 
 def batchnorm_gates(model: nn.Module) -> Iterator[tuple[str, nn.Module, ChannelQuantizer]]:
@@ -197,11 +262,10 @@ def batchnorm_gates(model: nn.Module) -> Iterator[tuple[str, nn.Module, ChannelQ
 
 
 def clear_batchnorm_gates(model: nn.Module) -> None:
-    """Remove every batch-norm gate inside ``model``."""
-    for module in model.modules():
-        entry = _GATES.pop(module, None)
-        if entry is not None:
-            entry[1].remove()
+    """Remove every batch-norm gate inside ``model``, prepared ones included (γ and β keep their own values)."""
+    for module in list(model.modules()):
+        if is_batchnorm(module):
+            _remove_gate(module, unregister=True)
 
 
 class BatchNormFollowerRecorder:
@@ -232,7 +296,7 @@ class BatchNormFollowerRecorder:
 
             self._handles.append(layer.module.register_forward_hook(record))
         for module in self.model.modules():
-            if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            if is_batchnorm(module):
 
                 def consume(module: nn.Module, args: tuple, _bn: str = names[module]) -> None:
                     hit = self._outputs.get(id(args[0])) if args else None

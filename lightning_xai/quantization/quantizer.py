@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from lightning_xai.quantization.ste import quantize
 
-__all__ = ["ChannelQuantizer", "BiasGate", "initial_exponent"]
+__all__ = ["ChannelQuantizer", "BiasGate", "BatchNormGate", "initial_exponent"]
 
 
 def initial_exponent(weight: Tensor, bits: float) -> Tensor:
@@ -48,11 +48,30 @@ class ChannelQuantizer(nn.Module):
     def __init__(self, weight: Tensor, init_bits: float = 8.0) -> None:
         super().__init__()
         channels = weight.shape[0]
-        self.b = nn.Parameter(torch.full((channels,), float(init_bits), dtype=weight.dtype, device=weight.device))
-        self.e = nn.Parameter(initial_exponent(weight, init_bits).to(weight.device))
+        dtype = torch.promote_types(weight.dtype, torch.float32)  # b/e stay float32 under half precision
+        self.b = nn.Parameter(torch.full((channels,), float(init_bits), dtype=dtype, device=weight.device))
+        self.e = nn.Parameter(initial_exponent(weight.to(dtype), init_bits))
 
     def forward(self, weight: Tensor) -> Tensor:
         return quantize(weight, self.b, self.e)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        """Device moves apply to ``b``/``e``; dtype casts to a lower precision do not: under
+        ``precision="16-true"/"bf16-true"`` (``module.half()``), 7.3 bits must not become 7.3125, and Adam steps of
+        0.5·lr must not vanish. (Lightning converts the whole module; this keeps its quantizer parameters float32.)"""
+
+        def keep_precision(t: Tensor) -> Tensor:
+            out = fn(t)
+            if (
+                isinstance(out, Tensor)
+                and t.is_floating_point()
+                and out.is_floating_point()
+                and torch.finfo(out.dtype).bits < torch.finfo(t.dtype).bits
+            ):
+                return t.to(device=out.device)
+            return out
+
+        return super()._apply(keep_precision, recurse)
 
     def alive(self) -> Tensor:
         """Boolean mask of channels with a positive bit depth (the others output exactly zero)."""
@@ -66,28 +85,37 @@ class BiasGate(nn.Module):
     """Multiplies the bias by the alive mask of the weight's quantizer, so a 0-bit channel outputs exactly zero.
 
     The quantizer is held through a weak reference (not a submodule), so ``b``/``e`` are not registered twice and
-    deep copies keep the pairing.
+    deep copies keep the pairing. A gate without a quantizer (``None``) passes its tensor through unchanged.
     """
 
-    def __init__(self, quantizer: ChannelQuantizer) -> None:
+    def __init__(self, quantizer: ChannelQuantizer | None) -> None:
         super().__init__()
-        self._quantizer_ref = weakref.ref(quantizer)
+        self.set_quantizer(quantizer)
+
+    def set_quantizer(self, quantizer: ChannelQuantizer | None) -> None:
+        """Pair the gate with ``quantizer`` (or unpair it with ``None``); no tensor of the model changes."""
+        self._quantizer_ref = None if quantizer is None else weakref.ref(quantizer)
 
     @property
-    def quantizer(self) -> ChannelQuantizer:
+    def quantizer(self) -> ChannelQuantizer | None:
+        if self._quantizer_ref is None:
+            return None
         q = self._quantizer_ref()
         if q is None:  # pragma: no cover - only if the weight parametrization was dropped by hand
-            raise RuntimeError("BiasGate lost its ChannelQuantizer; reinstall the quantizers")
+            raise RuntimeError(f"{type(self).__name__} lost its ChannelQuantizer; reinstall the quantizers")
         return q
 
-    def forward(self, bias: Tensor) -> Tensor:
-        return bias * self.quantizer.alive().to(bias.dtype)
+    def forward(self, tensor: Tensor) -> Tensor:
+        q = self.quantizer
+        if q is None or q.b.shape[0] != tensor.shape[0]:
+            return tensor
+        return tensor * (q.b > 0)  # a bool factor: no gradient into b, dtype of ``tensor``
 
     def __deepcopy__(self, memo: dict) -> BiasGate:
         import copy
 
-        quantizer = copy.deepcopy(self.quantizer, memo)
-        new = BiasGate(quantizer)
+        quantizer = self.quantizer
+        new = type(self)(None if quantizer is None else copy.deepcopy(quantizer, memo))
         new.train(self.training)
         return new
 
@@ -99,4 +127,17 @@ class BiasGate(nn.Module):
     def __setstate__(self, state: dict) -> None:
         q = state.pop("_quantizer_ref")
         self.__dict__.update(state)
-        self._quantizer_ref = weakref.ref(q)
+        self.set_quantizer(q)
+
+
+class BatchNormGate(BiasGate):
+    """Multiplies a batch norm's ``weight`` (γ) or ``bias`` (β) by the alive mask of the quantizer whose layer feeds
+    it, so a 0-bit channel stays exactly zero after the normalisation: with γ = β = 0 the output is 0 in eval mode
+    and in train mode (the channel's input is all zeros, so its batch mean and variance are 0 too). Folding the gate
+    into γ/β costs a channel-sized multiply instead of an activation-sized one.
+
+    ``SelfCompression`` registers these gates unpaired (pass-through) on every affine batch norm in ``setup``, before
+    DDP wraps the model (registering a parametrization later re-seats the parameter, which DDP's gradient hooks do
+    not survive), and pairs them with their producer's quantizer once the first training forward shows who feeds
+    whom.
+    """

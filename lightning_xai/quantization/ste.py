@@ -48,37 +48,51 @@ def quantize_to_int(weight: Tensor, b: Tensor, e: Tensor) -> tuple[Tensor, Tenso
     return r, s
 
 
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """Per-output-channel dot products ``Σ_i a[c, i]·b[c, i]`` in one pass without a temporary (a batched matmul):
+    on the CPU a fresh weight-sized temporary costs more than the arithmetic (page faults)."""
+    c = a.shape[0]
+    return torch.bmm(a.reshape(c, 1, -1), b.reshape(c, -1, 1)).view(c)
+
+
 class _QuantizeSTE(torch.autograd.Function):
+    """Forward ``s·round(clamp(w, lo·s, hi·s)/s)`` (= ``s·round(clamp(w/s, lo, hi))``: ``s`` is a power of two, so the
+    scaling is exact): one weight-sized allocation and 4 passes. The backward allocates two weight-sized tensors (its
+    mask and the weight gradient) and reduces with batched dot products; nothing reads a value back to the host.
+    Every tensor follows ``weight``/``b``; ``b``/``e`` may be float32 while ``weight`` is half precision (``*-true``
+    precision): the arithmetic runs in the promoted dtype and the result is cast back to ``weight``'s dtype (exact for
+    the bit depths a half-precision mantissa holds)."""
+
     @staticmethod
     def forward(ctx, weight: Tensor, b: Tensor, e: Tensor) -> Tensor:  # type: ignore[override]
         shape = (-1,) + (1,) * (weight.dim() - 1)
+        alive = b > 0
         s = torch.exp2(e)
-        half = torch.exp2(b.clamp(min=0.0) - 1.0)
-        se = s.reshape(shape)
-        lo, hi = (-half).reshape(shape), (half - 1.0).reshape(shape)
-        u = weight / se
-        r = torch.round(torch.clamp(u, lo, hi)).add_(0.0)  # +0.0 turns the -0.0 of a 0-bit channel into +0.0
-        out = se * r
-        ctx.save_for_backward(weight, b, u, out, lo, hi, s, half)
-        return out
+        hs = torch.exp2(b.clamp(min=0.0) - 1.0) * s  # the range in weight units: [-half·s, (half-1)·s]
+        # a 0-bit channel gets the range [0, 0], so its codes are +0 (the formula's [-0.5, -0.5] rounds to -0)
+        lo, hi = torch.where(alive, -hs, 0.0).view(shape), torch.where(alive, hs - s, 0.0).view(shape)
+        sv = s.view(shape)
+        out = torch.clamp(weight, lo, hi).div_(sv).round_().mul_(sv)
+        ctx.save_for_backward(weight, out, lo, hi, hs, alive)
+        return out if out.dtype == weight.dtype else out.to(weight.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        weight, b, u, out, lo, hi, s, half = ctx.saved_tensors
-        above = u > hi
-        below = u < lo
-        inside = ~(above | below)
-        reduce_dims = tuple(range(1, weight.dim()))
-        grad_w = grad * inside if ctx.needs_input_grad[0] else None
+        weight, out, lo, hi, hs, alive = ctx.saved_tensors
+        if grad.dtype != out.dtype:
+            grad = grad.to(out.dtype)
+        d = torch.clamp(weight, lo, hi).sub_(weight)  # < 0 above the range, > 0 below, 0 inside
+        grad_in = torch.where(d == 0, grad, 0.0)
+        grad_w = grad_in.to(weight.dtype) if ctx.needs_input_grad[0] else None
         grad_b = grad_e = None
-        if ctx.needs_input_grad[2]:
-            contrib = torch.where(inside, out - weight, out)
-            gc = grad * contrib
-            grad_e = LN2 * (gc.sum(dim=reduce_dims) if reduce_dims else gc)
-        if ctx.needs_input_grad[1]:
-            gs = torch.where(above, grad, torch.where(below, -grad, torch.zeros((), dtype=grad.dtype)))
-            g = gs.sum(dim=reduce_dims) if reduce_dims else gs
-            grad_b = g * (LN2 * s * half * (b > 0).to(grad.dtype))
+        rows = weight.dim() > 1
+        if ctx.needs_input_grad[2]:  # ln2·Σ g·(q − w·[inside])
+            ge = _rowdot(grad, out) - _rowdot(grad_in, weight) if rows else grad * out - grad_in * weight
+            grad_e = ge * LN2
+        if ctx.needs_input_grad[1]:  # ln2·s·2^(b−1)·Σ g·(+1 above, −1 below), 0 for b ≤ 0
+            d.sign_()
+            gs = _rowdot(grad, d) if rows else grad * d
+            grad_b = gs * (hs * alive) * -LN2
         return grad_w, grad_b, grad_e
 
 
