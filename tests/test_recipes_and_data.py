@@ -86,7 +86,8 @@ def test_vision_offline_error_names_data_dir(tmp_path, monkeypatch):
         (lambda: DigitsDataModule(test_fraction=0.9), r"`test_fraction` must be <= 0.5, got 0.9"),
         (
             lambda: build_model("vgg", (1, 8, 8)),
-            r"`model` must be one of \['lenet', 'mlp', 'resnet', 'char_transformer', 'lenet300100', 'lenet5caffe'\], got 'vgg'",
+            r"`model` must be one of \['lenet', 'mlp', 'resnet', 'char_transformer', 'lenet300100', 'lenet5caffe'\], "
+            r"got 'vgg'",
         ),
         (lambda: build_model("lenet", (64,)), r"`model`='lenet' needs image inputs"),
     ],

@@ -57,7 +57,7 @@ def paired_t_test(before: Tensor, after: Tensor) -> tuple[Tensor, Tensor]:
     mean = d.mean(-1)
     sd = d.std(-1, unbiased=True)
     t = mean / (sd / np.sqrt(n))
-    p = torch.from_numpy(2.0 * stats.t.sf(np.abs(t.numpy()), df=n - 1))
+    p = torch.from_numpy(2.0 * stats.t.sf(np.abs(t.cpu().numpy()), df=n - 1)).to(t.device)  # scipy: host
     undefined = sd == 0
     p = torch.where(undefined & (mean == 0), torch.ones_like(p), p)
     p = torch.where(undefined & (mean != 0), torch.zeros_like(p), p)  # a constant non-zero shift is certain
@@ -67,13 +67,14 @@ def paired_t_test(before: Tensor, after: Tensor) -> tuple[Tensor, Tensor]:
 def _per_class_paired_p(d: Tensor, labels: Tensor, classes: list[int]) -> Tensor:
     """p-values of :func:`paired_t_test` for every row of ``d`` (N, M) and every class, in one vectorised pass
     (two-pass variance, so a large constant shift with tiny noise is not lost to cancellation)."""
-    onehot = (labels[:, None] == torch.tensor(classes)[None, :]).double()  # (M, C)
+    onehot = (labels[:, None] == torch.tensor(classes, device=labels.device)[None, :]).to(d.dtype)  # (M, C)
     n = onehot.sum(0)  # (C,)
     mean = (d @ onehot) / n  # (N, C)
     centred = d - mean @ onehot.T  # each sample minus its class mean
     sd = ((centred**2) @ onehot / (n - 1)).sqrt()
     t = mean / (sd / n.sqrt())
-    p = torch.from_numpy(2.0 * stats.t.sf(np.abs(t.numpy()), df=(n - 1).numpy()[None, :]))
+    df = (n - 1).cpu().numpy()[None, :]
+    p = torch.from_numpy(2.0 * stats.t.sf(np.abs(t.cpu().numpy()), df=df)).to(t.device)  # scipy: one host transfer
     undefined = sd == 0
     p = torch.where(undefined & (mean == 0), torch.ones_like(p), p)
     return torch.where(undefined & (mean != 0), torch.zeros_like(p), p)
@@ -129,7 +130,7 @@ def classify_neurons(
     significant = p_values < alpha
     xi = global_causal_effect(sigma.expand_as(sigma_star), sigma_star)
     any_sig = significant.any(dim=1)
-    category = torch.full((sigma_star.shape[0],), NEUTRAL, dtype=torch.int64)
+    category = torch.full((sigma_star.shape[0],), NEUTRAL, dtype=torch.int64, device=sigma_star.device)
     category[any_sig & (xi < 0)] = CRITICAL
     category[any_sig & (xi > 0)] = DETRIMENTAL
     return NeuronVerdicts(category, xi, significant, p_values, classes)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_xai.evaluation import model_device
 from lightning_xai.preservation.scores import model_state_guard
 
 __all__ = [
@@ -112,7 +113,8 @@ class _ActivationScorer:
         missing = [n for n in names if n not in modules]
         if missing:
             raise ValueError(f"`layers` names modules that `model` does not have: {missing[:5]}")
-        totals = torch.zeros(len(names), dtype=torch.float64)
+        device = model_device(model)  # totals live with the model: NCCL reduces device tensors only
+        totals = torch.zeros(len(names), dtype=torch.float64, device=device)
         samples = 0
         captured: list[tuple[int, Tensor]] = []
         handles = []
@@ -141,14 +143,15 @@ class _ActivationScorer:
                         grads = torch.autograd.grad(loss, [t for _, t in captured], allow_unused=True)
                     for (i, act), grad in zip(captured, grads):
                         if grad is not None:
-                            totals[i] += float(self._reduce(grad.detach().double(), act.detach().double()))
+                            totals[i] += self._reduce(grad.detach().double(), act.detach().double())
                     samples += n
                     captured.clear()
             finally:
                 for h in handles:
                     h.remove()
                 captured.clear()
-        reduced = _all_reduce(torch.cat([totals, torch.tensor([float(samples)], dtype=torch.float64)]))
+        count = torch.tensor([float(samples)], dtype=torch.float64, device=device)
+        reduced = _all_reduce(torch.cat([totals, count])).cpu()  # one host transfer, after the reduction
         if reduced[-1] <= 0:
             raise ValueError("`batches` yielded no samples to score")
         values = reduced[:-1] / reduced[-1]

@@ -269,8 +269,9 @@ def canonized(model: nn.Module, gm: torch.fx.GraphModule | None = None) -> Itera
                         },
                     )
                 )
-                var = bn.running_var if bn.running_var is not None else torch.ones(bn.num_features)
-                mean = bn.running_mean if bn.running_mean is not None else torch.zeros(bn.num_features)
+                like = layer.weight  # statistics a batch norm does not track default to identity, on its device
+                var = bn.running_var if bn.running_var is not None else like.new_ones(bn.num_features)
+                mean = bn.running_mean if bn.running_mean is not None else like.new_zeros(bn.num_features)
                 gamma = bn.weight if bn.weight is not None else torch.ones_like(var)
                 beta = bn.bias if bn.bias is not None else torch.zeros_like(var)
                 scale = gamma / torch.sqrt(var + bn.eps)
@@ -457,8 +458,8 @@ def _propagate(gm, modules, nodes, kinds, x, target, composite, eps_pool, output
             give(src, r_in)
         elif kind == "add":
             a, b = node.args[0], node.args[1]
-            va = env[a] if isinstance(a, torch.fx.Node) else torch.as_tensor(a)
-            vb = env[b] if isinstance(b, torch.fx.Node) else torch.as_tensor(b)
+            va = env[a] if isinstance(a, torch.fx.Node) else torch.as_tensor(a, device=r.device, dtype=r.dtype)
+            vb = env[b] if isinstance(b, torch.fx.Node) else torch.as_tensor(b, device=r.device, dtype=r.dtype)
             s = r / _stabilize(va + vb, eps_pool)
             give(a, va * s)
             give(b, vb * s)

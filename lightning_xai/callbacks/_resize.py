@@ -8,6 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import nn
 
+from lightning_xai.callbacks._checks import refuse_sharded_strategies
 from lightning_xai.pruning.surgery import resize_to_state_dict
 
 __all__ = ["ResizeOnLoad"]
@@ -25,6 +26,7 @@ class ResizeOnLoad(pl.Callback):
     _resize_handle: Any = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        refuse_sharded_strategies(trainer, type(self).__name__)
         if self._resize_handle is None:
             self._resize_handle = pl_module.register_load_state_dict_pre_hook(_resize_hook)
 

@@ -233,9 +233,11 @@ class CSWAPPruning(ResizeOnLoad):
             f"({result['params_ratio']:.3f}), val accuracy {acc_before:.4f} -> {acc_after:.4f}, "
             f"latency ratio {result['latency_ratio']:.3f}"
         )
-        if self.export_path is not None and trainer.is_global_zero:
-            save_pruned(pl_module, self.export_path, plan)
-            rank_zero_info(f"CSWAPPruning: pruned model written to {self.export_path}")
+        if self.export_path is not None:
+            if trainer.is_global_zero:
+                save_pruned(pl_module, self.export_path, plan)
+                rank_zero_info(f"CSWAPPruning: pruned model written to {self.export_path}")
+            trainer.strategy.barrier("lightning_xai.export")
 
     # -- checkpointing --------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

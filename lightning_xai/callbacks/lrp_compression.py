@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_xai._validation import validate_number
 from lightning_xai.attribution.lrp import Composite, Epsilon, weight_relevance
+from lightning_xai.callbacks._checks import refuse_sharded_strategies
 from lightning_xai.callbacks._data import dataset_tensors, from_rank_zero, split_dataset
 from lightning_xai.evaluation import accuracy
 from lightning_xai.logging import flush, log_histogram, log_scalars, log_text
@@ -81,6 +82,9 @@ class LRPCompression(pl.Callback):
         self.result: dict[str, Any] = {}
         self.done = False
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        refuse_sharded_strategies(trainer, "LRPCompression")
+
     @property
     def state_key(self) -> str:
         return self._generate_state_key(prune=str(self.prune), bits=self.bits)
@@ -103,10 +107,12 @@ class LRPCompression(pl.Callback):
         flush(trainer)
 
     def _compress(self, trainer, pl_module, x, y, vx, vy) -> None:
-        relevance = weight_relevance(pl_module, x, y, self.composite, self.output, self.batch_size)
-        plans = from_rank_zero(
-            trainer, {name: relevance_plan(r, self.prune, self.bits) for name, r in relevance.items()}
-        )
+        relevance: dict[str, torch.Tensor] = {}
+        plans = None
+        if trainer.is_global_zero:  # the analysis runs once; every rank applies rank 0's plans
+            relevance = weight_relevance(pl_module, x, y, self.composite, self.output, self.batch_size)
+            plans = {name: relevance_plan(r, self.prune, self.bits) for name, r in relevance.items()}
+        plans = from_rank_zero(trainer, plans)
         float_bytes = sum(v.numel() * v.element_size() for v in pl_module.state_dict().values())
         acc_before = accuracy(pl_module, vx, vy, self.batch_size)
         size_after = packed_size(pl_module, plans)
@@ -118,6 +124,8 @@ class LRPCompression(pl.Callback):
                 restore_weights(pl_module, saved)  # export from the original weights (same codes, exact scales)
                 exported = export_mixed(pl_module, plans, self.export_path)
                 apply_weight_plans(pl_module, plans)
+            if self.export_path is not None:
+                trainer.strategy.barrier("lightning_xai.export")
         except BaseException:
             restore_weights(pl_module, saved)
             raise
@@ -148,7 +156,8 @@ class LRPCompression(pl.Callback):
         for name, info in per_layer.items():
             scalars[f"compression/lrp/pruned/{name}"] = info["pruned"]
             scalars[f"compression/lrp/bits/{name}"] = info["mean_bits"]
-            log_histogram(trainer, f"compression/lrp/relevance/{name}", relevance[name].flatten(), step)
+            if name in relevance:  # rank 0
+                log_histogram(trainer, f"compression/lrp/relevance/{name}", relevance[name].flatten(), step)
         log_scalars(trainer, scalars, step)
         lines = ["| layer | weights | pruned | mean bits |", "|---|---|---|---|"]
         lines += [f"| {n} | {i['weights']} | {i['pruned']:.3f} | {i['mean_bits']:.2f} |" for n, i in per_layer.items()]

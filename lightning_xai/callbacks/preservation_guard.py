@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_xai._validation import validate_number
+from lightning_xai.callbacks._checks import refuse_sharded_strategies
 from lightning_xai.callbacks._data import dataset_inputs, dataset_labels, from_rank_zero, split_dataset
 from lightning_xai.evaluation import accuracy
 from lightning_xai.figures import gradcam_figure
@@ -217,6 +218,9 @@ class PreservationGuard(Callback):
         }
 
     # -- hooks ------------------------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        refuse_sharded_strategies(trainer, "PreservationGuard")
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.build_at_step == 0 or (self.indices is not None and trainer.global_step >= self.build_at_step):
             self._build(trainer, pl_module)

@@ -13,11 +13,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_xai._validation import validate_number
+from lightning_xai.callbacks._checks import refuse_sharded_strategies
+from lightning_xai.callbacks._data import from_rank_zero
 from lightning_xai.callbacks._resize import _resize_hook
 from lightning_xai.figures import bits_heatmap_figure
 from lightning_xai.logging import flush, log_figure, log_histogram, log_scalars, log_text, tensorboard_writers
 from lightning_xai.mixin import CompressionMixin
-from lightning_xai.pruning.surgery import plain_gate_keys, remove_dead_channels
+from lightning_xai.pruning.surgery import apply_cuts, plain_gate_keys, remove_dead_channels
 from lightning_xai.quantization.engine import SelfCompressor
 from lightning_xai.quantization.export import export_compressed
 from lightning_xai.quantization.install import BatchNormFollowerRecorder, apply_batchnorm_gates
@@ -122,6 +124,7 @@ class SelfCompression(Callback):
 
     # -- set-up ---------------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        refuse_sharded_strategies(trainer, "SelfCompression")
         self.compressor.install(pl_module)
         if isinstance(pl_module, CompressionMixin):
             pl_module._lxai_compressor = self.compressor
@@ -278,8 +281,10 @@ class SelfCompression(Callback):
         if self._example_inputs is not None:
             return self._example_inputs
         example = getattr(pl_module, "example_input_array", None)
-        if example is not None:
-            return example
+        if example is not None:  # kept on the CPU by Lightning: move it to the model
+            from lightning.fabric.utilities.apply_func import move_data_to_device
+
+            return move_data_to_device(example, pl_module.device)
         return None
 
     def _remove(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -299,7 +304,15 @@ class SelfCompression(Callback):
         for cb in listeners:
             for name, idxs in cb.protected_channels().items():
                 protect.setdefault(name, set()).update(idxs)
-        report = remove_dead_channels(pl_module, inputs, optimizers, protect=protect)
+        if trainer.world_size > 1:  # rank 0 decides (on its inputs); every rank applies exactly its cuts
+            report = (
+                remove_dead_channels(pl_module, inputs, optimizers, protect=protect) if trainer.is_global_zero else None
+            )
+            report = from_rank_zero(trainer, report)
+            if not trainer.is_global_zero and report.cuts:
+                apply_cuts(pl_module, report.cuts, optimizers)
+        else:
+            report = remove_dead_channels(pl_module, inputs, optimizers, protect=protect)
         for cb in listeners:
             cb.channels_removed(report)
         removed = sum(report.removed.values())
@@ -339,9 +352,13 @@ class SelfCompression(Callback):
             self._remove(trainer, pl_module)
         metrics = self.log_state(trainer, trainer.global_step, figure=True)
         log_text(trainer, "compression/summary", self._summary(metrics), trainer.global_step)
-        if self.export_path is not None and trainer.is_global_zero:
-            self.exported_bytes = export_compressed(pl_module, self.export_path)
-            rank_zero_info(f"SelfCompression: packed model written to {self.export_path} ({self.exported_bytes} bytes)")
+        if self.export_path is not None:
+            if trainer.is_global_zero:
+                self.exported_bytes = export_compressed(pl_module, self.export_path)
+                rank_zero_info(
+                    f"SelfCompression: packed model written to {self.export_path} ({self.exported_bytes} bytes)"
+                )
+            trainer.strategy.barrier("lightning_xai.export")  # no rank goes on before the file is complete
         flush(trainer)
 
     def _summary(self, metrics: dict[str, float]) -> str:

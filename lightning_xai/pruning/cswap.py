@@ -37,6 +37,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_xai._datasets import dataset_inputs, dataset_labels
 from lightning_xai._validation import validate_number
 from lightning_xai.attribution.causal import (
     CATEGORY_NAMES,
@@ -402,14 +403,13 @@ def class_balanced_samples(dataset: Any, per_class: int, seed: int = 0) -> tuple
         [0, 0, 1, 1]
     """
     validate_number("per_class", per_class, low=2, integer=True)
-    labels = torch.as_tensor([int(dataset[i][1]) for i in range(len(dataset))])
+    labels = dataset_labels(dataset)  # chosen by index on the CPU; only the chosen inputs are read
     gen = torch.Generator().manual_seed(seed)
     chosen: list[int] = []
     for k in sorted(set(labels.tolist())):
         idx = torch.nonzero(labels == k).flatten()
         chosen += idx[torch.randperm(idx.numel(), generator=gen)[:per_class]].sort().values.tolist()
-    xs = torch.stack([torch.as_tensor(dataset[i][0]) for i in chosen])
-    return xs, labels[chosen]
+    return dataset_inputs(dataset, chosen), labels[chosen]
 
 
 def _check_inputs(units: Sequence[PrunableUnit], inputs: Tensor, labels: Tensor, alpha: float) -> None:
@@ -602,7 +602,8 @@ def _partial_cut_scores(
 
         def hook(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
             shape = [-1] if isinstance(module, nn.Linear) else [1, -1] + [1] * (out.dim() - 2)
-            return out - channel_contribution(module, args[0], idx) * keep_rows.to(out.dtype).reshape(shape)
+            mask = keep_rows.to(device=out.device, dtype=out.dtype).reshape(shape)
+            return out - channel_contribution(module, args[0], idx) * mask
 
         return hook
 

@@ -212,6 +212,7 @@ class RemovalReport:
     removed: dict[str, int] = field(default_factory=dict)  # layer -> output channels removed
     removed_idxs: dict[str, list[int]] = field(default_factory=dict)  # any sliced layer -> removed output indices
     rejected: dict[str, str] = field(default_factory=dict)  # layer -> reason the dead channels stayed
+    cuts: list[ChannelCut] = field(default_factory=list)  # what was applied (to replay it on other ranks)
     params_before: int = 0
     params_after: int = 0
     max_abs_diff: float = 0.0
@@ -492,6 +493,7 @@ def remove_dead_channels(
         report.removed[name] = report.removed.get(name, 0) + count
     for name, cuts, _ in planned:
         if name in report.removed:
+            report.cuts.extend(cuts)
             for cut in cuts:
                 if cut.kind == "out":
                     merged = set(report.removed_idxs.get(cut.name, [])) | set(cut.idxs)

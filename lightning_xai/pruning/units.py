@@ -144,8 +144,9 @@ def find_units(
                 {c.name for c in cuts if c.kind == "out" and not isinstance(names_to(model, c.name), _BN)}
             )
             consumers = sorted({c.name for c in cuts if c.kind == "in"}, key=lambda n: order.get(n, 1 << 30))
-            magnitude = torch.zeros(size, dtype=torch.float64)
-            counts = torch.zeros(size, dtype=torch.float64)
+            device = _get(root, "weight").device  # type: ignore[union-attr]
+            magnitude = torch.zeros(size, dtype=torch.float64, device=device)
+            counts = torch.zeros(size, dtype=torch.float64, device=device)
             for ch, chan_cuts in enumerate(channel_cuts):
                 for cut in chan_cuts:
                     module = names_to(model, cut.name)
@@ -165,7 +166,7 @@ def find_units(
                     producers=producers,
                     consumers=consumers,
                     channel_cuts=channel_cuts,
-                    magnitude=(magnitude / counts.clamp_min(1)).float(),
+                    magnitude=(magnitude / counts.clamp_min(1)).float().cpu(),  # ordering data: host
                     group_importance=_IMPORTANCE(group).detach().float().cpu(),
                 )
             )
@@ -196,6 +197,8 @@ class ChannelMasker:
         self._masks: dict[str, Tensor | None] = {}
         self._idx_cache: dict[tuple[int, int], dict[str, Tensor]] = {}
         self._consumers = sorted({n for u in self.units for n in u.consumers})
+        # index tensors are built once, on the device of the model's parameters (not moved per forward)
+        self._device = next((p.device for p in model.parameters()), torch.device("cpu"))
 
     # -- state
     def remove(self, unit: int, channels: Sequence[int]) -> None:
@@ -227,7 +230,8 @@ class ChannelMasker:
         key = (unit, channel)
         if key not in self._idx_cache:
             self._idx_cache[key] = {
-                n: torch.tensor(idxs, dtype=torch.long) for n, idxs in self.units[unit].consumer_inputs(channel).items()
+                n: torch.tensor(idxs, dtype=torch.long, device=self._device)
+                for n, idxs in self.units[unit].consumer_inputs(channel).items()
             }
         return self._idx_cache[key].get(name)
 

@@ -156,8 +156,15 @@ def apply_weight_plans(model: nn.Module, plans: Mapping[str, WeightPlan]) -> dic
         for name, plan in plans.items():
             w = modules[name].weight
             saved[name] = w.detach().clone()
-            w.copy_(quantize_tensor(w.detach(), plan))
+            w.copy_(quantize_tensor(w.detach(), _on(plan, w.device)))
     return saved
+
+
+def _on(plan: WeightPlan, device: torch.device) -> WeightPlan:
+    """``plan`` with its masks on ``device`` (plans are broadcast between ranks as CPU objects)."""
+    if plan.keep.device == device:
+        return plan
+    return WeightPlan(plan.keep.to(device), plan.high.to(device), plan.high_bits, plan.low_bits)
 
 
 def restore_weights(model: nn.Module, saved: Mapping[str, Tensor]) -> None:
@@ -176,8 +183,9 @@ def _bits_to_bytes(bits: np.ndarray) -> np.ndarray:
 
 
 def _layer_tensors(w: Tensor, plan: WeightPlan) -> tuple[dict[str, Tensor], dict]:
-    keep = plan.keep.flatten()
-    high_all = plan.high.flatten()
+    """The packed tensors of one layer (built on the CPU: the file is written from the host)."""
+    keep = plan.keep.flatten().cpu()
+    high_all = plan.high.flatten().cpu()
     tensors: dict[str, Tensor] = {}
     meta = {"shape": list(w.shape), "high_bits": plan.high_bits, "low_bits": plan.low_bits}
     meta["has_keep"] = not bool(keep.all())
