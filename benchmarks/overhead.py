@@ -92,10 +92,10 @@ class StepProbe(pl.Callback):
             }
             counter = stack.enter_context(OpCounter(steps))
             self.shared.setdefault("counters", []).append(counter)
+        _sync(pl_module)  # the explicit synchronisations of the measurement stay outside the debug mode
         if self.sync_debug:
             torch.cuda.set_sync_debug_mode("error")
             stack.callback(torch.cuda.set_sync_debug_mode, "default")
-        _sync(pl_module)
         self.shared["t0"] = time.perf_counter()
         self.shared["stack"] = stack
 

@@ -332,10 +332,8 @@ def apply_cuts(
         old = getattr(owner, attr)
         keeps: list[tuple[int, Tensor]] = []
         for dim in sorted(dims):
-            size = old.shape[dim]
-            keep_mask = torch.ones(size, dtype=torch.bool)
-            keep_mask[[i for i in dims[dim] if i < size]] = False
-            keeps.append((dim, torch.nonzero(keep_mask).flatten().to(old.device)))
+            kept = [i for i in range(old.shape[dim]) if i not in dims[dim]]  # host bookkeeping, one transfer
+            keeps.append((dim, torch.tensor(kept, dtype=torch.long, device=old.device)))
         edit = _Edit(owner, attr, old, old, keeps)
         edit.new = _set_tensor(owner, attr, edit.slice(old.detach()), old)
         edits.append(edit)

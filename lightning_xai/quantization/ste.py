@@ -79,15 +79,16 @@ class _QuantizeSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         weight, out, lo, hi, hs, alive = ctx.saved_tensors
+        w = weight if weight.dtype == out.dtype else weight.to(out.dtype)  # half weights: compute in b/e's dtype
         if grad.dtype != out.dtype:
             grad = grad.to(out.dtype)
-        d = torch.clamp(weight, lo, hi).sub_(weight)  # < 0 above the range, > 0 below, 0 inside
+        d = torch.clamp(w, lo, hi).sub_(w)  # < 0 above the range, > 0 below, 0 inside
         grad_in = torch.where(d == 0, grad, 0.0)
         grad_w = grad_in.to(weight.dtype) if ctx.needs_input_grad[0] else None
         grad_b = grad_e = None
         rows = weight.dim() > 1
         if ctx.needs_input_grad[2]:  # ln2·Σ g·(q − w·[inside])
-            ge = _rowdot(grad, out) - _rowdot(grad_in, weight) if rows else grad * out - grad_in * weight
+            ge = _rowdot(grad, out) - _rowdot(grad_in, w) if rows else grad * out - grad_in * w
             grad_e = ge * LN2
         if ctx.needs_input_grad[1]:  # ln2·s·2^(b−1)·Σ g·(+1 above, −1 below), 0 for b ≤ 0
             d.sign_()

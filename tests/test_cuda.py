@@ -1,0 +1,114 @@
+"""Every callback end to end on a CUDA GPU, under mixed precision (skipped without CUDA; run by tools/gpu_check.sh).
+
+On a GPU these show what the fake-CUDA tests cannot: the autograd engine, CUDA generators, AMP's grad scaler, and the
+absence of host synchronisation in training steps (``torch.cuda.set_sync_debug_mode("error")`` raises on any).
+"""
+
+import importlib.util
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lightning_xai import (
+    AttributionPruning,
+    CSWAPPruning,
+    DigitsDataModule,
+    LRPCompression,
+    PreservationGuard,
+    SelfCompression,
+    load_compressed,
+    load_pruned,
+)
+from lightning_xai.models import ImageClassifier
+from lightning_xai.quantization.install import quantized_layers
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _trainer(precision: str, callbacks: list, epochs: int = 2) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="gpu",
+        devices=1,
+        precision=precision,
+        max_epochs=epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
+def test_self_compression_guard_and_cswap_on_gpu(precision):
+    pl.seed_everything(0)
+    tmp = Path(tempfile.mkdtemp())
+    model = ImageClassifier("resnet", width=8)
+    sc = SelfCompression(gamma=0.5, remove_every_n_steps=10, log_every_n_steps=5, export_path=str(tmp / "sc.st"))
+    guard = PreservationGuard(fraction=0.1, check_every_n_steps=5, cooldown_steps=5)
+    cswap = CSWAPPruning(target_ratio=0.3, samples_per_class=8, curves=("cswap", "omp"), curve_points=5)
+    trainer = _trainer(precision, [sc, guard, cswap])
+    trainer.fit(model, DigitsDataModule())
+    assert next(model.parameters()).device.type == "cuda"
+    assert all(q.quantizer.b.dtype == torch.float32 for q in quantized_layers(model))
+    assert cswap.result["params_after"] < cswap.result["params_before"]
+    fresh = load_compressed(tmp / "sc.st", ImageClassifier("resnet", width=8))
+    assert sum(p.numel() for p in fresh.parameters()) < sum(p.numel() for p in ImageClassifier("resnet").parameters())
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
+def test_fit_end_analyses_on_gpu(precision):
+    pl.seed_everything(0)
+    tmp = Path(tempfile.mkdtemp())
+    model = ImageClassifier("resnet", width=8)
+    layers = AttributionPruning(mode="bypass", num_batches=2)
+    trainer = _trainer(precision, [layers], epochs=1)
+    trainer.fit(model, DigitsDataModule())
+    assert layers.result["removed_modules"]
+    lenet = ImageClassifier("lenet")
+    lrp = LRPCompression(relevance="absolute", prune=0.3, samples_per_class=8, export_path=str(tmp / "lrp.st"))
+    cswap = CSWAPPruning(target_ratio=0.5, samples_per_class=8, curves=(), export_path=str(tmp / "cs.st"))
+    _trainer(precision, [lrp], epochs=1).fit(lenet, DigitsDataModule())
+    assert lrp.result["size_ratio"] < 0.5
+    other = ImageClassifier("lenet")
+    _trainer(precision, [cswap], epochs=1).fit(other, DigitsDataModule())
+    reloaded, plan = load_pruned(tmp / "cs.st", ImageClassifier("lenet"))
+    assert plan and sum(p.numel() for p in reloaded.parameters()) == cswap.result["params_after"]
+
+
+def test_true_half_precision_keeps_quantizer_parameters_float32():
+    pl.seed_everything(0)
+    model = ImageClassifier("lenet")
+    sc = SelfCompression(gamma=0.5, log_every_n_steps=0)
+    _trainer("bf16-true", [sc], epochs=1).fit(model, DigitsDataModule())
+    assert any(p.dtype == torch.bfloat16 for p in model.parameters())  # the weights are half precision
+    assert all(q.quantizer.b.dtype == q.quantizer.e.dtype == torch.float32 for q in quantized_layers(model))
+
+
+def test_training_steps_do_not_synchronise_under_sync_debug_mode():
+    """The overhead benchmark's probe turns ``set_sync_debug_mode("error")`` on for the measured steps: any
+    synchronising call inside SelfCompression's or the guard's per-step work would raise."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("bench_overhead", ROOT / "benchmarks" / "overhead.py")
+    overhead = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(overhead)
+    for variant in ("sc", "sc_guard"):
+        out = overhead._run("lenet", variant, 4, 3, "cuda", True, True)
+        assert out["syncs_per_step"] <= (0 if variant == "sc" else 1), out["sync_kinds"]
+
+
+@pytest.mark.skipif(os.environ.get("LXAI_SKIP_SLOW_CUDA") == "1", reason="slow CUDA tests skipped")
+def test_guard_batch_choice_uses_a_cuda_generator():
+    guard = PreservationGuard(fraction=0.2, check_every_n_steps=1000)
+    model = ImageClassifier("lenet")
+    _trainer("32-true", [SelfCompression(gamma=0.1, log_every_n_steps=0), guard], epochs=1).fit(
+        model, DigitsDataModule()
+    )
+    assert guard._gen is not None and guard._gen.device.type == "cuda"
