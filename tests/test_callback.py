@@ -147,6 +147,45 @@ def test_mixin_without_callback_is_a_clear_error(tmp_path):
         _trainer(tmp_path, [], max_epochs=1, limit_train_batches=2).fit(MixinClassifier("lenet"), DigitsDataModule())
 
 
+class _NoTaskGradient(ImageClassifier):
+    """A loss whose gradient is zero everywhere: the only b-gradient left is the penalty's."""
+
+    def training_step(self, batch, batch_idx):
+        return 0.0 * self(batch[0]).sum()
+
+
+class _CaptureBitGradients(pl.Callback):
+    """Records the b-gradients SelfCompression's optimizer steps with (after the penalty was added)."""
+
+    def __init__(self, sc):
+        self.sc, self.grads = sc, []
+
+    def on_fit_start(self, trainer, pl_module):
+        step = self.sc.optimizer.step
+
+        def recording_step(*args, **kwargs):
+            self.grads.append([q.quantizer.b.grad.clone() for q in self.sc.compressor.layers])
+            return step(*args, **kwargs)
+
+        self.sc.optimizer.step = recording_step
+
+
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_penalty_gradient_is_added_once_per_optimizer_step_whatever_the_accumulation(tmp_path, accumulate):
+    pl.seed_everything(0)
+    model = _NoTaskGradient("lenet")
+    sc = SelfCompression(gamma=0.7, remove_every_n_steps=0, log_every_n_steps=0)
+    capture = _CaptureBitGradients(sc)
+    trainer = _trainer(tmp_path, [sc, capture], max_epochs=1, limit_train_batches=6, accumulate_grad_batches=accumulate)
+    trainer.fit(model, DigitsDataModule())
+    assert len(capture.grads) == 6 // accumulate
+    n0 = sc.compressor.initial_weights
+    for grads in capture.grads:
+        for layer, g in zip(sc.compressor.layers, grads):
+            expected = 0.7 * layer.original[0].numel() / n0 * (layer.quantizer.b.detach() > 0).float()
+            torch.testing.assert_close(g, expected, rtol=1e-6, atol=0)  # γ·n_l/N0, not accumulate× that
+
+
 def test_gradient_accumulation_and_multiple_fits(tmp_path):
     pl.seed_everything(0)
     model = ImageClassifier("resnet", width=8)
@@ -154,6 +193,13 @@ def test_gradient_accumulation_and_multiple_fits(tmp_path):
     trainer = _trainer(tmp_path, [cb], max_epochs=2, accumulate_grad_batches=2)
     trainer.fit(model, DigitsDataModule())
     assert trainer.global_step == 20  # 19 batches/epoch, 2 per step (the last one alone), 2 epochs
+    removed_first = cb.channels_removed
+    bits_first = cb.compressor.size().quantized_weight_bits
+    assert removed_first > 0
+    second = _trainer(tmp_path, [cb], max_epochs=2, accumulate_grad_batches=2)  # a second fit on the same model
+    second.fit(model, DigitsDataModule())
+    assert len(quantized_layers(model)) == len(cb.compressor.layers)  # not installed twice
+    assert cb.compressor.size().quantized_weight_bits < bits_first and cb.channels_removed >= removed_first
     model.eval()
     x = torch.randn(4, 1, 8, 8)
     with torch.no_grad():

@@ -1,11 +1,15 @@
 """Preservation selectors against independent references; the set never leaves the training split; the guard."""
 
+import csv
+from pathlib import Path
+
 import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
 from helpers import quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from sklearn.cluster import KMeans
 from torch import nn
 
@@ -176,15 +180,24 @@ def test_guard_prevents_collapse_and_logs(tmp_path):
         m = copy.deepcopy(base)
         sc = SelfCompression(gamma=1.0, remove_every_n_steps=20, log_every_n_steps=0)
         guard = PreservationGuard(fraction=0.1, lam=0.5, check_every_n_steps=5, max_drop=0.02)
-        trainer = _trainer(tmp_path, [sc] + ([guard] if with_guard else []), epochs=3)
+        logger = CSVLogger(tmp_path, name="guard" if with_guard else "plain")
+        trainer = _trainer(tmp_path, [sc] + ([guard] if with_guard else []), epochs=3, logger=logger)
         trainer.fit(m, DigitsDataModule())
-        return trainer.test(m, DigitsDataModule(), verbose=False)[0]["test/acc"], guard
+        return trainer.test(m, DigitsDataModule(), verbose=False)[0]["test/acc"], guard, logger
 
-    unsafe, _ = run(False)
-    safe, guard = run(True)
+    unsafe, _, _ = run(False)
+    safe, guard, logger = run(True)
     assert guard.restorations, "aggressive gamma should trigger at least one restoration"
     assert guard.last_accuracy >= guard.threshold
     assert safe >= unsafe
+    rows = list(csv.DictReader(open(Path(logger.log_dir) / "metrics.csv")))
+    logged = {k for row in rows for k, v in row.items() if v}
+    assert {"preservation/accuracy", "preservation/threshold", "compression/restorations"} <= logged
+    assert {"preservation/restored_channels", "preservation/restored_bits"} <= logged
+    restorations = [float(r["compression/restorations"]) for r in rows if r.get("compression/restorations")]
+    assert restorations[-1] == len(guard.restorations) and restorations == sorted(restorations)
+    accuracies = [float(r["preservation/accuracy"]) for r in rows if r.get("preservation/accuracy")]
+    assert len(accuracies) >= 3 * 19 // 5 - 1  # one per check
 
 
 def test_guard_resume_round_trip(tmp_path):
@@ -256,15 +269,21 @@ def test_invalid_guard_arguments(kwargs, match):
 
 
 def test_guard_works_with_the_mixin(tmp_path):
+    """With the penalty written in the user's loss (the mixin), an aggressive γ still triggers restorations and the
+    guard keeps the preservation accuracy at its threshold."""
     from test_callback import MixinClassifier
 
     pl.seed_everything(0)
+    base = ImageClassifier("lenet")
+    _trainer(tmp_path, [], epochs=4).fit(base, DigitsDataModule())  # a plain float model first
     model = MixinClassifier("lenet")
-    guard = PreservationGuard(fraction=0.05, lam=0.2, check_every_n_steps=3, min_accuracy=0.0)
-    sc = SelfCompression(gamma=0.5, remove_every_n_steps=0, log_every_n_steps=0)
-    _trainer(tmp_path, [sc, guard], epochs=1, limit_train_batches=6).fit(model, DigitsDataModule())
-    assert guard.indices is not None and len(guard.indices) > 0
-    assert guard.snapshot and guard.last_accuracy is not None
+    model.load_state_dict(base.state_dict())
+    guard = PreservationGuard(fraction=0.1, lam=0.2, check_every_n_steps=3, max_drop=0.02)
+    sc = SelfCompression(gamma=3.0, remove_every_n_steps=0, log_every_n_steps=0)
+    _trainer(tmp_path, [sc, guard], epochs=2).fit(model, DigitsDataModule())
+    assert model._lxai_penalty_step >= 0  # the penalty came through the mixin's loss
+    assert guard.restorations, "γ=3 collapses the model without restorations"
+    assert guard.last_accuracy >= guard.threshold
 
 
 def test_a_failing_restoration_leaves_bits_exponents_and_optimizer_untouched(monkeypatch):

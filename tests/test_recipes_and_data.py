@@ -3,7 +3,6 @@
 import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -110,8 +109,28 @@ def test_reference_models_shapes(net, x):
     assert net(x).shape == (2, 10)
 
 
-def test_python_path_has_package():
-    assert "lightning_xai" in sys.modules or importlib.util.find_spec("lightning_xai") is not None
+def test_the_package_root_exports_the_public_api():
+    import lightning_xai
+    from lightning_xai import (
+        AttributionPruning,
+        CompressionMixin,
+        CSWAPPruning,
+        LRPCompression,
+        MNISTDataModule,
+        PreservationGuard,
+        SelfCompression,
+        load_compressed,
+        load_mixed,
+        load_pruned,
+    )
+    from lightning_xai.callbacks.self_compression import SelfCompression as Deep
+    from lightning_xai.quantization.export import load_compressed as deep_loader
+
+    assert SelfCompression is Deep and load_compressed is deep_loader  # one implementation, two addresses
+    exported = {n: getattr(lightning_xai, n) for n in lightning_xai.__all__}
+    for obj in (AttributionPruning, CompressionMixin, CSWAPPruning, LRPCompression, MNISTDataModule):
+        assert obj in exported.values()
+    assert {PreservationGuard, load_mixed, load_pruned} <= set(exported.values())
 
 
 @pytest.mark.parametrize("task", ["digits", "names"])

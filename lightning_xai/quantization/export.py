@@ -73,17 +73,47 @@ def unpack_codes(stream: np.ndarray, widths: np.ndarray, per_channel: int) -> np
     return unsigned - offset
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where the platform tells it (``/proc``); else set and reset."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    mask = os.umask(0o022)  # pragma: no cover
+    os.umask(mask)  # pragma: no cover
+    return mask  # pragma: no cover
+
+
 def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
+    """Write a safetensors file so that ``path`` is either the old file or the complete new one: a temporary file in
+    the same folder, flushed to disk (``fsync``), then renamed over ``path`` (and the folder entry flushed too). The
+    file gets the permissions a plain ``open()`` would give (``0o666`` minus the umask), not the temporary's 0600."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    try:  # the rename itself survives a crash only once the folder is flushed (not possible on every platform)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:  # pragma: no cover - file systems that refuse fsync on folders
+        pass
+    finally:
+        os.close(dir_fd)
 
 
 def read_tagged(path: str | os.PathLike[str], expected_format: str, what: str) -> tuple[dict[str, torch.Tensor], dict]:

@@ -1,0 +1,163 @@
+"""Plant known bugs one at a time and check that the test guarding each behaviour fails (then restore the file).
+
+    python tools/plant_bugs.py            # all of them (about 10 minutes on 2 cores)
+    python tools/plant_bugs.py 3 7        # only mutants 3 and 7
+
+Each entry: (what breaks, file, exact text, replacement, the test that must catch it). A MISSED line means the suite
+no longer guards that behaviour. Files are restored even if a run is interrupted by an exception.
+"""
+
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MUTANTS = [
+    (
+        "penalty scaled by the accumulation",
+        "lightning_xai/callbacks/self_compression.py",
+        "            self.compressor.add_penalty_gradients()",
+        "            self.compressor.add_penalty_gradients(scale=trainer.accumulate_grad_batches)",
+        "tests/test_callback.py::test_penalty_gradient_is_added_once_per_optimizer_step_whatever_the_accumulation",
+    ),
+    (
+        "guard check logs nothing",
+        "lightning_xai/callbacks/preservation_guard.py",
+        '        metrics["compression/restorations"] = float(len(self.restorations))\n        log_scalars(trainer, metrics, step)',
+        '        metrics["compression/restorations"] = float(len(self.restorations))',
+        "tests/test_preservation.py::test_guard_prevents_collapse_and_logs",
+    ),
+    (
+        "guard never restores with the mixin",
+        "lightning_xai/callbacks/preservation_guard.py",
+        "        if acc >= self.threshold:\n",
+        "        if True:\n",
+        "tests/test_preservation.py::test_guard_works_with_the_mixin",
+    ),
+    (
+        "bypass keeps the batch norm",
+        "lightning_xai/pruning/layer_pruning.py",
+        "                for member in able[name]:",
+        "                for member in able[name][:1]:",
+        "tests/test_layer_attribution.py::test_bypass_keeps_outputs_and_removes_modules_on_torchvision_models",
+    ),
+    (
+        "export writes straight to the target",
+        "lightning_xai/quantization/export.py",
+        "save_file(tensors, tmp, metadata=metadata)",
+        "save_file(tensors, str(path), metadata=metadata)",
+        "tests/test_safety.py::test_interrupted_export_leaves_the_existing_file_byte_identical",
+    ),
+    (
+        "no chmod (mode 0600)",
+        "lightning_xai/quantization/export.py",
+        "        os.chmod(tmp, 0o666 & ~_umask())\n",
+        "",
+        "tests/test_safety.py::test_exports_follow_the_umask_and_are_flushed_before_the_rename",
+    ),
+    (
+        "no fsync of the file",
+        "lightning_xai/quantization/export.py",
+        "            os.fsync(handle.fileno())",
+        "            pass",
+        "tests/test_safety.py::test_exports_follow_the_umask_and_are_flushed_before_the_rename",
+    ),
+    (
+        "batch-norm gate does nothing",
+        "lightning_xai/quantization/install.py",
+        "            gate.set_quantizer(quantizer)\n        _GATES[bn] = (quantizer, None)",
+        "            gate.set_quantizer(None)\n        _GATES[bn] = (quantizer, None)",
+        "tests/test_surgery.py::test_batchnorm_gate_zeroes_dead_channels_with_nonzero_beta_and_running_stats",
+    ),
+    (
+        "apply_plan zeroes the last channel of a unit left with one",
+        "lightning_xai/pruning/units.py",
+        "        if len(chs) >= by_name[name].size:",
+        "        if len(chs) >= by_name[name].size - 1:",
+        "tests/test_safety.py::test_a_plan_that_leaves_one_channel_keeps_it_alive",
+    ),
+    (
+        "guard set from the validation split",
+        "lightning_xai/callbacks/preservation_guard.py",
+        'dataset = split_dataset(trainer, "train", "PreservationGuard")',
+        'dataset = split_dataset(trainer, "val", "PreservationGuard")',
+        "tests/test_safety.py::test_the_set_indexes_the_training_split_with_the_documented_size",
+    ),
+    (
+        "restore every channel of a layer",
+        "lightning_xai/callbacks/preservation_guard.py",
+        "        mask = b_now < b_snap\n",
+        "        mask = torch.ones_like(b_now < b_snap)\n",
+        "tests/test_safety.py::test_restoration_touches_only_channels_that_lost_bits",
+    ),
+    (
+        "end-of-training rollback disabled",
+        "lightning_xai/callbacks/preservation_guard.py",
+        "if acc < self.threshold and self.rollback_at_end",
+        "if False and acc < self.threshold and self.rollback_at_end",
+        "tests/test_safety.py::test_forced_end_of_training_rollback",
+    ),
+    (
+        "protected_channels returns nothing",
+        "lightning_xai/callbacks/preservation_guard.py",
+        '        """Channels alive in the last healthy snapshot: they may be restored, so they must not be removed."""\n        return {',
+        '        """Channels alive in the last healthy snapshot: they may be restored, so they must not be removed."""\n        return {}\n        return {',
+        "tests/test_safety.py::test_a_protected_channel_survives_removal_and_can_be_restored",
+    ),
+    (
+        "snapshot not re-aligned after a removal",
+        "lightning_xai/callbacks/preservation_guard.py",
+        "        for layer, idxs in report.removed_idxs.items():",
+        "        for layer, idxs in {}.items():",
+        "tests/test_safety.py::test_the_snapshot_shrinks_with_removals_and_a_later_restore_still_works",
+    ),
+    (
+        "bits never freeze",
+        "lightning_xai/callbacks/self_compression.py",
+        "                self._freeze_step = self.freeze_bits_after * total",
+        "                self._freeze_step = float('inf')",
+        "tests/test_safety.py::test_freeze_bits_after_half_of_the_steps_stops_b_and_e",
+    ),
+    (
+        "cswap baseline not updated after a removal",
+        "lightning_xai/pruning/cswap.py",
+        "                        sigma = stars[j]\n",
+        "",
+        "tests/test_safety.py::test_the_baseline_follows_each_removal",
+    ),
+    (
+        "critical tail sorted the wrong way",
+        "lightning_xai/pruning/cswap.py",
+        "    critical.sort(key=lambda t: -t[0])",
+        "    critical.sort(key=lambda t: t[0])",
+        "tests/test_safety.py::test_cswap_order_equals_an_independent_algorithm_1",
+    ),
+]
+
+
+def main(selected: list[str]) -> int:
+    missed = 0
+    for i, (title, path, old, new, test) in enumerate(MUTANTS):
+        if selected and str(i) not in selected:
+            continue
+        p = ROOT / path
+        orig = p.read_text()
+        if orig.count(old) != 1:
+            print(f"[{i}] {title}: PATTERN NOT FOUND ({orig.count(old)} matches) - update this entry")
+            missed += 1
+            continue
+        p.write_text(orig.replace(old, new))
+        try:
+            r = subprocess.run(
+                [sys.executable, "-m", "pytest", "-q", "-x", test], cwd=ROOT, capture_output=True, text=True
+            )
+        finally:
+            p.write_text(orig)
+        caught = r.returncode != 0
+        missed += not caught
+        print(f"[{i}] {title}: {'CAUGHT' if caught else 'MISSED'} by {test}", flush=True)
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
