@@ -15,6 +15,7 @@ steps (batch-norm detection, set building, warm-up) are skipped.
 * time: median wall time of the measured steps, the three runs measured alternately in rounds (same process, same
   threads); ``torch.cuda.synchronize()`` closes each step on CUDA.
 
+``SelfCompression(compile=True)`` is timed too (full runs; its first steps compile and are skipped).
 ``--sync-debug`` (CUDA) runs the measured steps under ``torch.cuda.set_sync_debug_mode("error")``: any synchronising
 call in them raises. Prints one JSON object on its last line; the full CPU run rewrites its BENCHMARKS.md section.
 """
@@ -128,8 +129,10 @@ def _model(name: str) -> tuple[ImageClassifier, TensorDataset, int]:
 
 def _callbacks(variant: str) -> list[pl.Callback]:
     out: list[pl.Callback] = []
-    if variant in ("sc", "sc_guard"):
-        out.append(SelfCompression(gamma=0.05, log_every_n_steps=0, remove_every_n_steps=0))
+    if variant in ("sc", "sc_guard", "sc_compiled"):
+        out.append(
+            SelfCompression(gamma=0.05, log_every_n_steps=0, remove_every_n_steps=0, compile=variant == "sc_compiled")
+        )
     if variant == "sc_guard":
         out.append(PreservationGuard(fraction=0.1, check_every_n_steps=10_000, batch_size=64))
     return out
@@ -173,7 +176,7 @@ def _run(name: str, variant: str, steps: int, skip: int, device: str, count_ops:
     return out
 
 
-def measure(name: str, steps: int, rounds: int, device: str, sync_debug: bool) -> dict[str, Any]:
+def measure(name: str, steps: int, rounds: int, device: str, sync_debug: bool, compiled: bool) -> dict[str, Any]:
     skip = 3
     res: dict[str, Any] = {}
     counts = {v: _run(name, v, 3, skip, device, True, False) for v in ("plain", "sc", "sc_guard")}
@@ -186,16 +189,21 @@ def measure(name: str, steps: int, rounds: int, device: str, sync_debug: bool) -
         extra = Counter(counts[v]["ops"])
         extra.subtract(counts["plain"]["ops"])
         res[f"extra_ops_{v}"] = dict(extra.most_common(10))
-    times: dict[str, list[float]] = {v: [] for v in counts}
+    variants = list(counts) + (["sc_compiled"] if compiled else [])
+    times: dict[str, list[float]] = {v: [] for v in variants}
     for _ in range(rounds):  # alternate the variants so the machine's drifts hit all alike
-        for v in counts:
-            times[v] += _run(name, v, steps, skip, device, False, sync_debug and v != "plain")["times"]
+        for v in variants:
+            # the compiled variant compiles in its first steps: skip more of them
+            steps_skip = skip + 3 if v == "sc_compiled" else skip
+            times[v] += _run(name, v, steps, steps_skip, device, False, sync_debug and v != "plain")["times"]
     med = {v: statistics.median(t) for v, t in times.items()}
     res.update({f"step_ms_{v}": round(1e3 * m, 3) for v, m in med.items()})
     res["ops_ratio_sc"] = round(res["ops_per_step_sc"] / res["ops_per_step_plain"], 3)
     res["ops_ratio_sc_guard"] = round(res["ops_per_step_sc_guard"] / res["ops_per_step_plain"], 3)
     res["step_time_ratio_sc"] = round(med["sc"] / med["plain"], 3)
     res["step_time_ratio_sc_guard"] = round(med["sc_guard"] / med["plain"], 3)
+    if compiled:
+        res["step_time_ratio_sc_compiled"] = round(med["sc_compiled"] / med["plain"], 3)
     return res
 
 
@@ -206,6 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sync-debug", action="store_true", help="CUDA: error on any synchronising call in a step")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--no-compile", action="store_true", help="skip SelfCompression(compile=True) (CI)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     if args.device == "cpu":
@@ -216,15 +225,18 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict[str, Any] = {"benchmark": "overhead", "mode": "quick" if args.quick else "full", "device": args.device}
     if args.device == "cuda":
         result["gpu"] = torch.cuda.get_device_name()
-    per_model = {name: measure(name, steps, rounds, args.device, args.sync_debug) for name in models}
+    compiled = not (args.quick or args.no_compile)
+    per_model = {name: measure(name, steps, rounds, args.device, args.sync_debug, compiled) for name in models}
     head = per_model[models[0]]  # ResNet-50 in the full run
     for key in (
         "ops_ratio_sc",
         "ops_ratio_sc_guard",
         "step_time_ratio_sc",
         "step_time_ratio_sc_guard",
+        "step_time_ratio_sc_compiled",
     ):
-        result[key] = head[key]
+        if key in head:
+            result[key] = head[key]
     result["syncs_per_step_sc"] = head["syncs_per_step_sc"]
     result["syncs_per_step_sc_guard"] = head["syncs_per_step_sc_guard"]
     result["models"] = per_model

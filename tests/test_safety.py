@@ -398,3 +398,25 @@ def test_the_baseline_follows_each_removal():
         order = cswap_order(net, units, x, y, mode=mode)
         assert order.order[: order.non_critical] == [(unit.index, 0)], mode  # A removed
         assert int(order.category[unit.index][1]) == CRITICAL, mode  # B kept: judged against the network without A
+
+
+def test_restored_channels_are_relieved_of_the_size_penalty():
+    """After a restoration the size penalty no longer pushes the restored channels back down (it did, and the guard
+    restored the same channels again and again); the others keep the full pressure."""
+    net = ImageClassifier("lenet")
+    sc = SelfCompression(gamma=0.1)
+    sc.compressor.install(net)
+    guard = PreservationGuard(cooldown_steps=0)
+    guard.snapshot = guard._current(net)
+    layer = quantized_layers(net)[1]
+    kill_channels(layer, [3, 7])
+    guard.threshold = 0.5
+    guard._data = (torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3]))
+    guard._restore(_Trainer(sc), net, 0.1)
+    for q in quantized_layers(net):
+        q.quantizer.b.grad = None
+    sc.compressor.add_penalty_gradients()
+    grad = layer.quantizer.b.grad
+    assert float(grad[3]) == float(grad[7]) == 0.0
+    assert bool((grad[[0, 1, 2, 4, 5, 6]] > 0).all())
+    assert sc.compressor.layers[1].quantizer.relief.tolist()[3] == 0.0  # in the state dict: survives a resume

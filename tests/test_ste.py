@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from lightning_xai.quantization.install import quantized_layers
 from lightning_xai.quantization.ste import bits_needed, quantize, quantize_to_int
 
 
@@ -169,3 +170,26 @@ def test_quantizer_compiles_with_torch_compile_and_matches_eager(backend):
     assert torch.equal(out.detach(), ref.detach())
     for got, t in zip(grads, (w, b, e)):
         torch.testing.assert_close(got, t.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_self_compression_compile_option_matches_the_eager_quantizer():
+    """``SelfCompression(compile=True)`` routes every quantizer through one torch.compile'd function (dynamic
+    shapes); outputs and gradients equal the eager quantizer's."""
+    import copy
+
+    from lightning_xai.models import LeNet
+    from lightning_xai.quantization.engine import SelfCompressor
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = LeNet()
+    SelfCompressor(gamma=0.1).install(eager)
+    compiled = copy.deepcopy(eager)
+    SelfCompressor(gamma=0.1, compile=True).install(compiled)
+    assert all(q.quantizer.compiled for q in quantized_layers(compiled))
+    x = torch.randn(8, 1, 8, 8)
+    for net in (eager, compiled):
+        net(x).square().sum().backward()
+    torch.testing.assert_close(compiled(x), eager(x), rtol=0, atol=0)
+    for (name, a), (_, b) in zip(eager.named_parameters(), compiled.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)

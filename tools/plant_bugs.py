@@ -14,6 +14,13 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MUTANTS = [
     (
+        "restored channels keep the full penalty",
+        "lightning_xai/callbacks/preservation_guard.py",
+        "                    q.relief.masked_fill_(mask, self.restored_penalty)",
+        "                    pass",
+        "tests/test_safety.py::test_restored_channels_are_relieved_of_the_size_penalty",
+    ),
+    (
         "penalty scaled by the accumulation",
         "lightning_xai/callbacks/self_compression.py",
         "            self.compressor.add_penalty_gradients()",

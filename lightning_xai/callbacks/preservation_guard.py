@@ -79,6 +79,8 @@ class PreservationGuard(Callback):
         uncertainty: ``entropy``, ``margin`` or ``least_confidence``.
         indices: use these training-set indices instead of selecting.
         seed: selection and batch seed.
+        restored_penalty: weight of the size penalty on channels after they were restored, relative to the others
+            (0: they keep the restored precision; 1: full pressure again, the behaviour that oscillates).
         max_candidates: at most this many training samples (class-balanced, seeded) are scored to select the set;
             ``None`` scores all. The set has ``fraction`` of the training set, capped at the pool's size.
         eval_batch_size: batch size of the preservation-accuracy checks.
@@ -100,6 +102,7 @@ class PreservationGuard(Callback):
         indices: list[int] | None = None,
         seed: int = 0,
         rollback_at_end: bool = True,
+        restored_penalty: float = 0.0,
         max_candidates: int | None = 20_000,
         eval_batch_size: int = 512,
     ) -> None:
@@ -114,6 +117,7 @@ class PreservationGuard(Callback):
         validate_number("batch_size", batch_size, low=1, integer=True)
         validate_number("seed", seed, low=0, integer=True)
         validate_number("max_candidates", max_candidates, low=1, integer=True, allow_none=True)
+        validate_number("restored_penalty", restored_penalty, low=0.0, high=1.0)
         validate_number("eval_batch_size", eval_batch_size, low=1, integer=True)
         if min_accuracy is not None and max_drop is not None:
             raise ValueError(
@@ -143,6 +147,7 @@ class PreservationGuard(Callback):
         self._last_check = -1
         self.rollback_at_end = rollback_at_end
         self.max_candidates, self.eval_batch_size = max_candidates, eval_batch_size
+        self.restored_penalty = float(restored_penalty)
         self._gen: torch.Generator | None = None
         self.rolled_back = False
         self._healthy_state: dict[str, Tensor] | None = None
@@ -348,6 +353,7 @@ class PreservationGuard(Callback):
         restored_bits = 0.0
         # a transaction: if anything below raises, bits, exponents, optimizer moments and cool-downs are put back
         params = [p for name in lost for p in (layers[name].quantizer.b, layers[name].quantizer.e)]
+        params += [layers[name].quantizer.relief for name in lost]
         saved_params = [p.detach().clone() for p in params]
         saved_moments = {
             (id(p), k): v.clone()
@@ -365,6 +371,9 @@ class PreservationGuard(Callback):
                     restored_bits += float(((b_snap.clamp(min=0) - q.b.clamp(min=0)) * mask).sum())
                     q.b.copy_(torch.where(mask, b_snap, q.b))
                     q.e.copy_(torch.where(mask, e_snap, q.e))
+                    # relieve the size penalty of the restored channels, so they are not driven back to the
+                    # precision that hurt (without it the guard restores the same channels again and again)
+                    q.relief.masked_fill_(mask, self.restored_penalty)
                 if opt is not None:
                     for p in (q.b, q.e):
                         for v in opt.state.get(p, {}).values():

@@ -320,7 +320,7 @@ def apply_cuts(
                     specs.append((owner, attr, 0))
             q = _quantizer(module)
             if q is not None:
-                specs += [(q, "b", 0), (q, "e", 0)]
+                specs += [(q, "b", 0), (q, "e", 0)] + ([(q, "relief", 0)] if hasattr(q, "relief") else [])
         else:
             owner, attr = _param_slot(module, "weight")
             specs.append((owner, attr, 1))

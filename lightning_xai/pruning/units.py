@@ -92,12 +92,15 @@ _IMPORTANCE = tp.importance.GroupMagnitudeImportance(p=2)  # DepGraph's default 
 
 
 def find_units(
-    model: nn.Module, example_inputs: Any, ignore: Sequence[str] = ()
+    model: nn.Module, example_inputs: Any, ignore: Sequence[str] = (), importance: Any = None
 ) -> tuple[list[PrunableUnit], dict[str, str]]:
     """Discover the prunable units of ``model`` (torch-pruning dependency graph on ``example_inputs``).
 
     Returns the units sorted from the output towards the input (descending ``position``) and the refused roots with
     the reason (model outputs, grouped convolutions, modules that cannot be sliced, or listed in ``ignore``).
+    ``importance``: a torch-pruning importance (``tp.importance.LAMPImportance()``, ``TaylorImportance()`` after a
+    backward, …) scored on every unit's dependency group into ``group_importance``; default DepGraph's group L2
+    magnitude. Scores of one criterion are comparable across units, so one global ranking prunes like the library.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3), nn.ReLU(), nn.Linear(3, 2))
@@ -167,7 +170,7 @@ def find_units(
                     consumers=consumers,
                     channel_cuts=channel_cuts,
                     magnitude=(magnitude / counts.clamp_min(1)).float().cpu(),  # ordering data: host
-                    group_importance=_IMPORTANCE(group).detach().float().cpu(),
+                    group_importance=(importance or _IMPORTANCE)(group).detach().float().cpu(),
                 )
             )
         del DG

@@ -7,6 +7,8 @@ ordinary parameters of the model: ``configure_optimizers``, DDP and checkpoint r
 
 from __future__ import annotations
 
+import functools
+import warnings
 import weakref
 
 import torch
@@ -51,8 +53,29 @@ class ChannelQuantizer(nn.Module):
         dtype = torch.promote_types(weight.dtype, torch.float32)  # b/e stay float32 under half precision
         self.b = nn.Parameter(torch.full((channels,), float(init_bits), dtype=dtype, device=weight.device))
         self.e = nn.Parameter(initial_exponent(weight.to(dtype), init_bits))
+        # per-channel weight of the size penalty (1: full pressure; a guard sets restored channels lower)
+        self.register_buffer("relief", torch.ones(channels, dtype=dtype, device=weight.device))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        key = f"{prefix}relief"
+        if key not in state_dict and f"{prefix}b" in state_dict:  # checkpoints from before the relief existed
+            state_dict[key] = torch.ones_like(state_dict[f"{prefix}b"])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    compiled: bool = False  # set by SelfCompression(compile=True): run the quantizer through torch.compile
 
     def forward(self, weight: Tensor) -> Tensor:
+        if self.compiled:
+            try:
+                return _compiled_quantize()(weight, self.b, self.e)
+            except Exception as err:  # noqa: BLE001 - no compiler toolchain, unsupported device...: fall back, loudly
+                warnings.warn(
+                    f"SelfCompression(compile=True): torch.compile of the quantizer failed ({type(err).__name__}: "
+                    f"{err}); using the eager quantizer",
+                    stacklevel=2,
+                )
+                ChannelQuantizer.compiled = False
+                self.compiled = False
         return quantize(weight, self.b, self.e)
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
@@ -79,6 +102,13 @@ class ChannelQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"channels={self.b.numel()}"
+
+
+@functools.cache
+def _compiled_quantize():  # type: ignore[no-untyped-def]
+    """The quantizer compiled once per process (dynamic shapes: one graph for every layer of a rank); inductor fuses
+    its elementwise passes into one kernel forward and one backward."""
+    return torch.compile(quantize, dynamic=True)
 
 
 class BiasGate(nn.Module):
