@@ -34,15 +34,20 @@ class StepTimer(pl.Callback):
 
 def update_benchmarks_md(name: str, result: dict[str, Any], command: str) -> None:
     """Replace the section of ``name`` in BENCHMARKS.md with a table of ``result``."""
+    rows = "\n".join(f"| `{k}` | {_fmt(v)} |" for k, v in result.items())
+    replace_section(name, f"| metric | value |\n|---|---|\n{rows}", command)
+
+
+def replace_section(name: str, body: str, command: str) -> None:
+    """Replace (or append) the section of ``name`` in BENCHMARKS.md with ``body`` (markdown)."""
     path = ROOT / "BENCHMARKS.md"
     text = path.read_text() if path.exists() else "# Benchmarks\n\nEach section is rewritten by its benchmark script.\n"
-    rows = "\n".join(f"| `{k}` | {_fmt(v)} |" for k, v in result.items())
     section = (
         f"<!-- {name}:start -->\n## {name}\n\n`{command}` (updated {time.strftime('%Y-%m-%d')})\n\n"
-        f"| metric | value |\n|---|---|\n{rows}\n<!-- {name}:end -->"
+        f"{body}\n<!-- {name}:end -->"
     )
     pattern = re.compile(rf"<!-- {re.escape(name)}:start -->.*?<!-- {re.escape(name)}:end -->", re.S)
-    text = pattern.sub(section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
+    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
     path.write_text(text)
 
 

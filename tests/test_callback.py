@@ -88,7 +88,9 @@ def test_penalty_pushes_bits_down_only_with_gamma(tmp_path):
 
 
 def test_checkpoint_resume_gives_same_bits_as_uninterrupted(tmp_path):
-    kwargs = dict(gamma=0.5, remove_every_n_steps=7, log_every_n_steps=0)
+    kwargs = dict(
+        gamma=0.5, remove_every_n_steps=7, log_every_n_steps=0, freeze_bits_after=1.0
+    )  # legs differ in length
 
     pl.seed_everything(0)
     straight = ImageClassifier("lenet")
@@ -174,7 +176,7 @@ class _CaptureBitGradients(pl.Callback):
 def test_penalty_gradient_is_added_once_per_optimizer_step_whatever_the_accumulation(tmp_path, accumulate):
     pl.seed_everything(0)
     model = _NoTaskGradient("lenet")
-    sc = SelfCompression(gamma=0.7, remove_every_n_steps=0, log_every_n_steps=0)
+    sc = SelfCompression(gamma=0.7, remove_every_n_steps=0, log_every_n_steps=0, freeze_bits_after=1.0)
     capture = _CaptureBitGradients(sc)
     trainer = _trainer(tmp_path, [sc, capture], max_epochs=1, limit_train_batches=6, accumulate_grad_batches=accumulate)
     trainer.fit(model, DigitsDataModule())
@@ -189,7 +191,7 @@ def test_penalty_gradient_is_added_once_per_optimizer_step_whatever_the_accumula
 def test_gradient_accumulation_and_multiple_fits(tmp_path):
     pl.seed_everything(0)
     model = ImageClassifier("resnet", width=8)
-    cb = SelfCompression(gamma=1.0, remove_every_n_steps=4, log_every_n_steps=0)
+    cb = SelfCompression(gamma=1.0, remove_every_n_steps=4, log_every_n_steps=0, freeze_bits_after=1.0)
     trainer = _trainer(tmp_path, [cb], max_epochs=2, accumulate_grad_batches=2)
     trainer.fit(model, DigitsDataModule())
     assert trainer.global_step == 20  # 19 batches/epoch, 2 per step (the last one alone), 2 epochs

@@ -209,16 +209,18 @@ def test_guard_resume_round_trip(tmp_path):
     kwargs = dict(fraction=0.1, lam=0.3, check_every_n_steps=4, min_accuracy=0.2)
     pl.seed_everything(0)
     g_a = PreservationGuard(**kwargs)
-    a = fit([SelfCompression(gamma=0.5, remove_every_n_steps=6, log_every_n_steps=0), g_a], 4)
+    a = fit([SelfCompression(gamma=0.5, remove_every_n_steps=6, log_every_n_steps=0, freeze_bits_after=1.0), g_a], 4)
     pl.seed_everything(0)
     ck = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True, save_top_k=0)
     g_first = PreservationGuard(**kwargs)
-    fit([SelfCompression(gamma=0.5, remove_every_n_steps=6, log_every_n_steps=0), g_first, ck], 2)
+    fit(
+        [SelfCompression(gamma=0.5, remove_every_n_steps=6, log_every_n_steps=0, freeze_bits_after=1.0), g_first, ck], 2
+    )
     pl.seed_everything(7)
     g_b = PreservationGuard(**kwargs)
     b = fit(
         [
-            SelfCompression(gamma=0.5, remove_every_n_steps=6, log_every_n_steps=0),
+            SelfCompression(gamma=0.5, remove_every_n_steps=6, log_every_n_steps=0, freeze_bits_after=1.0),
             g_b,
             ModelCheckpoint(dirpath=tmp_path / "c2"),
         ],

@@ -3,6 +3,7 @@
 from lightning_xai.preservation.scores import (
     gradcam_scores,
     gradient_embedding_scores,
+    gradient_input_scores,
     penultimate_embeddings,
     uncertainty_scores,
 )
@@ -11,6 +12,7 @@ from lightning_xai.preservation.select import build_preservation_set, kmeans_rep
 __all__ = [
     "gradcam_scores",
     "gradient_embedding_scores",
+    "gradient_input_scores",
     "penultimate_embeddings",
     "uncertainty_scores",
     "kmeans_representatives",

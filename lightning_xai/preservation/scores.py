@@ -32,6 +32,7 @@ __all__ = [
     "gradcam_scores",
     "gradcam_maps",
     "gradient_embedding_scores",
+    "gradient_input_scores",
     "uncertainty_scores",
     "penultimate_embeddings",
     "model_state_guard",
@@ -158,6 +159,23 @@ def gradient_embedding_scores(
                 model.zero_grad(set_to_none=True)
         finally:
             handle.remove()
+    return torch.cat(scores)
+
+
+def gradient_input_scores(model: nn.Module, inputs: Tensor, labels: Tensor, batch_size: int = 256) -> Tensor:
+    """Gradient × input saliency, the fallback for models without a convolution or an embedding (MLPs, tabular
+    models): ``Σ_i |∂z_y/∂x_i · x_i|`` per sample, the evidence the input gives for the sample's label (Shrikumar et al.
+    2016; it equals LRP-0 for ReLU networks without biases)."""
+    scores: list[Tensor] = []
+    device = model_device(model)
+    with model_state_guard(model), torch.enable_grad():
+        model.eval()
+        for start in range(0, inputs.shape[0], batch_size):
+            x = inputs[start : start + batch_size].to(device).float().requires_grad_(True)
+            y = labels[start : start + batch_size].to(device)
+            logits = model(x)
+            (grad,) = torch.autograd.grad(logits.gather(1, y[:, None]).sum(), x)
+            scores.append((grad * x).abs().flatten(1).sum(1).detach().float().cpu())
     return torch.cat(scores)
 
 

@@ -13,6 +13,7 @@ from lightning_xai._validation import validate_number
 from lightning_xai.preservation.scores import (
     gradcam_scores,
     gradient_embedding_scores,
+    gradient_input_scores,
     penultimate_embeddings,
     uncertainty_scores,
 )
@@ -66,7 +67,8 @@ def build_preservation_set(
     target_layer: nn.Module | None = None,
 ) -> PreservationSet:
     """Pick ``fraction`` of the (training) samples, class-balanced: per class one third each by Grad-CAM evidence
-    (or gradient × embedding for token inputs), by uncertainty, and by k-means diversity on penultimate embeddings;
+    (gradient × embedding for token inputs, gradient × input for models without a Conv2d), by uncertainty, and by
+    k-means diversity on penultimate embeddings;
     duplicates are replaced by the next candidates so the set has the requested size.
 
     ``inputs``/``labels`` must be training data only; the returned indices index them.
@@ -81,8 +83,10 @@ def build_preservation_set(
     unc = uncertainty_scores(logits, uncertainty).numpy()
     if inputs.dtype in (torch.int64, torch.int32) and any(isinstance(m, nn.Embedding) for m in model.modules()):
         sal = gradient_embedding_scores(model, inputs, labels).numpy()
-    else:
+    elif target_layer is not None or any(isinstance(m, nn.Conv2d) for m in model.modules()):
         sal = gradcam_scores(model, inputs, labels, target_layer).numpy()
+    else:  # no spatial map to look at: gradient × input
+        sal = gradient_input_scores(model, inputs, labels).numpy()
     y = labels.numpy()
     chosen: list[int] = []
     reasons: dict[int, str] = {}

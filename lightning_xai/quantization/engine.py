@@ -51,7 +51,7 @@ class SelfCompressor:
 
     def __init__(
         self,
-        gamma: float = 0.01,
+        gamma: float = 0.02,
         alpha: float = 0.0,
         init_bits: float = 8.0,
         include: str | None = None,
@@ -153,17 +153,18 @@ class SelfCompressor:
             l1 = torch.zeros((), device=q.device, dtype=q.dtype)
         return PenaltyTerms(q=q, l1=l1, total=self.gamma * q + self.alpha * l1)
 
-    def add_penalty_gradients(self, scale: float = 1.0) -> None:
+    def add_penalty_gradients(self, scale: float = 1.0, bits: bool = True) -> None:
         """Add ``scale · ∇(γ·Q + α·L1)`` to the ``.grad`` of ``b`` (and of the weights if ``alpha > 0``).
 
         Used by the callback, which cannot change the user's loss. The penalty depends on parameters only, so its
         gradient is exact without a second backward through the network (and DDP hooks are not triggered). It is
         the closed form of :meth:`penalty`'s gradient: ``∂Q/∂b_lc = n_l/N0 · [b_lc > 0]``,
-        ``∂L1/∂w = sign(w)/N0``; a test checks it against autograd. A handful of ops for the whole model (one
+        ``∂L1/∂w = sign(w)/N0``; a test checks it against autograd. ``bits=False`` adds only the L1 part (after the
+        bit depths are frozen, the weights still feel α). A handful of ops for the whole model (one
         concatenation, one split, foreach updates), none of which reads a value back to the host.
         """
         with torch.no_grad():
-            if self.gamma:
+            if self.gamma and bits:
                 trained = [layer for layer in self.layers if layer.quantizer.b.requires_grad]
                 bits = [layer.quantizer.b for layer in trained]
                 if bits:

@@ -1,0 +1,786 @@
+"""Full MNIST: the library against its peers on LeNet-5-Caffe and LeNet-300-100, same seeds and epochs for all.
+
+    python benchmarks/mnist.py [--quick] [--seeds N] [--data-dir D] [--jobs J]
+
+Per model and seed (every method starts from the same seed; test accuracy on the official 10,000 test images; the
+validation split is carved from the training set):
+
+* training-time compression, ``--epochs`` each: float; ``SelfCompression`` with the **defaults** and with the
+  recommended γ; DiffQ (2 penalties); PyTorch int8 QAT (FX, x86); Brevitas 4-bit weights; Lightning's
+  ``ModelPruning`` (global L1, 90 % and 97 %).
+* the safety loop, from the trained float model for ``--compress-epochs``: ``SelfCompression + PreservationGuard``
+  against unguarded ``SelfCompression`` at several γ (interpolated to the guard's packed size) and against the guard
+  with a random preservation set of the same size.
+* at fit end on the trained float model: C-SWAP vs LAMP vs Taylor vs OMP (group L2 magnitude) vs random at 50 % of
+  the parameters removed (no fine-tuning; accuracy, SAUCE on the validation split, seconds to compute the order), and
+  ``LRPCompression``'s absolute relevance vs magnitude pruning vs uniform quantization at equal packed size.
+
+Sizes are the honest serialized files: our packed safetensors; DiffQ's packed state (pickled, as its
+``packed_model_size``); the int8 model's ``state_dict`` (``torch.save``); Brevitas' 4-bit codes packed at 4 bits with
+their scales (safetensors; Brevitas' own exports store int8); unstructured sparsity as a bitmask plus float32 values
+(safetensors). Ratios are against the float32 ``state_dict`` as safetensors. Peers that are not installed
+(``pip install -e ".[bench]"``) are skipped with a note in the JSON.
+
+Workers (one per model and seed) run in parallel (``--jobs``, one thread each). The last line printed is one JSON
+object; the full run rewrites its BENCHMARKS.md section and ``docs/mnist_size_accuracy.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import os
+import pickle
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_MNIST = ROOT.parent / "shared" / "data"
+MODELS = ("lenet5caffe", "lenet300100")
+GAMMA_RECOMMENDED = {"lenet5caffe": 0.1, "lenet300100": 0.1}
+GUARD_GAMMA = {"lenet5caffe": 0.5, "lenet300100": 0.5}
+SWEEP = (0.1, 0.3, 1.0)  # unguarded γ around the guarded one, to compare at equal packed size
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers shared by the worker
+
+
+def _data_dir(path: str | None) -> str:
+    """A folder with MNIST's raw files the data module may write into (the shared copy is read, not changed)."""
+    if path:
+        return path
+    env = os.environ.get("LXAI_MNIST")
+    if env:
+        return env
+    cache = ROOT / ".data"
+    raw = cache / "MNIST" / "raw"
+    if not raw.is_dir():
+        src = SHARED_MNIST / "MNIST" / "raw"
+        if not src.is_dir():
+            raise SystemExit(f"MNIST not found: pass --data-dir (expected {src} or $LXAI_MNIST)")
+        raw.mkdir(parents=True)
+        for f in src.iterdir():
+            shutil.copy(f, raw / f.name)
+    return str(cache)
+
+
+def _trainer(epochs: int, callbacks: list, **kw: Any):
+    import lightning.pytorch as pl
+
+    return pl.Trainer(
+        max_epochs=epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        **kw,
+    )
+
+
+def _test_acc(model, dm) -> float:
+    from lightning_xai.evaluation import accuracy
+
+    x, y = dm.dataset("test").tensors
+    was = model.training
+    model.eval()
+    try:
+        return accuracy(model, x, y, 1000)
+    finally:
+        model.train(was)
+
+
+def _fit(model, dm, epochs: int, callbacks: list | None = None) -> float:
+    start = time.perf_counter()
+    _trainer(epochs, callbacks or []).fit(model, dm)
+    return time.perf_counter() - start
+
+
+def _file_bytes(tensors: dict, metadata: dict | None = None) -> int:
+    from safetensors.torch import save
+
+    return len(save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata))
+
+
+def _float_bytes(net) -> int:
+    return _file_bytes(net.state_dict())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# peers
+
+
+def _diffq(model_name: str, dm, epochs: int, penalty: float, seed: int) -> dict:
+    import lightning.pytorch as pl
+    import torch
+    import torch.nn.functional as F
+    from diffq import DiffQuantizer
+
+    from lightning_xai.models import ImageClassifier
+
+    class DiffQClassifier(ImageClassifier):
+        def __init__(self) -> None:
+            super().__init__(model_name, input_shape=(1, 28, 28))
+            self.quantizer = DiffQuantizer(self.net, group_size=4, min_size=0.0, exclude=["*bias"])
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self(x), y) + penalty * self.quantizer.model_size()
+
+        def configure_optimizers(self):
+            logits = {id(qp.logit) for qp in self.quantizer._qparams}  # DiffQ adds its bit logits itself
+            opt = torch.optim.Adam([p for p in self.parameters() if id(p) not in logits], lr=self.lr)
+            self.quantizer.setup_optimizer(opt)
+            return opt
+
+    pl.seed_everything(seed, verbose=False)
+    model = DiffQClassifier()
+    seconds = _fit(model, dm, epochs)
+    acc = _test_acc(model, dm)  # eval mode: DiffQ quantizes the weights for the forward
+    state = model.quantizer.get_quantized_state(packed=True)
+    return {"acc": acc, "bytes": len(pickle.dumps(state)), "seconds": seconds}
+
+
+def _qat_int8(model_name: str, dm, epochs: int, seed: int) -> dict:
+    import lightning.pytorch as pl
+    import torch
+    from torch.ao.quantization import get_default_qat_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_qat_fx
+
+    from lightning_xai.models import ImageClassifier
+    from lightning_xai.models.nets import build_model
+
+    pl.seed_everything(seed, verbose=False)
+    torch.backends.quantized.engine = "x86"
+    net = build_model(model_name, (1, 28, 28)).train()
+    prepared = prepare_qat_fx(net, get_default_qat_qconfig_mapping("x86"), (torch.zeros(2, 1, 28, 28),))
+    model = ImageClassifier(prepared)
+    seconds = _fit(model, dm, epochs)
+    converted = convert_fx(copy.deepcopy(model.net).eval())
+    x, y = dm.dataset("test").tensors
+    with torch.no_grad():
+        correct = sum(
+            int((converted(x[i : i + 1000]).argmax(1) == y[i : i + 1000]).sum()) for i in range(0, len(y), 1000)
+        )
+    buf = io.BytesIO()
+    torch.save(converted.state_dict(), buf)
+    return {"acc": correct / len(y), "bytes": buf.tell(), "seconds": seconds}
+
+
+def _brevitas_w4(model_name: str, dm, epochs: int, seed: int) -> dict:
+    import brevitas.nn as qnn
+    import lightning.pytorch as pl
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from lightning_xai.models import ImageClassifier
+    from lightning_xai.quantization.export import pack_codes
+
+    bits = 4
+    if model_name == "lenet5caffe":
+        net = nn.Sequential(
+            qnn.QuantConv2d(1, 20, 5, weight_bit_width=bits),
+            nn.MaxPool2d(2),
+            qnn.QuantConv2d(20, 50, 5, weight_bit_width=bits),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            qnn.QuantLinear(800, 500, bias=True, weight_bit_width=bits),
+            nn.ReLU(),
+            qnn.QuantLinear(500, 10, bias=True, weight_bit_width=bits),
+        )
+    else:
+        net = nn.Sequential(
+            nn.Flatten(),
+            qnn.QuantLinear(784, 300, bias=True, weight_bit_width=bits),
+            nn.ReLU(),
+            qnn.QuantLinear(300, 100, bias=True, weight_bit_width=bits),
+            nn.ReLU(),
+            qnn.QuantLinear(100, 10, bias=True, weight_bit_width=bits),
+        )
+    pl.seed_everything(seed, verbose=False)
+    model = ImageClassifier(net)
+    seconds = _fit(model, dm, epochs)
+    acc = _test_acc(model, dm)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, layer in net.named_modules():
+        if isinstance(layer, (qnn.QuantConv2d, qnn.QuantLinear)):
+            qw = layer.quant_weight()
+            codes = torch.round(qw.value / qw.scale).detach().to(torch.int64).reshape(1, -1).numpy()
+            stream = pack_codes(codes, np.array([bits]))
+            tensors[f"{name}.codes"] = torch.from_numpy(np.packbits(stream, bitorder="little"))
+            tensors[f"{name}.scale"] = qw.scale.detach().float().reshape(-1)
+            if layer.bias is not None:
+                tensors[f"{name}.bias"] = layer.bias.detach().float()
+    return {"acc": acc, "bytes": _file_bytes(tensors), "seconds": seconds}
+
+
+def _model_pruning(model_name: str, dm, epochs: int, target: float, seed: int) -> dict:
+    import lightning.pytorch as pl
+    import numpy as np
+    import torch
+    from lightning.pytorch.callbacks import ModelPruning
+
+    from lightning_xai.models import ImageClassifier
+
+    pl.seed_everything(seed, verbose=False)
+    model = ImageClassifier(model_name, input_shape=(1, 28, 28))
+    events = max(1, epochs // 2)  # prune at the start of the first half of the epochs, fine-tune in the second
+    step = 1 - (1 - target) ** (1 / events)  # each event prunes this share of what is left
+    cb = ModelPruning(
+        "l1_unstructured",
+        amount=lambda epoch: step if epoch < events else 0.0,
+        use_global_unstructured=True,
+        make_pruning_permanent=True,
+        verbose=0,
+    )
+    seconds = _fit(model, dm, epochs, [cb])
+    acc = _test_acc(model, dm)
+    tensors: dict[str, torch.Tensor] = {}
+    zeros = total = 0
+    for key, value in model.net.state_dict().items():
+        if key.endswith("weight") and value.dim() >= 2:
+            keep = value != 0
+            zeros += int((~keep).sum())
+            total += value.numel()
+            tensors[f"{key}.mask"] = torch.from_numpy(np.packbits(keep.flatten().numpy()))
+            tensors[f"{key}.values"] = value[keep].float()
+        else:
+            tensors[key] = value
+    return {"acc": acc, "bytes": _file_bytes(tensors), "seconds": seconds, "sparsity": zeros / max(total, 1)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ours
+
+
+def _self_compression(model_name: str, dm, epochs: int, seed: int, **kwargs: Any) -> dict:
+    import lightning.pytorch as pl
+
+    from lightning_xai import SelfCompression
+    from lightning_xai.models import ImageClassifier
+
+    pl.seed_everything(seed, verbose=False)
+    model = ImageClassifier(model_name, input_shape=(1, 28, 28))
+    path = Path(tempfile.mkdtemp()) / "sc.safetensors"
+    cb = SelfCompression(export_path=str(path), log_every_n_steps=0, **kwargs)
+    seconds = _fit(model, dm, epochs, [cb])
+    return {
+        "acc": _test_acc(model, dm),
+        "bytes": path.stat().st_size,
+        "seconds": seconds,
+        "channels_removed": cb.channels_removed,
+    }
+
+
+def _guarded(
+    model_name: str,
+    float_state: dict,
+    dm,
+    epochs: int,
+    seed: int,
+    gamma: float,
+    guard_kwargs: dict | None,
+    random_set_of: int | None = None,
+) -> dict:
+    """Compress the trained float model for ``epochs``: with the guard (``guard_kwargs``) or without (None)."""
+    import lightning.pytorch as pl
+    import numpy as np
+
+    from lightning_xai import PreservationGuard, SelfCompression
+    from lightning_xai.models import ImageClassifier
+
+    pl.seed_everything(seed, verbose=False)
+    model = ImageClassifier(model_name, input_shape=(1, 28, 28))
+    model.load_state_dict(float_state)
+    path = Path(tempfile.mkdtemp()) / "guarded.safetensors"
+    sc = SelfCompression(gamma=gamma, freeze_bits_after=0.8, log_every_n_steps=0, export_path=str(path))
+    callbacks: list = [sc]
+    guard = None
+    if guard_kwargs is not None:
+        kwargs = dict(guard_kwargs)
+        if random_set_of is not None:
+            n_train = len(dm.dataset("train"))
+            kwargs["indices"] = np.random.default_rng(seed + 7).choice(n_train, random_set_of, replace=False).tolist()
+        guard = PreservationGuard(**kwargs)
+        callbacks.append(guard)
+    seconds = _fit(model, dm, epochs, callbacks)
+    out = {"acc": _test_acc(model, dm), "bytes": path.stat().st_size, "seconds": seconds, "gamma": gamma}
+    if guard is not None:
+        steps = [r["step"] for r in guard.restorations if not r.get("rollback")]
+        total_steps = epochs * len(dm.train_dataloader())
+        out.update(
+            restorations=len(steps),
+            restorations_second_half=sum(s > total_steps / 2 for s in steps),
+            rolled_back=guard.rolled_back,
+            set_size=len(guard.indices),
+            restoration_steps=steps,
+        )
+    return out
+
+
+def _fit_end_pruning(model, dm, seed: int, per_class: int, points: int) -> dict:
+    """C-SWAP vs LAMP vs Taylor vs OMP vs random at 50 % of the parameters removed, on the trained float model."""
+    import torch.nn.functional as F
+    import torch_pruning as tp
+
+    from lightning_xai.evaluation import accuracy
+    from lightning_xai.pruning.cswap import (
+        class_balanced_samples,
+        cswap_order,
+        magnitude_order,
+        plan_from_order,
+        prefix_for_ratio,
+        pruning_curve,
+        random_order,
+    )
+    from lightning_xai.pruning.units import ChannelMasker, find_units
+
+    net = copy.deepcopy(model.net).eval()
+    x, y = class_balanced_samples(dm.dataset("train"), per_class, seed)
+    vx, vy = dm.dataset("val").tensors
+    tx, ty = dm.dataset("test").tensors
+    orders, seconds = {}, {}
+    start = time.perf_counter()
+    units, _ = find_units(net, x[:2])
+    orders["omp"] = magnitude_order(units)
+    seconds["omp"] = time.perf_counter() - start
+    start = time.perf_counter()
+    lamp_units, _ = find_units(net, x[:2], importance=tp.importance.LAMPImportance(p=2))
+    orders["lamp"] = magnitude_order(lamp_units)
+    seconds["lamp"] = time.perf_counter() - start
+    start = time.perf_counter()
+    net.zero_grad(set_to_none=True)
+    F.cross_entropy(net(x), y).backward()  # Taylor needs ∂L/∂w on the analysis samples
+    taylor_units, _ = find_units(net, x[:2], importance=tp.importance.TaylorImportance())
+    net.zero_grad(set_to_none=True)
+    orders["taylor"] = magnitude_order(taylor_units)
+    seconds["taylor"] = time.perf_counter() - start
+    start = time.perf_counter()
+    orders["cswap"] = cswap_order(net, units, x, y, mode="fast")
+    seconds["cswap"] = time.perf_counter() - start
+    orders["random"] = random_order(units, seed)
+    seconds["random"] = 0.0
+    out: dict[str, Any] = {}
+    by_name = {u.name: u for u in units}
+    total = sum(p.numel() for p in net.parameters())
+    for method, order in orders.items():
+        k = prefix_for_ratio(net, units, order.order, 0.5)
+        masker = ChannelMasker(net, units)
+        for name, chs in plan_from_order(units, order.order, k).items():
+            masker.remove(by_name[name].index, chs)
+        with masker.active():
+            acc50 = accuracy(net, tx, ty, 1000)
+        curve = pruning_curve(net, units, order, vx, vy, points, 1000)
+        out[method] = {
+            "acc_at_50": acc50,
+            "sauce": curve.sauce,
+            "seconds": seconds[method],
+            "curve": [curve.removed, curve.accuracy],
+        }
+    out["params"] = total
+    out["cswap_non_critical"] = orders["cswap"].non_critical
+    return out
+
+
+def _lrp_equal_size(model, dm, seed: int, per_class: int) -> dict:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from lrp_compression import _acc, _largest_fitting  # the LRP benchmark's own equal-size helpers
+
+    from lightning_xai.attribution.lrp import Composite, Epsilon, weight_relevance
+    from lightning_xai.pruning.cswap import class_balanced_samples
+    from lightning_xai.quantization.mixed import magnitude_plan, packed_size, relevance_plan, uniform_plan
+
+    net = copy.deepcopy(model.net).eval()
+    x, y = class_balanced_samples(dm.dataset("train"), per_class, seed)
+    tx, ty = dm.dataset("test").tensors
+    float_bytes = _float_bytes(net)
+    rel = weight_relevance(net, x, y, Composite(default=Epsilon(absolute=True)), batch_size=256)
+    plans = {n: relevance_plan(r, 0.3, (8, 4)) for n, r in rel.items()}
+    budget = packed_size(net, plans)
+    counts = {n: p.keep.numel() - p.kept for n, p in plans.items()}
+    weights = {n: net.get_submodule(n).weight for n in plans}
+    _, mag = _largest_fitting(lambda b: {n: magnitude_plan(w, counts[n], b) for n, w in weights.items()}, net, budget)
+    _, uni = _largest_fitting(lambda b: {n: uniform_plan(w, b) for n, w in weights.items()}, net, budget)
+    return {
+        "lrp_acc": _acc(net, plans, tx, ty),
+        "lrp_size_ratio": budget / float_bytes,
+        "magnitude_acc": _acc(net, mag, tx, ty),
+        "magnitude_size_ratio": packed_size(net, mag) / float_bytes,
+        "uniform_acc": _acc(net, uni, tx, ty),
+        "uniform_size_ratio": packed_size(net, uni) / float_bytes,
+    }
+
+
+def _available(module: str) -> str | None:
+    import importlib.util
+
+    return None if importlib.util.find_spec(module) else f"{module} not installed (pip install -e '.[bench]')"
+
+
+def worker(model_name: str, seed: int, args: argparse.Namespace) -> dict:
+    import lightning.pytorch as pl
+    import torch
+
+    from lightning_xai import MNISTDataModule
+    from lightning_xai.models import ImageClassifier
+
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    import logging
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    dm = MNISTDataModule(args.data_dir, batch_size=128, seed=seed, limit=args.limit)
+    dm.setup()
+    res: dict[str, Any] = {"model": model_name, "seed": seed, "skipped": {}}
+    pl.seed_everything(seed, verbose=False)
+    float_model = ImageClassifier(model_name, input_shape=(1, 28, 28))
+    seconds = _fit(float_model, dm, args.epochs)
+    res["float"] = {"acc": _test_acc(float_model, dm), "bytes": _float_bytes(float_model.net), "seconds": seconds}
+    float_state = copy.deepcopy(float_model.state_dict())
+
+    res["sc_default"] = _self_compression(model_name, dm, args.epochs, seed)
+    res["sc_recommended"] = _self_compression(
+        model_name, dm, args.epochs, seed, gamma=GAMMA_RECOMMENDED[model_name], freeze_bits_after=0.8
+    )
+    guard_kwargs = dict(
+        fraction=args.guard_fraction,
+        lam=0.5,
+        check_every_n_steps=args.check_every,
+        max_drop=0.005,
+        cooldown_steps=args.check_every,
+    )
+    guarded = _guarded(model_name, float_state, dm, args.compress_epochs, seed, GUARD_GAMMA[model_name], guard_kwargs)
+    res["sc_guard"] = guarded
+    res["sc_guard_random_set"] = _guarded(
+        model_name,
+        float_state,
+        dm,
+        args.compress_epochs,
+        seed,
+        GUARD_GAMMA[model_name],
+        guard_kwargs,
+        random_set_of=guarded["set_size"],
+    )
+    res["sc_unguarded_sweep"] = [
+        _guarded(model_name, float_state, dm, args.compress_epochs, seed, g, None) for g in args.sweep
+    ]
+
+    if (why := _available("diffq")) is None:
+        for p in args.diffq_penalties:
+            res[f"diffq_{p:g}"] = _diffq(model_name, dm, args.epochs, p, seed)
+    else:
+        res["skipped"]["diffq"] = why
+    res["qat_int8"] = _qat_int8(model_name, dm, args.epochs, seed)
+    if (why := _available("brevitas")) is None:
+        res["brevitas_w4"] = _brevitas_w4(model_name, dm, args.epochs, seed)
+    else:
+        res["skipped"]["brevitas"] = why
+    for target in (0.9, 0.97):
+        res[f"model_pruning_{round(target * 100)}"] = _model_pruning(model_name, dm, args.epochs, target, seed)
+
+    res["fit_end_pruning"] = _fit_end_pruning(float_model, dm, seed, args.per_class, args.curve_points)
+    res["lrp"] = _lrp_equal_size(float_model, dm, seed, args.per_class)
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# aggregation
+
+
+def _ms(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def _interp(size: float, points: list[tuple[float, float]]) -> float | None:
+    """Accuracy at ``size`` by linear interpolation in log-size between the sweep's (size, accuracy) points."""
+    import math
+
+    pts = sorted(points)
+    for (s0, a0), (s1, a1) in zip(pts, pts[1:]):
+        if s0 <= size <= s1:
+            if s1 == s0:
+                return (a0 + a1) / 2
+            t = (math.log(size) - math.log(s0)) / (math.log(s1) - math.log(s0))
+            return a0 + t * (a1 - a0)
+    return None
+
+
+TRAINED = ("float", "sc_default", "sc_recommended", "qat_int8", "brevitas_w4", "model_pruning_90", "model_pruning_97")
+
+
+def aggregate(runs: list[dict]) -> dict:
+    out: dict[str, Any] = {}
+    for model_name in sorted({r["model"] for r in runs}):
+        rs = [r for r in runs if r["model"] == model_name]
+        methods = [m for m in rs[0] if isinstance(rs[0][m], dict) and "acc" in rs[0][m]]
+        table = {}
+        for m in methods:
+            accs = [100 * r[m]["acc"] for r in rs]
+            sizes = [r[m]["bytes"] for r in rs]
+            floats = [r["float"]["bytes"] for r in rs]
+            table[m] = {
+                "acc": _ms(accs),
+                "bytes": statistics.fmean(sizes),
+                "ratio": statistics.fmean(f / s for f, s in zip(floats, sizes)),
+                "size_pct": 100 * statistics.fmean(s / f for f, s in zip(floats, sizes)),
+                "time_ratio": statistics.fmean(r[m]["seconds"] / r["float"]["seconds"] for r in rs),
+                "per_seed": [round(a, 2) for a in accs],
+            }
+        sweep = {}
+        per_seed_gap = []
+        for r in rs:
+            pts = [(s["bytes"], 100 * s["acc"]) for s in r["sc_unguarded_sweep"]]
+            matched = _interp(r["sc_guard"]["bytes"], pts)
+            per_seed_gap.append(None if matched is None else 100 * r["sc_guard"]["acc"] - matched)
+            sweep.setdefault("points", []).append(pts)
+        guard = {
+            "guard_minus_unguarded_at_equal_size": per_seed_gap,
+            "restorations": [r["sc_guard"]["restorations"] for r in rs],
+            "restorations_second_half": [r["sc_guard"]["restorations_second_half"] for r in rs],
+            "selected_minus_random_set": [100 * (r["sc_guard"]["acc"] - r["sc_guard_random_set"]["acc"]) for r in rs],
+            "sweep": sweep["points"],
+        }
+        fit_end = {}
+        for method in ("cswap", "lamp", "taylor", "omp", "random"):
+            fit_end[method] = {
+                "acc_at_50": _ms([100 * r["fit_end_pruning"][method]["acc_at_50"] for r in rs]),
+                "sauce": _ms([r["fit_end_pruning"][method]["sauce"] for r in rs]),
+                "seconds": statistics.fmean(r["fit_end_pruning"][method]["seconds"] for r in rs),
+                "per_seed_acc_at_50": [round(100 * r["fit_end_pruning"][method]["acc_at_50"], 2) for r in rs],
+            }
+        lrp = {k: _ms([r["lrp"][k] * (100 if k.endswith("acc") else 1) for r in rs]) for k in rs[0]["lrp"]}
+        out[model_name] = {
+            "table": table,
+            "guard": guard,
+            "fit_end": fit_end,
+            "lrp": lrp,
+            "skipped": rs[0]["skipped"],
+            "seeds": len(rs),
+        }
+    return out
+
+
+def _checks(agg: dict) -> dict:
+    """The issue's targets, computed from the aggregate (true/false, with the numbers)."""
+    c: dict[str, Any] = {}
+    for model_name, target_ratio, max_drop in (("lenet5caffe", 100, 0.15), ("lenet300100", 50, 0.2)):
+        if model_name not in agg:
+            continue
+        t = agg[model_name]["table"]
+        fl, rec = t["float"]["acc"]["mean"], t["sc_recommended"]
+        c[f"{model_name}_sc_ratio"] = round(rec["ratio"], 1)
+        c[f"{model_name}_sc_acc_minus_float"] = round(rec["acc"]["mean"] - fl, 3)
+        c[f"{model_name}_target_met"] = rec["ratio"] >= target_ratio and rec["acc"]["mean"] >= fl - max_drop
+        peers = {m: v for m, v in t.items() if m not in ("float",) and not m.startswith("sc_")}
+        near = {
+            m: v
+            for m, v in peers.items()
+            if v["acc"]["mean"] >= rec["acc"]["mean"] - rec["acc"]["std"] - v["acc"]["std"]
+        }
+        if near:
+            best = min(near, key=lambda m: near[m]["bytes"])
+            c[f"{model_name}_smaller_than_best_peer_at_equal_acc"] = round(near[best]["bytes"] / rec["bytes"], 2)
+            c[f"{model_name}_best_peer_at_equal_acc"] = best
+        fe = agg[model_name]["fit_end"]
+        c[f"{model_name}_cswap_minus_lamp_acc_at_50_per_seed"] = [
+            round(a - b, 2) for a, b in zip(fe["cswap"]["per_seed_acc_at_50"], fe["lamp"]["per_seed_acc_at_50"])
+        ]
+        c[f"{model_name}_cswap_minus_lamp_sauce"] = round(fe["cswap"]["sauce"]["mean"] - fe["lamp"]["sauce"]["mean"], 2)
+        d = t["sc_default"]
+        c[f"{model_name}_defaults_ratio"] = round(d["ratio"], 1)
+        c[f"{model_name}_defaults_acc_minus_float"] = round(d["acc"]["mean"] - fl, 3)
+    return c
+
+
+def _markdown(agg: dict, checks: dict, args: argparse.Namespace) -> str:
+    lines = [
+        f"Full MNIST, {args.seeds} seeds, {args.epochs} epochs (safety loop: {args.compress_epochs} epochs from "
+        "the trained float model), test accuracy mean ± std over seeds on the 10,000 test images.",
+        "",
+    ]
+    for model_name, a in agg.items():
+        lines += [
+            f"### {model_name}",
+            "",
+            "| method | test acc % | file bytes | ×smaller than float32 | size % | train time × |",
+            "|---|---|---|---|---|---|",
+        ]
+        for m, v in sorted(a["table"].items(), key=lambda kv: -kv[1]["bytes"]):
+            lines.append(
+                f"| {m} | {v['acc']['mean']:.2f} ± {v['acc']['std']:.2f} | {v['bytes']:,.0f} | "
+                f"{v['ratio']:.1f} | {v['size_pct']:.2f} | {v['time_ratio']:.2f} |"
+            )
+        lines += [
+            "",
+            "| fit-end method (50 % of parameters, no fine-tuning) | acc % | SAUCE | seconds for the order |",
+            "|---|---|---|---|",
+        ]
+        for m, v in a["fit_end"].items():
+            lines.append(
+                f"| {m} | {v['acc_at_50']['mean']:.2f} ± {v['acc_at_50']['std']:.2f} | "
+                f"{v['sauce']['mean']:.1f} ± {v['sauce']['std']:.1f} | {v['seconds']:.2f} |"
+            )
+        lrp = a["lrp"]
+        lines += [
+            "",
+            f"LRP (absolute relevance, 30 % pruned, 8/4 bits) at equal packed size: LRP "
+            f"{lrp['lrp_acc']['mean']:.2f} % at {lrp['lrp_size_ratio']['mean']:.3f} of float, magnitude "
+            f"{lrp['magnitude_acc']['mean']:.2f} %, uniform {lrp['uniform_acc']['mean']:.2f} %.",
+            f"Guard vs unguarded at the guard's packed size (points per seed): "
+            f"{a['guard']['guard_minus_unguarded_at_equal_size']}; restorations per run "
+            f"{a['guard']['restorations']} (second half: {a['guard']['restorations_second_half']}); selected "
+            f"minus random preservation set: {[round(v, 2) for v in a['guard']['selected_minus_random_set']]}.",
+            "",
+        ]
+        if a["skipped"]:
+            lines += [f"Skipped: {a['skipped']}", ""]
+    lines += ["Targets: `" + json.dumps(checks) + "`"]
+    return "\n".join(lines)
+
+
+def _figure(agg: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(agg), figsize=(6 * len(agg), 4.2))
+    axes = axes if len(agg) > 1 else [axes]
+    for ax, (model_name, a) in zip(axes, agg.items()):
+        for m, v in a["table"].items():
+            ours = m.startswith("sc_")
+            ax.errorbar(
+                v["bytes"] / 1024,
+                v["acc"]["mean"],
+                yerr=v["acc"]["std"],
+                fmt="o" if ours else "s",
+                color="tab:red" if ours else "tab:gray",
+                capsize=3,
+            )
+            ax.annotate(m, (v["bytes"] / 1024, v["acc"]["mean"]), fontsize=7, xytext=(4, 2), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("serialized file (kB, log)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"{model_name}: size vs accuracy (mean ± std, {a['seeds']} seeds)")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="2,500 training images, 2 epochs, 1 seed (≤ 3 minutes)")
+    parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--compress-epochs", type=int, default=None)
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--worker", nargs=2, metavar=("MODEL", "SEED"), help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.data_dir = _data_dir(args.data_dir)
+    args.seeds = args.seeds or (1 if args.quick else 3)
+    args.epochs = args.epochs or (2 if args.quick else 8)
+    args.compress_epochs = args.compress_epochs or (1 if args.quick else 4)
+    args.limit = 2500 if args.quick else None
+    args.threads = 1
+    args.per_class = 16 if args.quick else 64
+    args.curve_points = 5 if args.quick else 11
+    args.guard_fraction = 0.05 if args.quick else 0.02
+    args.check_every = 10 if args.quick else 50
+    args.sweep = SWEEP[1:] if args.quick else SWEEP
+    args.diffq_penalties = (1.0,) if args.quick else (1.0, 10.0)
+    if args.worker:
+        result = worker(args.worker[0], int(args.worker[1]), args)
+        Path(args.out).write_text(json.dumps(result))
+        return result
+
+    tmp = Path(tempfile.mkdtemp())
+    jobs = [(m, s) for m in args.models.split(",") for s in range(args.seeds)]
+    pending, running, runs = list(jobs), [], []
+    base = [
+        sys.executable,
+        __file__,
+        "--data-dir",
+        args.data_dir,
+        "--epochs",
+        str(args.epochs),
+        "--compress-epochs",
+        str(args.compress_epochs),
+    ] + (["--quick"] if args.quick else [])
+    env = dict(
+        os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    )
+    start = time.perf_counter()
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            m, s = pending.pop(0)
+            out = tmp / f"{m}.{s}.json"
+            proc = subprocess.Popen(
+                base + ["--worker", m, str(s), "--out", str(out)],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=open(tmp / f"{m}.{s}.log", "w"),
+            )
+            running.append((proc, out, m, s))
+        time.sleep(1.0)
+        for item in list(running):
+            proc, out, m, s = item
+            if proc.poll() is not None:
+                running.remove(item)
+                if proc.returncode != 0:
+                    raise SystemExit(f"worker {m} seed {s} failed:\n{(tmp / f'{m}.{s}.log').read_text()[-4000:]}")
+                runs.append(json.loads(out.read_text()))
+    agg = aggregate(runs)
+    checks = _checks(agg)
+    result = {
+        "benchmark": "mnist",
+        "mode": "quick" if args.quick else "full",
+        "seeds": args.seeds,
+        "epochs": args.epochs,
+        "compress_epochs": args.compress_epochs,
+        "minutes": round((time.perf_counter() - start) / 60, 1),
+        "checks": checks,
+        "models": {
+            m: {k: v for k, v in a.items() if k != "guard"}
+            | {"guard": {k: v for k, v in a["guard"].items() if k != "sweep"}}
+            for m, a in agg.items()
+        },
+    }
+    for a in result["models"].values():
+        for v in a["fit_end"].values():
+            v.pop("curve", None)
+    if not args.quick:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from _common import replace_section
+
+        replace_section(
+            "mnist",
+            _markdown(agg, checks, args),
+            "python benchmarks/mnist.py" + " ".join(argv or sys.argv[1:]).join([" ", ""]).rstrip(),
+        )
+        _figure(agg, ROOT / "docs" / "mnist_size_accuracy.png")
+        (ROOT / "benchmarks" / "results").mkdir(exist_ok=True)
+        (ROOT / "benchmarks" / "results" / "mnist_runs.json").write_text(json.dumps(runs))
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
