@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-__all__ = ["validate_number"]
+__all__ = ["validate_number", "validate_bool", "validate_export_path", "validate_names", "check_layer_names"]
 
 
 def validate_number(
@@ -31,3 +32,54 @@ def validate_number(
         raise ValueError(f"`{name}` must be {bound}, got {value!r}")
     if high is not None and value > high:
         raise ValueError(f"`{name}` must be <= {high}, got {value!r}")
+
+
+def validate_bool(name: str, value: Any) -> None:
+    """Raise a ``ValueError`` naming ``name`` unless ``value`` is ``True`` or ``False`` (``"no"`` is truthy)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"`{name}` must be True or False, got {value!r}")
+
+
+def validate_export_path(name: str, value: Any) -> str | None:
+    """An export file path (``str``/``PathLike``, or None), checked before training: not empty, not a folder, and
+    inside a folder that exists or can be created. Returns it as a string. ``{log_dir}`` is kept for the callbacks
+    to fill in with the run's log folder at fit end."""
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)):
+        raise ValueError(f"`{name}` must be a file path (str or os.PathLike) or None, got {value!r}")
+    path = os.fspath(value)
+    if not path.strip():
+        raise ValueError(f"`{name}` must be a file path, got an empty string")
+    if "{log_dir}" in path:
+        return path
+    if os.path.isdir(path):
+        example = os.path.join(path, "model.safetensors")
+        raise ValueError(f"`{name}`={path!r} is an existing folder; give a file path such as {example!r}")
+    parent = os.path.dirname(os.path.abspath(path))
+    probe = parent
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK):
+        raise ValueError(f"`{name}`={path!r} cannot be written: {probe!r} is not a writable folder")
+    return path
+
+
+def validate_names(name: str, value: Any, what: str = "layer names") -> tuple[str, ...]:
+    """A list or tuple of strings (a single string is refused: ``'fc'`` would become ``('f', 'c')``)."""
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"`{name}` must be a list or tuple of {what} (strings), got {value!r}")
+    return tuple(value)
+
+
+def check_layer_names(name: str, names: Any, model: Any) -> None:
+    """Raise a ``ValueError`` naming ``name`` for every entry of ``names`` that is not a module of ``model``, with the
+    closest existing names as suggestions (a typo would otherwise be ignored silently)."""
+    import difflib
+
+    known = [n for n, _ in model.named_modules() if n]
+    unknown = [n for n in names if n not in set(known)]
+    if unknown:
+        hints = {n: difflib.get_close_matches(n, known, n=3, cutoff=0.5) for n in unknown}
+        detail = "; ".join(f"{n!r} (did you mean {h}?)" if h else repr(n) for n, h in hints.items())
+        raise ValueError(f"`{name}` names layers that the model does not have: {detail}")

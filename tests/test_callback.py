@@ -219,7 +219,7 @@ def test_gradient_accumulation_and_multiple_fits(tmp_path):
         ({"remove_every_n_steps": 2.5}, r"`remove_every_n_steps` must be an integer, got 2.5"),
         ({"log_every_n_steps": "often"}, r"`log_every_n_steps` must be an integer, got 'often'"),
         ({"remove_at_fit_end": "yes"}, r"`remove_at_fit_end` must be True or False, got 'yes'"),
-        ({"export_path": 5}, r"`export_path` must be a file path or None, got 5"),
+        ({"export_path": 5}, r"`export_path` must be a file path \(str or os.PathLike\) or None, got 5"),
         ({"include": "["}, r"`include`='\[' is not a valid regular expression"),
         ({"init_bits": 0}, r"`init_bits` must be >= 1.0, got 0"),
     ],

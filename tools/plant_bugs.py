@@ -14,6 +14,20 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MUTANTS = [
     (
+        "checkpoints keep the compact parametrized state",
+        "lightning_xai/callbacks/self_compression.py",
+        "        save_plain_checkpoint(pl_module, checkpoint)",
+        "        pass",
+        "tests/test_reload.py::test_load_from_checkpoint_during_and_after_self_compression",
+    ),
+    (
+        "ddp_spawn hands back the compact weights",
+        "lightning_xai/callbacks/cswap_pruning.py",
+        "        plain_weights_for_spawn(trainer, pl_module)",
+        "        pass",
+        "tests/test_reload.py::test_ddp_spawn_with_cswap_pruning",
+    ),
+    (
         "restored channels keep the full penalty",
         "lightning_xai/callbacks/preservation_guard.py",
         "                    q.relief.masked_fill_(mask, self.restored_penalty)",

@@ -4,9 +4,30 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["refuse_sharded_strategies"]
+__all__ = ["refuse_sharded_strategies", "resolve_export_path", "refuse_duplicates"]
 
 _SHARDED = ("FSDP", "DeepSpeed", "ModelParallel")
+
+
+def resolve_export_path(path: str | None, trainer: Any) -> str | None:
+    """``path`` with ``{log_dir}`` replaced by the run's log folder (the logger's versioned folder, or the Trainer's
+    ``default_root_dir`` without a logger), so each run's export lands next to its logs instead of overwriting the
+    previous run's."""
+    if path is None or "{log_dir}" not in path:
+        return path
+    log_dir = getattr(trainer, "log_dir", None) or getattr(trainer, "default_root_dir", None) or "."
+    return path.replace("{log_dir}", str(log_dir))
+
+
+def refuse_duplicates(trainer: Any, callback: Any) -> None:
+    """Two instances of one callback class in a Trainer would install, penalise or prune twice: refuse."""
+    same = [cb for cb in getattr(trainer, "callbacks", []) if type(cb) is type(callback)]
+    if len(same) > 1:
+        name = type(callback).__name__
+        raise ValueError(
+            f"the Trainer has {len(same)} {name} callbacks; use one (it covers the whole model: select layers with "
+            "its own arguments)"
+        )
 
 
 def refuse_sharded_strategies(trainer: Any, who: str) -> None:

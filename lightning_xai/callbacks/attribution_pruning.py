@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from scipy import stats
 from torch import nn
 
-from lightning_xai._validation import validate_number
+from lightning_xai._validation import validate_bool, validate_number
 from lightning_xai.attribution.layers import (
     DEFAULT_TYPES,
     GradientActivationScorer,
@@ -89,6 +89,19 @@ class AttributionPruning(ResizeOnLoad):
         validate_number("fraction", fraction, low=0.0, low_open=True, high=0.5)
         validate_number("num_batches", num_batches, low=1, integer=True)
         validate_number("batch_size", batch_size, low=1, integer=True)
+        if not callable(loss_fn):
+            raise ValueError(
+                f"`loss_fn` must be a callable `loss_fn(model, batch) -> (summed loss, samples)`, got {loss_fn!r}; "
+                "see lightning_xai.attribution.layers.classification_loss"
+            )
+        validate_bool("apply", apply)
+        validate_bool("include_first_last", include_first_last)
+        if (
+            isinstance(types, type)
+            or not types
+            or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in types)
+        ):
+            raise ValueError(f"`types` must be a non-empty tuple of nn.Module classes, got {types!r}")
         self.scorer_name, self.fraction, self.mode = scorer, fraction, mode
         self.num_batches, self.loss_fn, self.include_first_last = num_batches, loss_fn, include_first_last
         self.types, self.apply, self.batch_size = tuple(types), apply, batch_size
@@ -184,6 +197,9 @@ class AttributionPruning(ResizeOnLoad):
             f"AttributionPruning ({self.mode}): pruned {pruned_attr} by {self.scorer_name} (L1: {pruned_l1}); "
             f"accuracy {acc_before:.4f} -> {acc_attr:.4f} (L1: {acc_l1:.4f}); Spearman {corr['spearman']:.3f}"
         )
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        pass  # zeroed layers keep their shapes; bypassed ones are other modules (no full-size plain form exists)
 
     def state_dict(self) -> dict[str, Any]:
         return {"version": 1, "pruned": self.pruned, "mode": self.mode}

@@ -10,9 +10,15 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from lightning_xai._validation import validate_number
+from lightning_xai._validation import (
+    validate_bool,
+    validate_export_path,
+    validate_names,
+    validate_number,
+)
+from lightning_xai.callbacks._checks import resolve_export_path
 from lightning_xai.callbacks._data import dataset_tensors, from_rank_zero, split_dataset
-from lightning_xai.callbacks._resize import ResizeOnLoad
+from lightning_xai.callbacks._resize import ResizeOnLoad, plain_weights_for_spawn
 from lightning_xai.evaluation import accuracy, count_macs, latency_ratio, measure_latency
 from lightning_xai.figures import categories_figure, pruning_curves_figure
 from lightning_xai.logging import flush, log_figure, log_scalars, log_text
@@ -95,6 +101,7 @@ class CSWAPPruning(ResizeOnLoad):
             raise ValueError(
                 f"`target_ratio`=None (remove the non-critical neurons) needs `method`='cswap', got {method!r}"
             )
+        curves = validate_names("curves", curves, "method names")
         bad = [c for c in curves if c not in METHODS]
         if bad:
             raise ValueError(f"`curves` entries must be among {METHODS}, got {bad}")
@@ -109,8 +116,9 @@ class CSWAPPruning(ResizeOnLoad):
         self.mode = mode
         self.curves = tuple(curves)
         self.curve_points = curve_points
-        self.export_path = export_path
-        self.ignore = tuple(ignore)
+        self.export_path = validate_export_path("export_path", export_path)
+        self.ignore = validate_names("ignore", ignore)
+        validate_bool("progress", progress)
         self.batch_size = batch_size
         self.seed = int(seed)
         self.progress = progress
@@ -147,6 +155,7 @@ class CSWAPPruning(ResizeOnLoad):
             self._prune(trainer, pl_module, x, y, vx, vy, example)
         finally:
             pl_module.train(was_training)
+        plain_weights_for_spawn(trainer, pl_module)
         flush(trainer)
 
     def _prune(self, trainer, pl_module, x, y, vx, vy, example) -> None:
@@ -234,9 +243,10 @@ class CSWAPPruning(ResizeOnLoad):
             f"latency ratio {result['latency_ratio']:.3f}"
         )
         if self.export_path is not None:
+            path = resolve_export_path(self.export_path, trainer)
             if trainer.is_global_zero:
-                save_pruned(pl_module, self.export_path, plan)
-                rank_zero_info(f"CSWAPPruning: pruned model written to {self.export_path}")
+                save_pruned(pl_module, path, plan)  # type: ignore[arg-type]
+                rank_zero_info(f"CSWAPPruning: pruned model written to {path}")
             trainer.strategy.barrier("lightning_xai.export")
 
     # -- checkpointing --------------------------------------------------------------------------------------

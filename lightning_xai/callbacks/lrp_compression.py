@@ -9,9 +9,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_xai._validation import validate_number
+from lightning_xai._validation import validate_export_path, validate_number
 from lightning_xai.attribution.lrp import Composite, Epsilon, weight_relevance
-from lightning_xai.callbacks._checks import refuse_sharded_strategies
+from lightning_xai.callbacks._checks import refuse_duplicates, refuse_sharded_strategies, resolve_export_path
 from lightning_xai.callbacks._data import dataset_tensors, from_rank_zero, split_dataset
 from lightning_xai.evaluation import accuracy
 from lightning_xai.logging import flush, log_histogram, log_scalars, log_text
@@ -74,9 +74,16 @@ class LRPCompression(pl.Callback):
             raise ValueError(f"`relevance` must be 'signed' or 'absolute', got {relevance!r}")
         if output not in ("target", "contrastive"):
             raise ValueError(f"`output` must be 'target' or 'contrastive', got {output!r}")
-        relevance_plan(torch.ones(2), prune, tuple(bits))  # validates `prune` and `bits` with their own messages
+        if composite is not None and not isinstance(composite, Composite):
+            raise ValueError(
+                f"`composite` must be a lightning_xai.attribution.lrp.Composite or None, got {composite!r} "
+                "(e.g. Composite(default=Epsilon()))"
+            )
+        validate_number("seed", seed, low=0, integer=True)
+        export_path = validate_export_path("export_path", export_path)
+        relevance_plan(torch.ones(2), prune, bits)  # validates `prune` and `bits` with their own messages
         self.samples_per_class, self.analysis_split, self.prune = samples_per_class, analysis_split, prune
-        self.bits, self.relevance, self.output = tuple(bits), relevance, output
+        self.bits, self.relevance, self.output = tuple(bits), relevance, output  # type: ignore[arg-type]
         self.composite = composite or Composite(default=Epsilon(absolute=relevance == "absolute"))
         self.export_path, self.batch_size, self.seed = export_path, batch_size, seed
         self.result: dict[str, Any] = {}
@@ -84,6 +91,7 @@ class LRPCompression(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         refuse_sharded_strategies(trainer, "LRPCompression")
+        refuse_duplicates(trainer, self)
 
     @property
     def state_key(self) -> str:
@@ -122,7 +130,7 @@ class LRPCompression(pl.Callback):
             exported = None
             if self.export_path is not None and trainer.is_global_zero:
                 restore_weights(pl_module, saved)  # export from the original weights (same codes, exact scales)
-                exported = export_mixed(pl_module, plans, self.export_path)
+                exported = export_mixed(pl_module, plans, resolve_export_path(self.export_path, trainer))
                 apply_weight_plans(pl_module, plans)
             if self.export_path is not None:
                 trainer.strategy.barrier("lightning_xai.export")

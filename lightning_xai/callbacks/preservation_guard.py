@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_xai._validation import validate_number
-from lightning_xai.callbacks._checks import refuse_sharded_strategies
+from lightning_xai.callbacks._checks import refuse_duplicates, refuse_sharded_strategies
 from lightning_xai.callbacks._data import dataset_inputs, dataset_labels, from_rank_zero, split_dataset
 from lightning_xai.evaluation import accuracy
 from lightning_xai.figures import gradcam_figure
@@ -127,8 +127,14 @@ class PreservationGuard(Callback):
             raise ValueError(f"`rollback_at_end` must be True or False, got {rollback_at_end!r}")
         if uncertainty not in UNCERTAINTY_KINDS:
             raise ValueError(f"`uncertainty` must be one of {list(UNCERTAINTY_KINDS)}, got {uncertainty!r}")
-        if indices is not None and (not isinstance(indices, (list, tuple)) or not indices):
-            raise ValueError(f"`indices` must be a non-empty list of training-set indices or None, got {indices!r}")
+        if indices is not None and (
+            not isinstance(indices, (list, tuple))
+            or not indices
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in indices)
+        ):
+            raise ValueError(
+                f"`indices` must be a non-empty list of training-set indices (integers) or None, got {indices!r}"
+            )
         self.fraction, self.lam = float(fraction), float(lam)
         self.check_every_n_steps, self.cooldown_steps = check_every_n_steps, cooldown_steps
         self.min_accuracy = min_accuracy
@@ -225,6 +231,7 @@ class PreservationGuard(Callback):
     # -- hooks ------------------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         refuse_sharded_strategies(trainer, "PreservationGuard")
+        refuse_duplicates(trainer, self)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.build_at_step == 0 or (self.indices is not None and trainer.global_step >= self.build_at_step):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import lightning.pytorch as pl
@@ -12,10 +11,10 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_xai._validation import validate_number
-from lightning_xai.callbacks._checks import refuse_sharded_strategies
+from lightning_xai._validation import validate_bool, validate_export_path, validate_number
+from lightning_xai.callbacks._checks import refuse_duplicates, refuse_sharded_strategies, resolve_export_path
 from lightning_xai.callbacks._data import from_rank_zero
-from lightning_xai.callbacks._resize import _resize_hook
+from lightning_xai.callbacks._resize import plain_weights_for_spawn, register_resize_hook, save_plain_checkpoint
 from lightning_xai.figures import bits_heatmap_figure
 from lightning_xai.logging import flush, log_figure, log_histogram, log_scalars, log_text, tensorboard_writers
 from lightning_xai.mixin import CompressionMixin
@@ -59,7 +58,8 @@ class SelfCompression(Callback):
         freeze_bits_after: fraction of the training steps (``trainer.estimated_stepping_batches``) after which
             ``b``/``e`` stop changing, so the weights settle at their final precision (1.0: never freeze). The
             default 0.8 is what keeps accuracy at the float level in the benchmarks.
-        export_path: if given, the packed model is written there at fit end (rank zero).
+        export_path: if given, the packed model is written there at fit end (rank zero); ``{log_dir}`` in it is the
+            run's log folder (e.g. ``"{log_dir}/model.safetensors"``).
         compile: run the quantizer through ``torch.compile`` (inductor fuses its elementwise passes: about half the
             quantizer's cost per step; the first step pays the compilation, tens of seconds). Falls back to the eager
             quantizer with a warning where compilation fails.
@@ -95,10 +95,8 @@ class SelfCompression(Callback):
         validate_number("remove_every_n_steps", remove_every_n_steps, low=0, integer=True)
         validate_number("log_every_n_steps", log_every_n_steps, low=0, integer=True)
         validate_number("freeze_bits_after", freeze_bits_after, low=0.0, high=1.0)
-        if not isinstance(remove_at_fit_end, bool):
-            raise ValueError(f"`remove_at_fit_end` must be True or False, got {remove_at_fit_end!r}")
-        if export_path is not None and not isinstance(export_path, (str, os.PathLike)):
-            raise ValueError(f"`export_path` must be a file path or None, got {export_path!r}")
+        validate_bool("remove_at_fit_end", remove_at_fit_end)
+        export_path = validate_export_path("export_path", export_path)
         self.bits_lr = float(bits_lr)
         self.bits_eps = float(bits_eps)
         self.remove_every_n_steps = int(remove_every_n_steps)
@@ -106,7 +104,7 @@ class SelfCompression(Callback):
         self.log_every_n_steps = int(log_every_n_steps)
         self.freeze_bits_after = float(freeze_bits_after)
         self._freeze_step: float = float("inf")
-        self.export_path = None if export_path is None else os.fspath(export_path)
+        self.export_path = export_path
         self.optimizer: torch.optim.Optimizer | None = None
         self.channels_removed = 0
         self.last_removal: Any = None
@@ -130,11 +128,12 @@ class SelfCompression(Callback):
     # -- set-up ---------------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         refuse_sharded_strategies(trainer, "SelfCompression")
+        refuse_duplicates(trainer, self)
         self.compressor.install(pl_module)
         if isinstance(pl_module, CompressionMixin):
             pl_module._lxai_compressor = self.compressor
         if not self._hooks:
-            self._hooks.append(pl_module.register_load_state_dict_pre_hook(_resize_hook))
+            self._hooks.append(register_resize_hook(trainer, pl_module))
             self._hooks.append(pl_module.register_forward_pre_hook(self._capture_inputs, with_kwargs=True))
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -360,12 +359,13 @@ class SelfCompression(Callback):
         metrics = self.log_state(trainer, trainer.global_step, figure=True)
         log_text(trainer, "compression/summary", self._summary(metrics), trainer.global_step)
         if self.export_path is not None:
+            path = resolve_export_path(self.export_path, trainer)
             if trainer.is_global_zero:
-                self.exported_bytes = export_compressed(pl_module, self.export_path)
-                rank_zero_info(
-                    f"SelfCompression: packed model written to {self.export_path} ({self.exported_bytes} bytes)"
-                )
+                self.exported_bytes = export_compressed(pl_module, path)  # type: ignore[arg-type]
+                self.exported_path = path
+                rank_zero_info(f"SelfCompression: packed model written to {path} ({self.exported_bytes} bytes)")
             trainer.strategy.barrier("lightning_xai.export")  # no rank goes on before the file is complete
+        plain_weights_for_spawn(trainer, pl_module)
         flush(trainer)
 
     def _summary(self, metrics: dict[str, float]) -> str:
@@ -382,9 +382,11 @@ class SelfCompression(Callback):
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        # gated batch norms are stored under their plain keys; the gates come back from ``bn_pairs`` at fit start
+        # plain, full-size weights for `YourModule.load_from_checkpoint`; the training state rides along for resume
+        # (gated batch norms under their plain keys: the gates come back from ``bn_pairs`` at fit start)
         if "state_dict" in checkpoint:
             checkpoint["state_dict"] = plain_gate_keys(checkpoint["state_dict"])
+        save_plain_checkpoint(pl_module, checkpoint)
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -10,6 +10,7 @@ optimizers) exactly as they were.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,9 @@ from lightning_xai.quantization.quantizer import ChannelQuantizer
 
 __all__ = [
     "resize_to_state_dict",
+    "padded_state_dict",
+    "tensor_layout",
+    "restore_layout",
     "align_gate_keys",
     "plain_gate_keys",
     "remove_dead_channels",
@@ -277,6 +281,101 @@ def _out_tensors(module: nn.Module) -> list[str]:
     return ["weight", "bias"]
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Where each kept slice came from: per stored tensor, its shape before any removal and, per sliced dimension, the
+# original indices still present. This is what turns a physically smaller model back into a full-size state dict
+# with zeros where channels were removed (checkpoints that load into a fresh instance of the user's class).
+
+_ORIGIN: weakref.WeakKeyDictionary[nn.Module, dict[str, tuple[tuple[int, ...], dict[int, Tensor]]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _origin(owner: nn.Module, attr: str) -> tuple[tuple[int, ...], dict[int, Tensor]] | None:
+    return _ORIGIN.get(owner, {}).get(attr)
+
+
+def _set_origin(owner: nn.Module, attr: str, record: tuple[tuple[int, ...], dict[int, Tensor]] | None) -> None:
+    slots = _ORIGIN.setdefault(owner, {})
+    if record is None:
+        slots.pop(attr, None)
+    else:
+        slots[attr] = record
+
+
+def _compose_origin(owner: nn.Module, attr: str, old: Tensor, keeps: list[tuple[int, Tensor]]):
+    shape, dims = _origin(owner, attr) or (tuple(old.shape), {})
+    dims = dict(dims)
+    for dim, keep in keeps:
+        base = dims.get(dim, torch.arange(old.shape[dim]))
+        dims[dim] = base[keep.cpu()]
+    return shape, dims
+
+
+def tensor_layout(model: nn.Module) -> dict[str, tuple[list[int], dict[int, list[int]]]]:
+    """``{plain tensor name: (original shape, {dim: original indices kept})}`` for every tensor channels were removed
+    from (plain data, for a checkpoint)."""
+    out = {}
+    for name, module in model.named_modules():
+        for tensor in _tensor_names(module):
+            record = _origin(*_param_slot(module, tensor))
+            if record is not None:
+                out[f"{name}.{tensor}" if name else tensor] = (
+                    list(record[0]),
+                    {d: idx.tolist() for d, idx in record[1].items()},
+                )
+    return out
+
+
+def restore_layout(model: nn.Module, layout: dict[str, Any]) -> None:
+    """Put back what :func:`tensor_layout` recorded (after a checkpoint of a pruned model was loaded)."""
+    modules = dict(model.named_modules())
+    for key, (shape, dims) in layout.items():
+        owner_name, _, tensor = key.rpartition(".")
+        module = modules.get(owner_name)
+        if module is not None:
+            _set_origin(
+                *_param_slot(module, tensor),
+                (tuple(shape), {int(d): torch.tensor(idx, dtype=torch.long) for d, idx in dims.items()}),
+            )
+
+
+def _tensor_names(module: nn.Module) -> list[str]:
+    """The state tensors a plain instance of ``module`` would own (parametrized ones under their plain name)."""
+    names = [n for n in module._parameters if module._parameters[n] is not None]
+    names += [
+        n for n in module._buffers if module._buffers[n] is not None and n not in module._non_persistent_buffers_set
+    ]
+    if parametrize.is_parametrized(module):
+        names += list(module.parametrizations.keys())  # type: ignore[union-attr]
+    return names
+
+
+def padded_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The state dict a plain, full-size instance of ``model``'s architecture loads to compute exactly what ``model``
+    computes now: quantized weights as their values, gated batch norms with their gates applied, and every removed
+    channel back in place as zeros (a removed producer channel outputs zero; zero input columns ignore it; a batch
+    norm with γ = β = 0 on it outputs zero). Quantizer parameters are left out."""
+    from lightning_xai.quantization.quantizer import BiasGate, ChannelQuantizer
+
+    out: dict[str, Tensor] = {}
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, (ChannelQuantizer, BiasGate, parametrize.ParametrizationList)):
+                continue
+            for tensor in _tensor_names(module):
+                value = getattr(module, tensor).detach()
+                record = _origin(*_param_slot(module, tensor))
+                if record is not None:
+                    shape, dims = record
+                    for dim, idx in sorted(dims.items()):
+                        full = list(value.shape)
+                        full[dim] = shape[dim]
+                        value = value.new_zeros(full).index_copy_(dim, idx.to(value.device), value)
+                out[f"{name}.{tensor}" if name else tensor] = value.clone()
+    return out
+
+
 @dataclass
 class _Edit:
     owner: nn.Module
@@ -284,6 +383,7 @@ class _Edit:
     old: Tensor
     new: Tensor
     keeps: list[tuple[int, Tensor]]  # (dim, kept indices), applied in order
+    origin: tuple | None = None  # the slot's origin record before this edit (restored on rollback)
 
     def slice(self, value: Tensor) -> Tensor:
         for dim, keep in self.keeps:
@@ -334,8 +434,9 @@ def apply_cuts(
         for dim in sorted(dims):
             kept = [i for i in range(old.shape[dim]) if i not in dims[dim]]  # host bookkeeping, one transfer
             keeps.append((dim, torch.tensor(kept, dtype=torch.long, device=old.device)))
-        edit = _Edit(owner, attr, old, old, keeps)
+        edit = _Edit(owner, attr, old, old, keeps, _origin(owner, attr))
         edit.new = _set_tensor(owner, attr, edit.slice(old.detach()), old)
+        _set_origin(owner, attr, _compose_origin(owner, attr, old, keeps))
         edits.append(edit)
     for module in touched:
         _sync_attributes(module)
@@ -369,6 +470,7 @@ def _rollback(model: nn.Module, edits: list[_Edit], optimizers: Sequence[torch.o
             setattr(edit.owner, edit.attr, edit.old)
         else:
             edit.owner._buffers[edit.attr] = edit.old
+        _set_origin(edit.owner, edit.attr, edit.origin)
     for module in model.modules():
         _sync_attributes(module)
     for opt, (groups, state) in zip(optimizers, saved):

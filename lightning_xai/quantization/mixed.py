@@ -67,6 +67,8 @@ class WeightPlan:
 
 
 def _check_bits(bits: tuple[int, int]) -> None:
+    if not isinstance(bits, (tuple, list)) or len(bits) != 2:
+        raise ValueError(f"`bits` must be (high, low) integers with 2 <= low <= high <= 16, got {bits!r}")
     hi, lo = bits
     if not (isinstance(hi, int) and isinstance(lo, int) and 2 <= lo <= hi <= 16):
         raise ValueError(f"`bits` must be (high, low) integers with 2 <= low <= high <= 16, got {bits!r}")
