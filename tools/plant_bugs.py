@@ -14,6 +14,20 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MUTANTS = [
     (
+        "checksum never compared",
+        "lightning_xai/quantization/export.py",
+        "    if stored != payload_digest(tensors, metadata):",
+        "    if False:",
+        "tests/test_files.py::test_random_byte_flips_are_all_refused",
+    ),
+    (
+        "architecture not checked before loading",
+        "lightning_xai/_loading.py",
+        "    check_architecture(model, state, path, shapes)\n",
+        "",
+        "tests/test_files.py::test_a_narrower_pruned_model_does_not_load_into_a_wider_one",
+    ),
+    (
         "checkpoints keep the compact parametrized state",
         "lightning_xai/callbacks/self_compression.py",
         "        save_plain_checkpoint(pl_module, checkpoint)",

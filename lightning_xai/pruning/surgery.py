@@ -28,6 +28,8 @@ from lightning_xai.quantization.quantizer import ChannelQuantizer
 __all__ = [
     "resize_to_state_dict",
     "padded_state_dict",
+    "effective_state_dict",
+    "original_shapes",
     "tensor_layout",
     "restore_layout",
     "align_gate_keys",
@@ -351,28 +353,48 @@ def _tensor_names(module: nn.Module) -> list[str]:
     return names
 
 
-def padded_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The state dict a plain, full-size instance of ``model``'s architecture loads to compute exactly what ``model``
-    computes now: quantized weights as their values, gated batch norms with their gates applied, and every removed
-    channel back in place as zeros (a removed producer channel outputs zero; zero input columns ignore it; a batch
-    norm with γ = β = 0 on it outputs zero). Quantizer parameters are left out."""
+def _plain_tensors(model: nn.Module):
+    """``(plain key, module, tensor name)`` for every state tensor a plain instance of the architecture would have."""
     from lightning_xai.quantization.quantizer import BiasGate, ChannelQuantizer
 
+    for name, module in model.named_modules():
+        if isinstance(module, (ChannelQuantizer, BiasGate, parametrize.ParametrizationList)):
+            continue
+        for tensor in _tensor_names(module):
+            yield (f"{name}.{tensor}" if name else tensor), module, tensor
+
+
+def effective_state_dict(model: nn.Module, pad: bool = False) -> dict[str, Tensor]:
+    """The state dict of a plain model computing exactly what ``model`` computes now: quantized weights as their
+    values, gated batch norms with their gates applied, quantizer parameters left out, plain keys. With ``pad``,
+    every removed channel is put back in place as zeros, so a plain *full-size* instance loads it (a removed producer
+    channel outputs zero; zero input columns ignore it; a batch norm with γ = β = 0 on it outputs zero)."""
     out: dict[str, Tensor] = {}
     with torch.no_grad():
-        for name, module in model.named_modules():
-            if isinstance(module, (ChannelQuantizer, BiasGate, parametrize.ParametrizationList)):
-                continue
-            for tensor in _tensor_names(module):
-                value = getattr(module, tensor).detach()
-                record = _origin(*_param_slot(module, tensor))
-                if record is not None:
-                    shape, dims = record
-                    for dim, idx in sorted(dims.items()):
-                        full = list(value.shape)
-                        full[dim] = shape[dim]
-                        value = value.new_zeros(full).index_copy_(dim, idx.to(value.device), value)
-                out[f"{name}.{tensor}" if name else tensor] = value.clone()
+        for key, module, tensor in _plain_tensors(model):
+            value = getattr(module, tensor).detach()
+            record = _origin(*_param_slot(module, tensor)) if pad else None
+            if record is not None:
+                shape, dims = record
+                for dim, idx in sorted(dims.items()):
+                    full = list(value.shape)
+                    full[dim] = shape[dim]
+                    value = value.new_zeros(full).index_copy_(dim, idx.to(value.device), value)
+            out[key] = value.clone()
+    return out
+
+
+def padded_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """:func:`effective_state_dict` with removed channels back in place as zeros (full-size, plain)."""
+    return effective_state_dict(model, pad=True)
+
+
+def original_shapes(model: nn.Module) -> dict[str, list[int]]:
+    """The shape of every plain state tensor before any channel was removed (what a fresh instance has)."""
+    out = {}
+    for key, module, tensor in _plain_tensors(model):
+        record = _origin(*_param_slot(module, tensor))
+        out[key] = list(record[0]) if record is not None else list(getattr(module, tensor).shape)
     return out
 
 

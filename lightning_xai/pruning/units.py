@@ -27,6 +27,7 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
+from lightning_xai._loading import load_into
 from lightning_xai.pruning.surgery import (
     ChannelCut,
     _compare,
@@ -40,8 +41,9 @@ from lightning_xai.pruning.surgery import (
     _rollback,
     _tp_inputs,
     apply_cuts,
+    effective_state_dict,
     execution_order,
-    resize_to_state_dict,
+    original_shapes,
 )
 from lightning_xai.quantization.export import _atomic_save, read_tagged
 from lightning_xai.quantization.install import BN_TYPES
@@ -58,7 +60,8 @@ __all__ = [
 ]
 
 Plan = dict[str, list[int]]  # unit name -> removed channels
-_FORMAT = "lightning_xai.pruned/1"
+_FORMAT = "lightning_xai.pruned/2"  # /2: plain keys, original shapes and a checksum; /1 files are still read
+_OLD_FORMATS = ("lightning_xai.pruned/1",)
 
 
 @dataclass
@@ -424,16 +427,22 @@ def apply_plan(
 
 
 def save_pruned(model: nn.Module, path: str | os.PathLike, plan: Mapping[str, Sequence[int]] | None = None) -> None:
-    """Save a (pruned) model's state dict as safetensors, with the plan in the metadata; atomic write."""
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    meta = {"format": _FORMAT, "plan": json.dumps({k: list(map(int, v)) for k, v in (plan or {}).items()})}
+    """Save a (pruned) model as safetensors: its plain state dict (quantized weights as their values, plain keys),
+    the plan and the shapes before pruning in the metadata, and a checksum; atomic write."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in effective_state_dict(model).items()}
+    meta = {
+        "format": _FORMAT,
+        "plan": json.dumps({k: list(map(int, v)) for k, v in (plan or {}).items()}),
+        "original_shapes": json.dumps(original_shapes(model)),
+    }
     _atomic_save(tensors, meta, Path(path))
 
 
 def load_pruned(path: str | os.PathLike, model: nn.Module) -> tuple[nn.Module, Plan]:
-    """Shrink a fresh ``model`` (same class, full size) to the saved shapes and load the weights. Returns
-    ``(model, plan)``. No pickle is involved; a foreign or truncated file raises ``ValueError``."""
-    state, meta = read_tagged(path, _FORMAT, "pruned model")
-    resize_to_state_dict(model, state)
-    model.load_state_dict(state)
+    """Shrink a fresh ``model`` (same class, full size; the LightningModule or its inner ``nn.Module``) to the saved
+    shapes and load the weights. Returns ``(model, plan)``. No pickle is involved; a foreign, truncated or corrupted
+    file, or a model of another architecture, raises ``ValueError``."""
+    state, meta = read_tagged(path, _FORMAT, "pruned model", _OLD_FORMATS)
+    shapes = json.loads(meta["original_shapes"]) if "original_shapes" in meta else None
+    load_into(model, state, path, shapes)
     return model, {k: list(v) for k, v in json.loads(meta.get("plan", "{}")).items()}

@@ -17,6 +17,7 @@ plain model's outputs equal the quantized model's outputs exactly.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -35,8 +36,40 @@ from lightning_xai.quantization.ste import bits_needed, quantize_to_int
 
 __all__ = ["export_compressed", "read_compressed", "load_compressed", "pack_codes", "unpack_codes", "FORMAT"]
 
-FORMAT = "lightning_xai.packed/1"
+FORMAT = "lightning_xai.packed/2"  # /2: with a payload checksum; /1 files (no checksum) are still read
+_OLD_FORMATS = ("lightning_xai.packed/1",)
 _META_KEY = "lightning_xai"
+DIGEST_KEY = "lightning_xai.sha256"
+
+
+def payload_digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """SHA-256 over every tensor (name, dtype, shape, bytes, in name order) and every metadata entry but the digest
+    itself: a single flipped byte anywhere in what the file means changes it."""
+    h = hashlib.sha256()
+    for key in sorted(k for k in metadata if k != DIGEST_KEY):
+        h.update(f"{key}\0{metadata[key]}\0".encode())
+    for key in sorted(tensors):
+        t = tensors[key].detach().contiguous().cpu()
+        h.update(f"{key}\0{t.dtype}\0{list(t.shape)}\0".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def verify_digest(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str | os.PathLike[str], required: bool
+) -> None:
+    """Raise ``ValueError`` ("corrupted") when the file's checksum is missing (``required``) or does not match."""
+    stored = metadata.get(DIGEST_KEY)
+    if stored is None:
+        if required:
+            raise ValueError(f"{os.fspath(path)!r} is corrupted: its checksum entry is missing")
+        return
+    if stored != payload_digest(tensors, metadata):
+        raise ValueError(
+            f"{os.fspath(path)!r} is corrupted: its content does not match the SHA-256 checksum stored in it "
+            "(a changed or truncated byte); re-export the model"
+        )
 
 
 def pack_codes(codes: np.ndarray, widths: np.ndarray) -> np.ndarray:
@@ -92,6 +125,8 @@ def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], pat
     the same folder, flushed to disk (``fsync``), then renamed over ``path`` (and the folder entry flushed too). The
     file gets the permissions a plain ``open()`` would give (``0o666`` minus the umask), not the temporary's 0600."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = dict(metadata)
+    metadata[DIGEST_KEY] = payload_digest(tensors, metadata)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -116,19 +151,27 @@ def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], pat
         os.close(dir_fd)
 
 
-def read_tagged(path: str | os.PathLike[str], expected_format: str, what: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """All tensors and the metadata of a safetensors file whose metadata ``format`` is ``expected_format``.
+def read_tagged(
+    path: str | os.PathLike[str], expected_format: str, what: str, old_formats: tuple[str, ...] = ()
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """All tensors and the metadata of a safetensors file whose metadata ``format`` is ``expected_format`` (checksum
+    verified) or one of ``old_formats`` (written before files had one).
 
-    Raises ``ValueError`` naming ``path`` for unreadable (truncated, foreign) files and for other formats.
+    Raises ``ValueError`` naming ``path`` for unreadable (truncated, foreign, corrupted) files and for other formats.
     """
     try:
         with safe_open(os.fspath(path), framework="pt") as handle:
             meta = handle.metadata() or {}
             tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 - safe_open has no items()
     except Exception as err:  # noqa: BLE001 - safetensors raises several error types for bad files
-        raise ValueError(f"`path`={os.fspath(path)!r} is not a readable safetensors file: {err}") from err
-    if meta.get("format") != expected_format:
+        raise ValueError(
+            f"`path`={os.fspath(path)!r} is not a readable safetensors file (truncated or corrupted?): {err}"
+        ) from err
+    if meta.get("format") not in (expected_format, *old_formats):
+        if DIGEST_KEY in meta:  # one of ours, with a damaged format entry
+            verify_digest(tensors, meta, path, required=True)
         raise ValueError(f"`path`={os.fspath(path)!r} is not a lightning_xai {what} (format {meta.get('format')!r})")
+    verify_digest(tensors, meta, path, required=meta.get("format") == expected_format)
     return tensors, meta
 
 
@@ -203,7 +246,13 @@ def export_compressed(model: nn.Module, path: str | os.PathLike[str]) -> int:
         tensors[key] = tensor
     for layer in meta_layers:
         layer["shape"] = shapes.get(layer["name"], layer["shape"])
-    metadata = {_META_KEY: json.dumps({"format": FORMAT, "layers": meta_layers, "shapes": shapes})}
+    from lightning_xai.pruning.surgery import original_shapes
+
+    metadata = {
+        _META_KEY: json.dumps(
+            {"format": FORMAT, "layers": meta_layers, "shapes": shapes, "original_shapes": original_shapes(model)}
+        )
+    }
     target = Path(path)
     _atomic_save(tensors, metadata, target)
     return target.stat().st_size
@@ -227,10 +276,18 @@ def read_compressed(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
             f"{str(path)!r} is not a readable lightning_xai packed file (truncated or corrupted?): {err}"
         ) from None
     if _META_KEY not in file_meta:
+        if DIGEST_KEY in file_meta:
+            verify_digest(raw, file_meta, path, required=True)
         raise ValueError(f"{str(path)!r} has no lightning_xai metadata; it was not written by export_compressed()")
-    meta = json.loads(file_meta[_META_KEY])
-    if meta.get("format") != FORMAT:
+    try:
+        meta = json.loads(file_meta[_META_KEY])
+    except json.JSONDecodeError:
+        verify_digest(raw, file_meta, path, required=True)
+        raise ValueError(f"{str(path)!r} is corrupted: its metadata is not valid JSON") from None
+    if meta.get("format") not in (FORMAT, *_OLD_FORMATS):
+        verify_digest(raw, file_meta, path, required=DIGEST_KEY in file_meta)
         raise ValueError(f"{str(path)!r} has format {meta.get('format')!r}; this version reads {FORMAT!r}")
+    verify_digest(raw, file_meta, path, required=meta.get("format") == FORMAT)
     stream = np.unpackbits(raw["lxai.packed"].numpy(), bitorder="little")
     widths = raw["lxai.bits"].numpy().astype(np.int64)
     exps = raw["lxai.exponents"]
@@ -286,15 +343,16 @@ def read_compressed(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
 
 
 def load_compressed(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
-    """Load a packed file into ``model``: a freshly built, *unquantized* instance of the exported architecture.
+    """Load a packed file into ``model``: a freshly built, *unquantized* instance of the exported architecture (the
+    LightningModule or its inner ``nn.Module``).
 
-    Layers whose channels were removed are resized to the stored shapes first. Returns ``model``.
+    Layers whose channels were removed are resized to the stored shapes first; a model of another architecture
+    (class count, widths) is refused with a clear error. Returns ``model``.
     """
-    from lightning_xai.pruning.surgery import resize_to_state_dict
+    from lightning_xai._loading import load_into
 
     if quantized_layers(model):
         raise ValueError("`model` must be a plain model without quantizers (the packed file holds dequantized weights)")
-    state, _ = read_compressed(path)
-    resize_to_state_dict(model, state)
-    model.load_state_dict(state, strict=True)
+    state, meta = read_compressed(path)
+    load_into(model, state, path, meta.get("original_shapes"))
     return model

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lightning_xai._loading import load_into
 from lightning_xai.quantization.export import _atomic_save, pack_codes, read_tagged, unpack_codes
 
 __all__ = [
@@ -36,7 +37,8 @@ __all__ = [
     "load_mixed",
 ]
 
-_FORMAT = "lightning_xai.mixed/1"
+_FORMAT = "lightning_xai.mixed/2"  # /2: with original shapes and a checksum; /1 files are still read
+_OLD_FORMATS = ("lightning_xai.mixed/1",)
 
 
 @dataclass
@@ -234,13 +236,15 @@ def packed_size(model: nn.Module, plans: Mapping[str, WeightPlan]) -> int:
 def export_mixed(model: nn.Module, plans: Mapping[str, WeightPlan], path: str | os.PathLike[str]) -> int:
     """Write the packed model (atomic). Returns the file size in bytes."""
     tensors, layers_meta = _payload(model, plans)
-    _atomic_save(tensors, {"format": _FORMAT, "layers": json.dumps(layers_meta)}, Path(path))
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    meta = {"format": _FORMAT, "layers": json.dumps(layers_meta), "original_shapes": json.dumps(shapes)}
+    _atomic_save(tensors, meta, Path(path))
     return os.path.getsize(path)
 
 
 def load_mixed(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
     """Load a packed file into a fresh ``model`` of the same architecture (weights dequantized)."""
-    stored, meta = read_tagged(path, _FORMAT, "mixed-precision file")
+    stored, meta = read_tagged(path, _FORMAT, "mixed-precision file", _OLD_FORMATS)
     layers = json.loads(meta["layers"])
     state = {k: v for k, v in stored.items() if "::" not in k}
     for name, m in layers.items():
@@ -270,5 +274,6 @@ def load_mixed(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
                 codes = unpack_codes(bitstream, np.array([bits]), count)[0]
                 values[kept_idx[sel]] = codes * scale
         state[f"{name}.weight"] = torch.from_numpy(values).reshape(shape).float()
-    model.load_state_dict(state)
+    shapes = json.loads(meta["original_shapes"]) if "original_shapes" in meta else None
+    load_into(model, state, path, shapes)
     return model
