@@ -37,7 +37,7 @@ def split_dataset(trainer: Any, split: str, who: str) -> Any:
             f"{who} needs a map-style {split} dataset of (input, label) pairs; the {split} loader has none"
         )
     if len(dataset) == 0:
-        raise ValueError(f"{who} needs samples from the {split} dataloader, but its dataset is empty (0 samples)")
+        raise ValueError(f"{who} needs samples from the `{split}` dataloader, but its dataset is empty (0 samples)")
     return dataset
 
 

@@ -418,6 +418,9 @@ def _check_inputs(units: Sequence[PrunableUnit], inputs: Tensor, labels: Tensor,
         raise ValueError("`units` is empty: the model has no prunable Conv/Linear channels (see find_units' reasons)")
     if inputs.shape[0] != labels.shape[0]:
         raise ValueError(f"`inputs` has {inputs.shape[0]} samples but `labels` has {labels.shape[0]}")
+    if inputs.is_floating_point() and not bool(torch.isfinite(inputs).all()):
+        bad = int((~torch.isfinite(inputs)).flatten(1).any(1).sum())
+        raise ValueError(f"`inputs` contain NaN or Inf ({bad} of {inputs.shape[0]} samples): clean the analysis data")
 
 
 def _progress(total: int, enabled: bool, desc: str):

@@ -250,6 +250,14 @@ def _group_cuts(
         name = names.get(module)
         if name is None:
             return [], f"it is coupled with {type(module).__name__}, which cannot be sliced here"
+        if getattr(module, "transposed", False):
+            return (
+                [],
+                f"it is coupled with {name} ({type(module).__name__}), a transposed convolution (not sliced here)",
+            )
+        shared = _tied_with(module, names)
+        if shared:
+            return [], f"it is coupled with {name}, whose weight is tied to {shared} (removal would untie them)"
         is_out = DG.is_out_channel_pruning_fn(dep.handler)
         is_in = DG.is_in_channel_pruning_fn(dep.handler)
         if target.type in (tp.ops.OPTYPE.CONV, tp.ops.OPTYPE.DEPTHWISE_CONV) and module.groups != 1:
@@ -275,6 +283,22 @@ def _group_cuts(
     if not any(c.kind == "in" for c in cuts):
         return [], "no layer consumes its channels (they are model outputs)"
     return cuts, None
+
+
+def _stored_weight(module: nn.Module) -> Tensor | None:
+    """The stored ``weight`` tensor (the original if parametrized), without computing a parametrization."""
+    if parametrize.is_parametrized(module, "weight"):
+        return module.parametrizations["weight"].original  # type: ignore[index,return-value]
+    w = module._parameters.get("weight")
+    return w if isinstance(w, Tensor) else None
+
+
+def _tied_with(module: nn.Module, names: dict[nn.Module, str]) -> list[str]:
+    """Other modules holding the very same weight tensor as ``module`` (tied weights)."""
+    w = _stored_weight(module)
+    if w is None:
+        return []
+    return sorted(n for m, n in names.items() if m is not module and _stored_weight(m) is w)
 
 
 def _out_tensors(module: nn.Module) -> list[str]:
@@ -429,6 +453,17 @@ def apply_cuts(
     merged: dict[tuple[str, str], set[int]] = defaultdict(set)
     for cut in cuts:
         merged[(cut.name, cut.kind)].update(cut.idxs)
+    names = {m: n for n, m in modules.items()}
+    for name, _ in merged:  # refuse before anything changes
+        module = modules[name]
+        if getattr(module, "transposed", False):
+            raise ValueError(f"cannot remove channels of {name!r}: {type(module).__name__} is not supported")
+        shared = _tied_with(module, names)
+        if shared:
+            raise ValueError(
+                f"cannot remove channels of {name!r}: its weight is tied to {shared} and slicing would untie them; "
+                "untie the weights or leave these layers out"
+            )
     edits = [] if edits is None else edits
     per_tensor: dict[tuple[int, str], tuple[nn.Module, str, dict[int, set[int]]]] = {}
     touched: set[nn.Module] = set()

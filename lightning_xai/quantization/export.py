@@ -192,6 +192,14 @@ def export_compressed(model: nn.Module, path: str | os.PathLike[str]) -> int:
     layers = quantized_layers(model)
     if not layers:
         raise ValueError("`model` has no quantizers installed; call install_quantizers() or use SelfCompression first")
+    for layer in layers:  # before anything is written
+        q = layer.quantizer
+        for what, t in (("weights", layer.original), ("bit depths", q.b), ("exponents", q.e)):
+            if not bool(torch.isfinite(t.detach()).all()):
+                raise ValueError(
+                    f"layer {layer.qualified!r} has non-finite {what} (NaN or Inf): the training diverged; nothing "
+                    "was written (lower the learning rates or γ, or export an earlier checkpoint)"
+                )
     streams: list[np.ndarray] = []
     widths_all: list[np.ndarray] = []
     exps: list[torch.Tensor] = []
