@@ -5,7 +5,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
-__all__ = ["validate_number", "validate_bool", "validate_export_path", "validate_names", "check_layer_names"]
+__all__ = [
+    "validate_number",
+    "validate_bool",
+    "validate_export_path",
+    "validate_names",
+    "check_layer_names",
+    "require_training",
+]
 
 
 def validate_number(
@@ -83,3 +90,13 @@ def check_layer_names(name: str, names: Any, model: Any) -> None:
         hints = {n: difflib.get_close_matches(n, known, n=3, cutoff=0.5) for n in unknown}
         detail = "; ".join(f"{n!r} (did you mean {h}?)" if h else repr(n) for n, h in hints.items())
         raise ValueError(f"`{name}` names layers that the model does not have: {detail}")
+
+
+def require_training(trainer: Any, who: str) -> None:
+    """Raise ``RuntimeError`` when ``trainer.fit`` ran no optimizer step (an empty training split, ``max_epochs=0``…):
+    a recipe must not write an untrained "compressed" model and exit successfully."""
+    if getattr(trainer, "global_step", 0) == 0:
+        raise RuntimeError(
+            f"{who}: no training step ran (is the training split empty? `--data-dir` holds too few images, or "
+            "`max_epochs`/`limit_train_batches` is 0)"
+        )

@@ -19,6 +19,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from lightning_xai._validation import require_training
 from lightning_xai.callbacks import CSWAPPruning, PreservationGuard, SelfCompression
 from lightning_xai.data import DigitsDataModule
 from lightning_xai.evaluation import accuracy
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
         **quiet,
     )
     trainer.fit(model, dm)
+    require_training(trainer, "recipes/chain.py")
     size = sc.compressor.size()
     written = None
     if trainer.is_global_zero:

@@ -19,6 +19,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from lightning_xai._validation import require_training
 from lightning_xai.callbacks import CSWAPPruning
 from lightning_xai.data import make_datamodule
 from lightning_xai.data.vision import DATASETS
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
         enable_model_summary=False,
     )
     trainer.fit(model, dm)
+    require_training(trainer, "recipes/cswap_prune.py")
     reloaded, _ = load_pruned(export_path, fresh())
     test_acc = float(trainer.test(reloaded, dm, verbose=False)[0]["test/acc"])
     r = callback.result

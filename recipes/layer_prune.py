@@ -16,6 +16,7 @@ import json
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from lightning_xai._validation import require_training
 from lightning_xai.callbacks import AttributionPruning
 from lightning_xai.data import make_datamodule
 from lightning_xai.data.vision import DATASETS
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
         enable_checkpointing=False,
     )
     trainer.fit(model, dm)
+    require_training(trainer, "recipes/layer_prune.py")
     r = callback.result
     summary = {
         "mode": r["mode"],

@@ -18,6 +18,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from lightning_xai._validation import require_training
 from lightning_xai.callbacks import LRPCompression
 from lightning_xai.data import DigitsDataModule, SyntheticMultiDataModule
 from lightning_xai.evaluation import accuracy
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
         enable_checkpointing=False,
     )
     trainer.fit(model, dm)
+    require_training(trainer, "recipes/lrp_compress.py")
     reloaded = load_mixed(export_path, fresh()).eval()
     tx, ty = dm.dataset("test").tensors
     r = callback.result

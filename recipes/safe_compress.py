@@ -21,6 +21,7 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from lightning_xai._validation import require_training
 from lightning_xai.callbacks import PreservationGuard, SelfCompression
 from lightning_xai.data import DigitsDataModule, NamesDataModule
 from lightning_xai.models import ImageClassifier
@@ -69,6 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     trainer = pl.Trainer(max_epochs=epochs, callbacks=[sc, guard], logger=logger, log_every_n_steps=10, **quiet)
     trainer.fit(model, dm)
+    require_training(trainer, "recipes/safe_compress.py")
     test_acc = float(trainer.test(model, dm, verbose=False)[0]["test/acc"])
     summary = {
         "task": args.task,

@@ -18,6 +18,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from lightning_xai._validation import require_training
 from lightning_xai.callbacks import SelfCompression
 from lightning_xai.data import make_datamodule
 from lightning_xai.data.vision import DATASETS
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
         enable_model_summary=False,
     )
     trainer.fit(model, dm)
+    require_training(trainer, "recipes/self_compress.py")
     test_acc = float(trainer.test(model, dm, verbose=False)[0]["test/acc"])
     size = callback.compressor.size()
     fresh = ImageClassifier(args.model, input_shape=input_shape, num_classes=dm.num_classes)  # type: ignore[attr-defined]

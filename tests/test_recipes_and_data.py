@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -233,3 +234,62 @@ def test_every_lightning_cli_config_runs(tmp_path, monkeypatch, config):
     assert result.trainer.state.finished
     logs = list((tmp_path / "runs").rglob("events.out.tfevents.*"))
     assert logs, "each config logs to TensorBoard under runs/"
+
+
+def test_names_is_an_optional_extra_with_a_clear_error(monkeypatch):
+    from lightning_xai.data.names import load_census_names
+
+    monkeypatch.setitem(sys.modules, "names", None)  # as if `names` were not installed
+    with pytest.raises(ImportError, match=r"pip install 'lightning_xai\[names\]'"):
+        load_census_names()
+
+
+def test_mnist_datamodule_reads_a_small_folder_and_validates_its_splits(tmp_path):
+    """A folder of gzipped IDX files in torchvision's layout (as ../shared/data ships them): decompressed in place,
+    a seeded, stratified validation split carved from the training images, the test set untouched."""
+    import gzip
+
+    import numpy as np
+
+    from lightning_xai import MNISTDataModule
+
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    sizes = {"train": 120, "t10k": 40}
+    for split, n in sizes.items():
+        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        with gzip.open(raw / f"{split}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(bytes([0, 0, 8, 3]) + b"".join(d.to_bytes(4, "big") for d in (n, 28, 28)) + images.tobytes())
+        with gzip.open(raw / f"{split}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(bytes([0, 0, 8, 1]) + n.to_bytes(4, "big") + labels.tobytes())
+    dm = MNISTDataModule(tmp_path, batch_size=16, seed=3)
+    dm.setup()
+    assert (raw / "train-images-idx3-ubyte").is_file()  # decompressed into the folder
+    assert {s: len(dm.dataset(s)) for s in ("train", "val", "test")} == {"train": 110, "val": 10, "test": 40}
+    assert not set(dm.indices["train"]) & set(dm.indices["val"])
+    assert sorted(dm.dataset("val").tensors[1].tolist()) == list(range(10))  # stratified: one image per class
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (16, 1, 28, 28) and x.dtype == torch.float32
+    again = MNISTDataModule(tmp_path, seed=3)
+    again.setup()
+    assert np.array_equal(again.indices["val"], dm.indices["val"])  # seeded
+    with pytest.raises(ValueError, match="`val_size`=120 leaves no training images"):
+        MNISTDataModule(tmp_path, val_size=120).setup()
+
+
+def test_a_recipe_without_training_data_fails_instead_of_exporting(tmp_path):
+    import gzip
+
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for split in ("train", "t10k"):  # one image each: nothing left to train on after the validation split
+        with gzip.open(raw / f"{split}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(bytes([0, 0, 8, 3]) + b"".join(d.to_bytes(4, "big") for d in (1, 28, 28)) + bytes(784))
+        with gzip.open(raw / f"{split}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(bytes([0, 0, 8, 1]) + (1).to_bytes(4, "big") + bytes(1))
+    recipe = _load(ROOT / "recipes" / "self_compress.py")
+    with pytest.raises(ValueError, match="leaves no training images"):
+        recipe.main(["--quick", "--dataset", "mnist", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path)])
+    assert not list(tmp_path.rglob("*.safetensors"))

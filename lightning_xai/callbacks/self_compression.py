@@ -358,7 +358,9 @@ class SelfCompression(Callback):
             self._remove(trainer, pl_module)
         metrics = self.log_state(trainer, trainer.global_step, figure=True)
         log_text(trainer, "compression/summary", self._summary(metrics), trainer.global_step)
-        if self.export_path is not None:
+        if self.export_path is not None and trainer.global_step == 0:
+            rank_zero_warn("SelfCompression: no training step ran, so no packed model was written")
+        elif self.export_path is not None:
             path = resolve_export_path(self.export_path, trainer)
             if trainer.is_global_zero:
                 self.exported_bytes = export_compressed(pl_module, path)  # type: ignore[arg-type]

@@ -30,8 +30,11 @@ def load_census_names() -> dict[str, list[str]]:
     """The three census lists shipped by the ``names`` package (upper-case, in frequency order)."""
     try:
         import names
-    except ImportError as err:  # pragma: no cover - dependency is declared
-        raise ImportError("the names recipe needs the `names` package: pip install names") from err
+    except ImportError as err:
+        raise ImportError(
+            "NamesDataModule needs the optional `names` package: pip install 'lightning_xai[names]' (or `pip install "
+            "names`)"
+        ) from err
     folder = os.path.dirname(names.__file__)
     out: dict[str, list[str]] = {}
     for cls, fname in _FILES.items():
