@@ -19,8 +19,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from lightning_xai import CSWAPPruning, PreservationGuard, SelfCompression
 from lightning_xai._validation import require_training
-from lightning_xai.callbacks import CSWAPPruning, PreservationGuard, SelfCompression
 from lightning_xai.data import DigitsDataModule
 from lightning_xai.evaluation import accuracy
 from lightning_xai.models import ImageClassifier

@@ -19,8 +19,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from lightning_xai import CSWAPPruning
 from lightning_xai._validation import require_training
-from lightning_xai.callbacks import CSWAPPruning
 from lightning_xai.data import make_datamodule
 from lightning_xai.data.vision import DATASETS
 from lightning_xai.models import ImageClassifier

@@ -16,8 +16,8 @@ import json
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from lightning_xai import AttributionPruning
 from lightning_xai._validation import require_training
-from lightning_xai.callbacks import AttributionPruning
 from lightning_xai.data import make_datamodule
 from lightning_xai.data.vision import DATASETS
 from lightning_xai.models import ImageClassifier

@@ -18,8 +18,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from lightning_xai import LRPCompression
 from lightning_xai._validation import require_training
-from lightning_xai.callbacks import LRPCompression
 from lightning_xai.data import DigitsDataModule, SyntheticMultiDataModule
 from lightning_xai.evaluation import accuracy
 from lightning_xai.models import ImageClassifier

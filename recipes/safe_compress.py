@@ -21,8 +21,8 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from lightning_xai import PreservationGuard, SelfCompression
 from lightning_xai._validation import require_training
-from lightning_xai.callbacks import PreservationGuard, SelfCompression
 from lightning_xai.data import DigitsDataModule, NamesDataModule
 from lightning_xai.models import ImageClassifier
 

@@ -18,8 +18,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from lightning_xai import SelfCompression
 from lightning_xai._validation import require_training
-from lightning_xai.callbacks import SelfCompression
 from lightning_xai.data import make_datamodule
 from lightning_xai.data.vision import DATASETS
 from lightning_xai.models import ImageClassifier
@@ -90,10 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
         "export": str(export_path),
     }
     print(f"TensorBoard logs: {logger.log_dir}   (view: tensorboard --logdir {args.out})")
-    print(
-        f"Packed model:     {export_path} ({summary['packed_bytes']} bytes; "
-        "load with lightning_xai.quantization.export.load_compressed)"
-    )
+    print(f"Packed model:     {export_path} ({summary['packed_bytes']} bytes; load with lightning_xai.load_compressed)")
     print(json.dumps(summary))
     return summary
 
