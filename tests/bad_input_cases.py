@@ -7,6 +7,7 @@ CASES = [
     ("SelfCompression: freeze after more than the whole run", "SelfCompression(freeze_bits_after=1.5)"),
     ("SelfCompression: negative removal interval", "SelfCompression(remove_every_n_steps=-5)"),
     ("SelfCompression: export path of the wrong type", "SelfCompression(export_path=3)"),
+    ("SelfCompression: unknown keep_channels choice", "SelfCompression(keep_channels='yes')"),
     ("quantizers: initial bit depth out of range", "install_quantizers(LeNet(), init_bits=0)"),
     ("quantizers: not a module", "install_quantizers('lenet')"),
     ("PreservationGuard: empty preservation set", "PreservationGuard(fraction=0.0)"),

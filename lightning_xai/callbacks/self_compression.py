@@ -22,6 +22,7 @@ from lightning_xai.pruning.surgery import apply_cuts, plain_gate_keys, remove_de
 from lightning_xai.quantization.engine import SelfCompressor
 from lightning_xai.quantization.export import export_compressed
 from lightning_xai.quantization.install import BatchNormFollowerRecorder, apply_batchnorm_gates
+from lightning_xai.quantization.keep import KEEP_CHOICES, StrongestHold, dead_layers, output_cutting_layers
 
 __all__ = ["SelfCompression"]
 
@@ -60,6 +61,11 @@ class SelfCompression(Callback):
             default 0.8 is what keeps accuracy at the float level in the benchmarks.
         export_path: if given, the packed model is written there at fit end (rank zero); ``{log_dir}`` in it is the
             run's log folder (e.g. ``"{log_dir}/model.safetensors"``).
+        keep_channels: which layers keep their strongest channel at ≥ 2 bits whatever the penalty says: ``"cut"``
+            (default) the layers whose loss of every channel would make the model's output independent of its input
+            (found once, on the first training batch, by trying each: in a plain stack every layer, in a residual
+            network the stem and the head but not the branches); ``"all"`` every quantized layer; ``"none"`` no
+            layer. Whatever the choice, a warning names each layer that loses every channel.
         compile: run the quantizer through ``torch.compile`` (inductor fuses its elementwise passes: about half the
             quantizer's cost per step; the first step pays the compilation, tens of seconds). Falls back to the eager
             quantizer with a warning where compilation fails.
@@ -84,6 +90,7 @@ class SelfCompression(Callback):
         log_every_n_steps: int = 50,
         freeze_bits_after: float = 0.8,
         export_path: str | None = None,
+        keep_channels: str = "cut",
         compile: bool = False,
     ) -> None:
         super().__init__()
@@ -97,6 +104,12 @@ class SelfCompression(Callback):
         validate_number("freeze_bits_after", freeze_bits_after, low=0.0, high=1.0)
         validate_bool("remove_at_fit_end", remove_at_fit_end)
         export_path = validate_export_path("export_path", export_path)
+        if not isinstance(keep_channels, str) or keep_channels not in KEEP_CHOICES:
+            raise ValueError(f"`keep_channels` must be one of {KEEP_CHOICES}, got {keep_channels!r}")
+        self.keep_channels = keep_channels
+        self._held: list[str] | None = None  # names of the layers whose strongest channel is held alive
+        self._hold = StrongestHold(KEEP_BITS)
+        self._warned_dead: set[str] = set()
         self.bits_lr = float(bits_lr)
         self.bits_eps = float(bits_eps)
         self.remove_every_n_steps = int(remove_every_n_steps)
@@ -255,6 +268,9 @@ class SelfCompression(Callback):
         else:
             self._skipped.add_(1.0)
         self.optimizer.zero_grad(set_to_none=True)
+        if self._held:
+            held = set(self._held)
+            self._hold([layer.quantizer.b for layer in self.compressor.layers if layer.name in held])
 
     def _report_skipped(self, trainer: pl.Trainer) -> None:
         """Warn (at logging time, where a host read is fine) about steps skipped for non-finite b/e gradients."""
@@ -273,15 +289,56 @@ class SelfCompression(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._finish_detection(pl_module)
+        if self._held is None:
+            self._find_held(trainer, pl_module)
         step = trainer.global_step
         if step == 0 or self._last_periodic == step:
             return
         self._last_periodic = step
-        if self.remove_every_n_steps and step % self.remove_every_n_steps == 0 and trainer.world_size == 1:
+        removal = self.remove_every_n_steps and step % self.remove_every_n_steps == 0
+        logging = self.log_every_n_steps and step % self.log_every_n_steps == 0
+        if removal or logging:
+            self._warn_dead_layers(step)
+        if removal and trainer.world_size == 1:
             self._remove(trainer, pl_module)
-        if self.log_every_n_steps and step % self.log_every_n_steps == 0:
+        if logging:
             self.log_state(trainer, step, figure=step % (10 * self.log_every_n_steps) == 0)
             self._report_skipped(trainer)
+
+    def _find_held(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Which layers keep a channel alive (``keep_channels``): decided once, on rank 0, and broadcast."""
+        names = [layer.name for layer in self.compressor.layers]
+        if self.keep_channels == "none":
+            self._held = []
+        elif self.keep_channels == "all":
+            self._held = names
+        else:
+            inputs = self._inputs(pl_module)
+            if inputs is None:
+                return  # no example input yet: try again after the next batch
+            cutting = (
+                output_cutting_layers(pl_module, self.compressor.layers, inputs) if trainer.is_global_zero else None
+            )
+            cutting = from_rank_zero(trainer, cutting)
+            self._held = names if cutting is None else list(cutting)
+        if self._held:
+            rank_zero_info(
+                f"SelfCompression: the strongest channel of {len(self._held)} layer(s) is kept at >= {KEEP_BITS:g} "
+                f"bits (`keep_channels={self.keep_channels!r}`): {', '.join(self._held[:8])}"
+                + (" ..." if len(self._held) > 8 else "")
+            )
+
+    def _warn_dead_layers(self, step: int) -> None:
+        """Name every layer that lost all its channels (once per layer; a host read per layer, at removal or
+        logging time only)."""
+        for name in dead_layers(self.compressor.layers):
+            if name in self._warned_dead:
+                continue
+            self._warned_dead.add(name)
+            rank_zero_warn(
+                f"SelfCompression: every channel of layer {name!r} reached 0 bits at step {step}; the layer now "
+                "outputs zeros. Lower `gamma`, or use `keep_channels='all'` to keep its strongest channel alive"
+            )
 
     def _inputs(self, pl_module: pl.LightningModule) -> Any:
         if self._example_inputs is not None:
@@ -354,6 +411,7 @@ class SelfCompression(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._finish_detection(pl_module)
         self._report_skipped(trainer)
+        self._warn_dead_layers(trainer.global_step)
         if self.remove_at_fit_end:
             self._remove(trainer, pl_module)
         metrics = self.log_state(trainer, trainer.global_step, figure=True)
@@ -398,6 +456,7 @@ class SelfCompression(Callback):
             "bn_pairs": None if self._bn_pairs is None else [list(p) for p in self._bn_pairs],
             "channels_removed": self.channels_removed,
             "last_step": self._last_step,
+            "held": self._held,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -406,7 +465,12 @@ class SelfCompression(Callback):
         self._bn_pairs = None if pairs is None else [tuple(p) for p in pairs]  # type: ignore[misc]
         self.channels_removed = int(state_dict.get("channels_removed", 0))
         self._last_step = int(state_dict.get("last_step", -1))
+        held = state_dict.get("held")
+        self._held = None if held is None else [str(n) for n in held]
         self._pending_state = {"optimizer": state_dict.get("optimizer")}
+
+
+KEEP_BITS = 2.0  # the bit depth below which a held channel is not allowed to fall
 
 
 def _bits_optimizer(params: list[nn.Parameter], lr: float, eps: float) -> torch.optim.Optimizer:
