@@ -233,3 +233,23 @@ def test_state_dict_tolerates_old_checkpoints():
     cb = SelfCompression()
     cb.load_state_dict({})  # keys missing in older versions fall back to defaults
     assert cb.channels_removed == 0
+
+
+def test_the_defaults_compress_digits_without_collapse(tmp_path):
+    """A user who adds ``SelfCompression()`` and changes nothing: smaller, no dead layer, accuracy near float."""
+
+    def fit(callbacks):
+        pl.seed_everything(0)
+        model = ImageClassifier("lenet")
+        dm = DigitsDataModule(batch_size=64)
+        trainer = _trainer(tmp_path, callbacks, max_epochs=6)
+        trainer.fit(model, dm)
+        return trainer.test(model, dm, verbose=False)[0]["test/acc"]
+
+    float_acc = fit([])
+    cb = SelfCompression(export_path=str(tmp_path / "defaults.safetensors"))
+    acc = fit([cb])
+    assert cb.compressor.size().bits_ratio < 0.25  # below the 8-bit start, within 6 short epochs
+    assert all(bool((layer.quantizer.b > 0).any()) for layer in cb.compressor.layers)
+    assert acc >= float_acc - 0.05 and acc > 0.85, (acc, float_acc)
+    assert (tmp_path / "defaults.safetensors").stat().st_size < 0.3 * 4 * 89930

@@ -5,6 +5,7 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import quiet_trainer
 
 from lightning_xai import SelfCompression
 from lightning_xai.data import DigitsDataModule
@@ -12,7 +13,6 @@ from lightning_xai.models import ImageClassifier
 from lightning_xai.models.nets import MLP, SmallResNet
 from lightning_xai.quantization.install import install_quantizers
 from lightning_xai.quantization.keep import StrongestHold, dead_layers, output_cutting_layers
-from tests.helpers import quiet_trainer
 
 
 def _naive_hold(bits, floor):
