@@ -41,16 +41,17 @@ CASES = [
     ("LRPCompression: pruning quantile of 1.5", "LRPCompression(prune=1.5)"),
     ("LRPCompression: low bits above high bits", "LRPCompression(bits=(4, 8))"),
     (
-        "LRP: unsupported activation module",
-        "lrp(nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 2)), torch.rand(2, 3))",
+        "LRP: unsupported modules (every one listed)",
+        "lrp(nn.Sequential(nn.Linear(3, 4), nn.Softmax(-1), nn.Linear(4, 4), nn.Softmin(-1), nn.Linear(4, 2)), "
+        "torch.rand(2, 3))",
     ),
     (
         "LRP: batch norm that cannot be folded",
         "lrp(nn.Sequential(nn.BatchNorm1d(3), nn.Linear(3, 2)).eval(), torch.rand(2, 3))",
     ),
     (
-        "LRP: grouped convolution",
-        "lrp(nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 2)), torch.rand(2, 2, 3, 3))",
+        "LRP: not a module",
+        "lrp('lenet', torch.rand(2, 3))",
     ),
     ("LRP: alpha − beta ≠ 1", "AlphaBeta(alpha=2.0, beta=2.0)"),
     ("data: batch size of zero", "DigitsDataModule(batch_size=0)"),

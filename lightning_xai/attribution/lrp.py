@@ -13,8 +13,14 @@ Rules (small configurations of one generic linear-layer step, chosen per layer b
 
 Every rule also returns the weight relevance ``R_W`` (per weight, summed over samples and positions): the terms
 whose sum over ``i`` is the message ``R_j``. Non-parametric nodes: ReLU/dropout/identity/reshape pass relevance
-through, max-pooling routes it to the winners, average pooling uses the epsilon rule, additions split it in
-proportion to the summands. Anything else raises a ``ValueError`` naming the module.
+through; other elementwise activations (ReLU6, SiLU, GELU, Hardswish, LeakyReLU, ELU, …) and stochastic depth use
+the identity rule; a gating product ``g · x`` (squeeze-excitation, ``x · σ(x)``) gives all relevance to the signal
+``x`` and none to the gate ``g`` (the gate is the factor produced by a sigmoid, or the one broadcast over the other;
+the rule of Arras et al. 2017 for LSTM gates, used by AttnLRP); a product with a constant passes it through;
+max-pooling routes it to the winners, average pooling uses the epsilon rule, additions split it in proportion to the
+summands. Grouped and depthwise convolutions use the same layer rules. In-place activations are run out of place
+during the analysis (the user's modules get their flags back). Anything else raises one ``ValueError`` that lists
+every unsupported node with its type.
 """
 
 from __future__ import annotations
@@ -60,6 +66,50 @@ _PASS_FUNCTIONS = {
     operator.getitem,
 }
 _PASS_METHODS = {"relu", "view", "reshape", "flatten", "squeeze", "unsqueeze", "permute", "transpose", "contiguous"}
+# Elementwise non-linearities: the identity rule (relevance passes through unchanged), as for every elementwise
+# function in Montavon et al. 2019 (LRP overview, §10.2.1) and AttnLRP (Achtibat et al. 2024, Prop. 3.1). ReLU keeps
+# its gradient pass (the same on every position that carries relevance; it is what zennit does, tested against it).
+_IDENTITY_MODULES = (
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Hardswish,
+    nn.Hardtanh,
+    nn.Softplus,
+    nn.Tanh,
+    nn.AlphaDropout,
+    nn.Dropout1d,
+    nn.Dropout3d,
+)
+_IDENTITY_FUNCTIONS = {
+    F.relu6,
+    F.leaky_relu,
+    F.elu,
+    F.selu,
+    F.celu,
+    F.gelu,
+    F.silu,
+    F.mish,
+    F.hardswish,
+    F.hardtanh,
+    F.softplus,
+    torch.tanh,
+    F.alpha_dropout,
+    F.dropout1d,
+    F.dropout2d,
+}
+_IDENTITY_METHODS = {"tanh"}
+# identity in evaluation mode, whatever the library (matched by class/function name: torchvision is optional)
+_IDENTITY_NAMES = {"StochasticDepth", "stochastic_depth", "DropPath", "drop_path"}
+# gates: the multiplicand of a gating product that gets no relevance (SE blocks' ``scale · x``, ``x · σ(x)``)
+_GATE_MODULES = (nn.Sigmoid, nn.Hardsigmoid)
+_GATE_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid}
+_NORM_MODULES = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)
 _AVG_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
 _MAX_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
 
@@ -315,8 +365,6 @@ def _node_kind(node: torch.fx.Node, modules: Mapping[str, nn.Module]) -> str:
     if node.op == "call_module":
         m = modules[str(node.target)]
         if isinstance(m, _LAYERS):
-            if getattr(m, "groups", 1) != 1:
-                raise ValueError(f"LRP does not support grouped convolution `{node.target}`")
             return "layer"
         if isinstance(m, _MAX_MODULES):
             return "max"
@@ -324,12 +372,26 @@ def _node_kind(node: torch.fx.Node, modules: Mapping[str, nn.Module]) -> str:
             return "avg"
         if isinstance(m, _PASS_MODULES):
             return "pass"
+        if isinstance(m, _IDENTITY_MODULES) or type(m).__name__ in _IDENTITY_NAMES:
+            return "identity"
+        if isinstance(m, _NORM_MODULES):
+            return "norm"
+        if isinstance(m, _GATE_MODULES):
+            return "pass"  # only ever reached through a gate, which receives no relevance
         raise ValueError(f"LRP does not support module `{node.target}` ({type(m).__name__})")
     if node.op == "call_function":
         if node.target in (operator.add, torch.add):
             return "add"
         if node.target in _PASS_FUNCTIONS:
             return "pass"
+        if node.target in _IDENTITY_FUNCTIONS or getattr(node.target, "__name__", "") in _IDENTITY_NAMES:
+            return "identity"
+        if node.target in _GATE_FUNCTIONS:
+            return "pass"
+        if node.target is F.layer_norm:
+            return "norm"
+        if node.target in (operator.mul, torch.mul):
+            return _mul_kind(node, modules)
         if node.target in (F.max_pool1d, F.max_pool2d, F.adaptive_max_pool2d):
             return "max"
         if node.target in (F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool2d):
@@ -338,10 +400,73 @@ def _node_kind(node: torch.fx.Node, modules: Mapping[str, nn.Module]) -> str:
     if node.op == "call_method":
         if node.target in _PASS_METHODS:
             return "pass"
+        if node.target in _IDENTITY_METHODS:
+            return "identity"
+        if node.target == "sigmoid":
+            return "pass"
+        if node.target == "mul":
+            return _mul_kind(node, modules)
         if node.target == "mean":
             return "avg"
         raise ValueError(f"LRP does not support tensor method `.{node.target}()` ({node})")
     raise ValueError(f"LRP does not support graph node {node}")  # pragma: no cover
+
+
+def _is_gate(node: Any, modules: Mapping[str, nn.Module]) -> bool:
+    """Whether ``node`` is produced by a sigmoid-like function (possibly through reshapes)."""
+    while isinstance(node, torch.fx.Node):
+        if node.op == "call_module" and isinstance(modules.get(str(node.target)), _GATE_MODULES):
+            return True
+        if node.op == "call_function" and node.target in _GATE_FUNCTIONS:
+            return True
+        if node.op == "call_method" and node.target == "sigmoid":
+            return True
+        shaping = (node.op == "call_method" and node.target in _PASS_METHODS - {"relu"}) or (
+            node.op == "call_function" and node.target in (torch.flatten, torch.reshape, torch.unsqueeze)
+        )
+        if not shaping:
+            return False
+        node = node.args[0]
+    return False
+
+
+def _mul_kind(node: torch.fx.Node, modules: Mapping[str, nn.Module]) -> str:
+    """``"scale"`` for a product with a constant, ``"gate0"``/``"gate1"`` for a gating product (the index of the
+    gate), else unsupported. Shapes decide at run time when neither factor comes from a sigmoid: see
+    :func:`_gate_index`."""
+    a, b = node.args[0], node.args[1]
+    tensors = [isinstance(a, torch.fx.Node), isinstance(b, torch.fx.Node)]
+    if sum(tensors) == 1:
+        return "scale"
+    if _is_gate(a, modules) and not _is_gate(b, modules):
+        return "gate0"
+    if _is_gate(b, modules) and not _is_gate(a, modules):
+        return "gate1"
+    return "gate?"  # decided by the shapes (the broadcast factor is the gate), or refused at run time
+
+
+def _unsupported(node: torch.fx.Node, modules: Mapping[str, nn.Module]) -> str:
+    """How :func:`_node_kind` names an unsupported node (one line of the error)."""
+    try:
+        _node_kind(node, modules)
+    except ValueError as err:
+        return str(err).removeprefix("LRP does not support ")
+    return ""  # pragma: no cover
+
+
+def _kinds(nodes: Sequence[torch.fx.Node], modules: Mapping[str, nn.Module]) -> dict[torch.fx.Node, str]:
+    """The kind of every node; one ``ValueError`` listing every unsupported node (not only the first)."""
+    kinds: dict[torch.fx.Node, str] = {}
+    bad: list[str] = []
+    for n in nodes:
+        try:
+            kinds[n] = _node_kind(n, modules)
+        except ValueError:
+            bad.append(_unsupported(n, modules))
+    if bad:
+        listing = "\n".join(f"  - {b}" for b in bad)
+        raise ValueError(f"LRP does not support {len(bad)} node(s) of this model:\n{listing}")
+    return kinds
 
 
 def _vjp(fn: Callable[..., Tensor], inputs: Sequence[Tensor], grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -380,14 +505,16 @@ def lrp(
 @contextlib.contextmanager
 def _session(model: nn.Module) -> Iterator[Callable[..., LRPResult]]:
     """Trace once, canonize once, restore modes and parameters on exit; yields ``run(x, target, composite, ...)``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
         gm = torch.fx.symbolic_trace(model)
         modules = dict(gm.named_modules())
         nodes = list(gm.graph.nodes)
-        kinds = {n: _node_kind(n, modules) for n in nodes}  # unsupported modules fail before anything changes
-        with canonized(model, gm):
+        kinds = _kinds(nodes, modules)  # unsupported modules fail before anything changes
+        with canonized(model, gm), _out_of_place(model):
 
             def run(x, target, composite, eps_pool, output):
                 return _propagate(gm, modules, nodes, kinds, x, target, composite, eps_pool, output)
@@ -410,6 +537,8 @@ def _propagate(gm, modules, nodes, kinds, x, target, composite, eps_pool, output
             else:
                 args = torch.fx.node.map_arg(node.args, lambda a: env[a])
                 kwargs = torch.fx.node.map_arg(node.kwargs, lambda a: env[a])
+                if kwargs.get("inplace") is True:  # F.relu(x, inplace=True) would overwrite a kept value
+                    kwargs = {**kwargs, "inplace": False}
                 env[node] = getattr(interp, node.op)(node.target, args, kwargs)
     out_node = next(n for n in nodes if n.op == "output")
     logits = env[out_node]
@@ -463,6 +592,21 @@ def _propagate(gm, modules, nodes, kinds, x, target, composite, eps_pool, output
             s = r / _stabilize(va + vb, eps_pool)
             give(a, va * s)
             give(b, vb * s)
+        elif kind == "norm":
+            src = tensor_args[0]
+            s = r / _stabilize(env[node], eps_pool)
+            fn = _frozen_norm(node, modules, env[src])
+            (g,) = _vjp(fn, [env[src]], s)
+            give(src, env[src] * g)
+        elif kind == "identity":
+            give(tensor_args[0], r)
+        elif kind == "scale":
+            give(tensor_args[0], r)  # R_in = c·x / (c·x) · R
+        elif kind.startswith("gate"):
+            a, b = node.args[0], node.args[1]
+            gate = _gate_index(kind, env[a], env[b], node)
+            signal = (a, b)[1 - gate]
+            give(signal, _unbroadcast(r, env[signal].shape))
         elif kind == "max" or kind == "pass":
             fn = _callable(node, modules, interp)
             values = [env[a] for a in tensor_args]
@@ -479,9 +623,104 @@ def _propagate(gm, modules, nodes, kinds, x, target, composite, eps_pool, output
     return LRPResult(input=input_rel, activations=activations, weights=weights, output=r_out)
 
 
+def _frozen_norm(node: torch.fx.Node, modules: Mapping[str, nn.Module], x: Tensor) -> Callable[[Tensor], Tensor]:
+    """The normalisation of ``node`` with its statistics held constant (the LN rule of Ali et al. 2022, used by
+    AttnLRP): ``(t − mean(t)) / σ(x) · γ`` (``t / rms(x) · γ`` for RMSNorm), a linear map of ``t`` whose
+    gradient × input, with the epsilon stabiliser on the output, conserves relevance up to the shift ``β``."""
+    if node.op == "call_module":
+        m = modules[str(node.target)]
+        weight = getattr(m, "weight", None)
+        if isinstance(m, nn.GroupNorm):
+            groups, eps = m.num_groups, m.eps
+
+            def group(t: Tensor) -> Tensor:
+                shape = t.shape
+                g = t.reshape(shape[0], groups, -1)
+                ref = x.detach().reshape(shape[0], groups, -1)
+                std = (ref.var(-1, unbiased=False, keepdim=True) + eps).sqrt()
+                out = ((g - g.mean(-1, keepdim=True)) / std).reshape(shape)
+                if weight is not None:
+                    out = out * weight.detach().reshape(1, -1, *([1] * (len(shape) - 2)))
+                return out
+
+            return group
+        dims = tuple(range(-len(m.normalized_shape), 0))
+        eps = m.eps if m.eps is not None else torch.finfo(x.dtype).eps
+        rms = isinstance(m, nn.RMSNorm)
+    else:  # F.layer_norm(input, normalized_shape, weight, bias, eps)
+        args = list(node.args) + [None] * (5 - len(node.args))
+        shape = node.kwargs.get("normalized_shape", args[1])
+        weight_arg = node.kwargs.get("weight", args[2])
+        weight = _param_value(weight_arg, modules)
+        eps = node.kwargs.get("eps", args[4] if args[4] is not None else 1e-5)
+        dims = tuple(range(-len(shape), 0))
+        rms = False
+    ref = x.detach()
+    if rms:
+        scale = (ref.pow(2).mean(dims, keepdim=True) + eps).rsqrt()
+    else:
+        scale = (ref.var(dims, unbiased=False, keepdim=True) + eps).rsqrt()
+
+    def frozen(t: Tensor) -> Tensor:
+        centred = t if rms else t - t.mean(dims, keepdim=True)
+        out = centred * scale
+        return out if weight is None else out * weight.detach()
+
+    return frozen
+
+
+def _param_value(arg: Any, modules: Mapping[str, nn.Module]) -> Tensor | None:
+    """The tensor behind a ``get_attr`` node argument (a parameter of the traced model), or ``None``."""
+    if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
+        owner, _, attr = str(arg.target).rpartition(".")
+        return getattr(modules[owner] if owner else modules[""], attr)
+    return arg if isinstance(arg, Tensor) else None
+
+
+def _gate_index(kind: str, a: Tensor, b: Tensor, node: torch.fx.Node) -> int:
+    if kind in ("gate0", "gate1"):
+        return int(kind[-1])
+    if a.numel() < b.numel():
+        return 0
+    if b.numel() < a.numel():
+        return 1
+    raise ValueError(
+        f"LRP does not support the product `{node.name}` of two full-size tensors (neither factor is a gate: not "
+        "produced by a sigmoid and not broadcast over the other)"
+    )
+
+
+def _unbroadcast(r: Tensor, shape: torch.Size) -> Tensor:
+    """``r`` summed down to ``shape`` (the signal of a gating product may itself have been broadcast)."""
+    if r.shape == shape:
+        return r
+    while r.dim() > len(shape):
+        r = r.sum(0)
+    for i, (have, want) in enumerate(zip(r.shape, shape)):
+        if want == 1 and have != 1:
+            r = r.sum(i, keepdim=True)
+    return r
+
+
+@contextlib.contextmanager
+def _out_of_place(model: nn.Module) -> Iterator[None]:
+    """In-place activations (``nn.ReLU(inplace=True)``) would overwrite the values LRP keeps for its backward pass:
+    run them out of place during the analysis and give the modules their flags back."""
+    flagged = [m for m in model.modules() if getattr(m, "inplace", False) is True]
+    for m in flagged:
+        m.inplace = False  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        for m in flagged:
+            m.inplace = True  # type: ignore[assignment]
+
+
 def _callable(node: torch.fx.Node, modules: Mapping[str, nn.Module], interp: torch.fx.Interpreter):
     def call(*args: Any) -> Any:
-        kwargs = torch.fx.node.map_arg(node.kwargs, lambda a: a)
+        kwargs = dict(torch.fx.node.map_arg(node.kwargs, lambda a: a))
+        if kwargs.get("inplace") is True:
+            kwargs["inplace"] = False
         return getattr(interp, node.op)(node.target, args, kwargs)
 
     return call

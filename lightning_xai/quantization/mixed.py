@@ -13,6 +13,7 @@ two float32 scales; every other tensor as is. :func:`packed_size` counts exactly
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -77,8 +78,9 @@ def _check_bits(bits: tuple[int, int]) -> None:
 
 
 def relevance_plan(relevance: Tensor, prune: str | float = "nonpositive", bits: tuple[int, int] = (8, 4)) -> WeightPlan:
-    """Prune ``R ≤ 0`` (``prune="nonpositive"``) or the weights below the ``prune`` quantile of ``R``, then give the
-    kept weights above the median of their scores ``bits[0]`` bits and the others ``bits[1]``.
+    """Prune ``R ≤ 0`` (``prune="nonpositive"``) or the ``round(prune·n)`` weights of lowest ``R`` (ties broken by
+    position), then give the kept weights above the median of their scores ``bits[0]`` bits and the others
+    ``bits[1]``.
 
     Example:
         >>> p = relevance_plan(torch.tensor([-1.0, 0.0, 1.0, 2.0, 3.0, 4.0]))
@@ -90,7 +92,14 @@ def relevance_plan(relevance: Tensor, prune: str | float = "nonpositive", bits: 
     if prune == "nonpositive":
         keep = r > 0
     elif isinstance(prune, (int, float)) and not isinstance(prune, bool) and 0 <= prune < 1:
-        keep = r > torch.quantile(r.flatten(), float(prune)) if prune > 0 else torch.ones_like(r, dtype=torch.bool)
+        # exactly round(prune · n) weights, the lowest scores first (a stable sort: ties do not widen the cut, as
+        # ``r > quantile`` would, e.g. the many exact zeros of weights fed by dead units)
+        flat = r.flatten()
+        count = int(math.floor(float(prune) * flat.numel() + 0.5))
+        keep_flat = torch.ones_like(flat, dtype=torch.bool)
+        if count > 0:
+            keep_flat[torch.argsort(flat, stable=True)[:count]] = False
+        keep = keep_flat.reshape(r.shape)
     else:
         raise ValueError(f"`prune` must be 'nonpositive' or a quantile in [0, 1), got {prune!r}")
     high = torch.zeros_like(keep)
