@@ -15,6 +15,7 @@ CASES = [
     ("PreservationGuard: both accuracy rules", "PreservationGuard(min_accuracy=0.9, max_drop=0.02)"),
     ("PreservationGuard: unknown uncertainty measure", "PreservationGuard(uncertainty='random')"),
     ("PreservationGuard: empty index list", "PreservationGuard(indices=[])"),
+    ("PreservationGuard: Grad-CAM layer given as a number", "PreservationGuard(target_layer=3)"),
     ("CSWAPPruning: remove every parameter", "CSWAPPruning(target_ratio=1.0)"),
     ("CSWAPPruning: unknown method", "CSWAPPruning(method='lrp')"),
     ("CSWAPPruning: 'non-critical only' with a baseline method", "CSWAPPruning(method='omp')"),

@@ -213,3 +213,19 @@ def test_agrees_with_zennit_on_modern_cnn_layers():
     theirs = grad  # zennit's rules return the relevance itself as the input "gradient"
     assert zennit.__name__ == "zennit"
     assert torch.allclose(ours.input, theirs, rtol=1e-7, atol=1e-12), (ours.input - theirs).abs().max()
+
+
+@pytest.mark.parametrize(
+    "name", ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny"]
+)
+def test_torchvision_models_are_analysed_and_left_untouched(name):
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(num_classes=10).train()
+    flags = {n: m.inplace for n, m in model.named_modules() if hasattr(m, "inplace")}
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    res = lrp(model, torch.rand(2, 3, 32, 32))
+    assert torch.isfinite(res.input).all() and res.weights
+    assert all(torch.isfinite(r).all() for r in res.weights.values())
+    assert model.training and {n: m.inplace for n, m in model.named_modules() if hasattr(m, "inplace")} == flags
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())

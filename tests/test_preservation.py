@@ -320,3 +320,20 @@ def test_a_failing_restoration_leaves_bits_exponents_and_optimizer_untouched(mon
     for p, s in opt.state.items():
         assert all(torch.equal(moments[id(p)][k], v) for k, v in s.items() if torch.is_tensor(v))
     assert guard._frozen == {} and guard._frozen_until == -1 and guard.restorations == []
+
+
+def test_target_layer_names_the_gradcam_layer_and_typos_are_refused(tmp_path):
+    def selected(target):
+        pl.seed_everything(0)
+        model = ImageClassifier("lenet")
+        guard = PreservationGuard(fraction=0.1, check_every_n_steps=50, target_layer=target)
+        _trainer(tmp_path, [guard], epochs=1).fit(model, DigitsDataModule())
+        return guard.indices.tolist()
+
+    default = selected(None)
+    assert selected("net.features.5") == default  # the last conv is the default target
+    assert selected("net.features.0") != default  # another layer, other evidence, another set
+    with pytest.raises(ValueError, match=r"`target_layer` names layers.*'net\.feature\.0' \(did you mean"):
+        selected("net.feature.0")
+    with pytest.raises(ValueError, match="`target_layer` must be a module name"):
+        PreservationGuard(target_layer=nn.Conv2d(1, 1, 1))

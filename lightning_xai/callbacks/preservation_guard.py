@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_xai._validation import validate_number
+from lightning_xai._validation import check_layer_names, validate_number
 from lightning_xai.callbacks._checks import refuse_duplicates, refuse_sharded_strategies
 from lightning_xai.callbacks._data import dataset_inputs, dataset_labels, from_rank_zero, split_dataset
 from lightning_xai.evaluation import accuracy
@@ -84,6 +84,9 @@ class PreservationGuard(Callback):
         max_candidates: at most this many training samples (class-balanced, seeded) are scored to select the set;
             ``None`` scores all. The set has ``fraction`` of the training set, capped at the pool's size.
         eval_batch_size: batch size of the preservation-accuracy checks.
+        target_layer: name of the module whose activations Grad-CAM explains (e.g. ``"net.features.6"``); ``None``:
+            the last Conv2d, or gradient × input for models without one (gradient × embedding for token inputs).
+            Checked against the model at setup, with suggestions for near misses.
         rollback_at_end: keep a copy of the model at the last healthy check and fall back to it at train end if
             needed (costs one copy of the state dict in memory and in checkpoints).
     """
@@ -105,6 +108,7 @@ class PreservationGuard(Callback):
         restored_penalty: float = 0.0,
         max_candidates: int | None = 20_000,
         eval_batch_size: int = 512,
+        target_layer: str | None = None,
     ) -> None:
         super().__init__()
         validate_number("fraction", fraction, low=0.0, low_open=True, high=1.0)
@@ -135,6 +139,9 @@ class PreservationGuard(Callback):
             raise ValueError(
                 f"`indices` must be a non-empty list of training-set indices (integers) or None, got {indices!r}"
             )
+        if target_layer is not None and (not isinstance(target_layer, str) or not target_layer):
+            raise ValueError(f"`target_layer` must be a module name (a non-empty string) or None, got {target_layer!r}")
+        self.target_layer = target_layer
         self.fraction, self.lam = float(fraction), float(lam)
         self.check_every_n_steps, self.cooldown_steps = check_every_n_steps, cooldown_steps
         self.min_accuracy = min_accuracy
@@ -179,8 +186,9 @@ class PreservationGuard(Callback):
                 pool = _candidate_pool(labels, self.max_candidates, self.seed)
                 inputs = dataset_inputs(dataset, pool)
                 share = min(1.0, self.fraction * len(labels) / len(pool))
+                model = _float_model(pl_module)
                 picked = build_preservation_set(
-                    _float_model(pl_module), inputs, labels[pool], share, self.seed, self.uncertainty
+                    model, inputs, labels[pool], share, self.seed, self.uncertainty, self._target(model)
                 )
                 chosen = pool[picked.indices]
             self.indices = np.asarray(from_rank_zero(trainer, chosen), dtype=np.int64)
@@ -205,12 +213,16 @@ class PreservationGuard(Callback):
         if x.dim() != 4 or not tensorboard_writers(trainer):
             return
         try:
-            maps = gradcam_maps(_float_model(pl_module), x[:16], y[:16])
+            model = _float_model(pl_module)
+            maps = gradcam_maps(model, x[:16], y[:16], self._target(model))
         except ValueError:  # no Conv2d to look at
             return
         log_figure(
             trainer, "preservation/gradcam", lambda: gradcam_figure(x[:16].cpu().numpy(), maps.numpy(), y[:16]), 0
         )
+
+    def _target(self, model: nn.Module) -> nn.Module | None:
+        return None if self.target_layer is None else model.get_submodule(self.target_layer)
 
     def accuracy(self, pl_module: pl.LightningModule) -> float:
         """Accuracy on the preservation set (eval mode, batches of ``eval_batch_size``; modes and gradients restored;
@@ -232,6 +244,8 @@ class PreservationGuard(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         refuse_sharded_strategies(trainer, "PreservationGuard")
         refuse_duplicates(trainer, self)
+        if self.target_layer is not None:
+            check_layer_names("target_layer", [self.target_layer], pl_module)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.build_at_step == 0 or (self.indices is not None and trainer.global_step >= self.build_at_step):

@@ -67,7 +67,10 @@ def last_conv(model: nn.Module) -> nn.Module:
     """The last Conv2d of ``model`` (the usual Grad-CAM target layer)."""
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     if not convs:
-        raise ValueError("Grad-CAM needs a Conv2d target layer and `model` has none; pass `target_layer`")
+        raise ValueError(
+            "Grad-CAM needs a Conv2d target layer and `model` has none; name one with `target_layer` "
+            "(PreservationGuard(target_layer=...)), or leave it unset for the gradient × input fallback"
+        )
     return convs[-1]
 
 
