@@ -215,9 +215,7 @@ def test_agrees_with_zennit_on_modern_cnn_layers():
     assert torch.allclose(ours.input, theirs, rtol=1e-7, atol=1e-12), (ours.input - theirs).abs().max()
 
 
-@pytest.mark.parametrize(
-    "name", ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny"]
-)
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny"])
 def test_torchvision_models_are_analysed_and_left_untouched(name):
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
