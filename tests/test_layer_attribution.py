@@ -313,3 +313,15 @@ def test_scores_are_all_reduced_across_ddp_processes():
     whole = GradientActivationScorer().score(_tiny(), [(x, y)])
     for rank in (0, 1):
         assert per_rank[rank] == pytest.approx(whole, rel=1e-10)  # every rank holds the global expectation
+
+
+def test_attribution_pruning_refuses_to_prune_every_candidate(tmp_path):
+    from lightning_xai.data import DigitsDataModule
+    from lightning_xai.models import ImageClassifier
+
+    torch.manual_seed(0)
+    model = ImageClassifier("mlp")  # three Linear layers: the middle one is the only candidate
+    cb = AttributionPruning(num_batches=1)
+    with pytest.raises(ValueError, match=r"of 1 candidate layer\(s\).*would prune all of them"):
+        quiet_trainer(tmp_path, [cb], max_epochs=1).fit(model, DigitsDataModule(batch_size=64))
+    assert cb.result is None or not cb.result.get("pruned")

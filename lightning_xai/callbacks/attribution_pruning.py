@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from scipy import stats
 from torch import nn
 
@@ -138,6 +139,13 @@ class AttributionPruning(ResizeOnLoad):
             raise ValueError(
                 f"AttributionPruning: no candidate layers for mode {self.mode!r} in {type(pl_module).__name__}"
             )
+        count = max(1, int(self.fraction * len(candidates) + 0.5))
+        if count >= len(candidates):
+            raise ValueError(
+                f"AttributionPruning: `fraction`={self.fraction} of {len(candidates)} candidate layer(s) in mode "
+                f"{self.mode!r} ({', '.join(candidates)}) would prune all of them (at least one layer is always "
+                "pruned); layer pruning needs a deeper model (or mode='zero', or `include_first_last=True`)"
+            )
         cls = GradientActivationScorer if self.scorer_name == "gradxact" else TaylorScorer
         attr = cls(self.loss_fn, self.num_batches, layers=candidates).score(pl_module, batches)
         l1 = L1Scorer(layers=candidates).score(pl_module)
@@ -156,6 +164,11 @@ class AttributionPruning(ResizeOnLoad):
         del original
         self.pruned = pruned_attr if self.apply else []
         corr = compare_rankings(attr, l1, candidates)
+        if not all(math.isfinite(v) for v in corr.values()):
+            rank_zero_warn(
+                f"AttributionPruning: the rank correlation of {self.scorer_name} and L1 is undefined over "
+                f"{len(candidates)} candidate layer(s) (constant scores or too few layers); it is logged as NaN"
+            )
         self.result = {
             "scorer": self.scorer_name,
             "mode": self.mode,
