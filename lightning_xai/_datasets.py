@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Subset, TensorDataset
 
-__all__ = ["dataset_labels", "dataset_inputs", "dataset_tensors"]
+__all__ = ["dataset_labels", "dataset_inputs", "dataset_tensors", "split_sample", "INPUT_KEYS", "LABEL_KEYS"]
 
 
 def dataset_labels(dataset: Any) -> Tensor:
@@ -22,17 +22,54 @@ def dataset_labels(dataset: Any) -> Tensor:
     if isinstance(dataset, Subset):
         return dataset_labels(dataset.dataset)[torch.as_tensor(list(dataset.indices), dtype=torch.long)]
     if isinstance(dataset, TensorDataset) and len(dataset.tensors) >= 2:
-        return dataset.tensors[1].detach().to("cpu", torch.long)
+        labels = dataset.tensors[1]
+        if labels.dim() != 1:
+            raise ValueError(
+                "one integer class label per sample is supported (classification); the dataset's labels have shape "
+                f"{tuple(labels.shape)}"
+            )
+        return labels.detach().to("cpu", torch.long)
     targets = getattr(dataset, "targets", None)
     if targets is not None and len(targets) == len(dataset):
-        return torch.as_tensor(np.asarray(targets), dtype=torch.long)
+        labels = torch.as_tensor(np.asarray(targets))
+        if labels.dim() == 1:
+            return labels.to(torch.long)
     return torch.as_tensor(np.asarray([_label(dataset[i]) for i in range(len(dataset))]), dtype=torch.long)
 
 
+INPUT_KEYS = ("input", "inputs", "x", "image", "images", "pixel_values", "input_ids")
+LABEL_KEYS = ("label", "labels", "target", "targets", "y")
+
+
+def split_sample(item: Any) -> tuple[Any, Any]:
+    """``(input, label)`` of one dataset sample: a tuple/list ``(input, label, ...)``, or a dict whose input is under
+    one of ``INPUT_KEYS`` and label under one of ``LABEL_KEYS`` (the first present). Anything else is a clear error."""
+    if isinstance(item, (tuple, list)) and len(item) >= 2:
+        return item[0], item[1]
+    if isinstance(item, dict):
+        x_key = next((k for k in INPUT_KEYS if k in item), None)
+        y_key = next((k for k in LABEL_KEYS if k in item), None)
+        if x_key is None or y_key is None:
+            raise ValueError(
+                f"dict samples need an input under one of {list(INPUT_KEYS)} and a label under one of "
+                f"{list(LABEL_KEYS)}; this dataset's samples have keys {sorted(map(str, item))}"
+            )
+        return item[x_key], item[y_key]
+    raise ValueError(
+        f"expected (input, label) samples (a tuple, or a dict with {INPUT_KEYS[0]!r}/{LABEL_KEYS[0]!r} keys), got "
+        f"{type(item).__name__}"
+    )
+
+
 def _label(item: Any) -> int:
-    if not isinstance(item, (tuple, list)) or len(item) < 2:
-        raise ValueError(f"expected (input, label) samples, got {type(item).__name__}")
-    return int(item[1])
+    label = split_sample(item)[1]
+    t = torch.as_tensor(label) if not isinstance(label, (list, tuple)) else torch.as_tensor(np.asarray(label))
+    if t.numel() != 1 or t.is_floating_point() and not bool(t == t.round()):
+        raise ValueError(
+            "one integer class label per sample is supported (classification); got a label of shape "
+            f"{tuple(t.shape)} and dtype {t.dtype} (sequence or multi-label targets are not)"
+        )
+    return int(t.reshape(()))
 
 
 def dataset_inputs(dataset: Any, indices: Sequence[int] | Tensor | np.ndarray) -> Tensor:
@@ -44,7 +81,7 @@ def dataset_inputs(dataset: Any, indices: Sequence[int] | Tensor | np.ndarray) -
         return dataset_inputs(dataset.dataset, base)
     if isinstance(dataset, TensorDataset):
         return dataset.tensors[0][idx.to(dataset.tensors[0].device)]
-    return torch.stack([torch.as_tensor(dataset[int(i)][0]) for i in idx.tolist()])
+    return torch.stack([torch.as_tensor(split_sample(dataset[int(i)])[0]) for i in idx.tolist()])
 
 
 def dataset_tensors(dataset: Any) -> tuple[Tensor, Tensor]:

@@ -337,3 +337,34 @@ def test_target_layer_names_the_gradcam_layer_and_typos_are_refused(tmp_path):
         selected("net.feature.0")
     with pytest.raises(ValueError, match="`target_layer` must be a module name"):
         PreservationGuard(target_layer=nn.Conv2d(1, 1, 1))
+
+
+def test_guard_reads_dict_samples_and_refuses_sequence_labels():
+    from torch.utils.data import Dataset
+
+    from lightning_xai._datasets import dataset_inputs, dataset_labels
+
+    class Dicts(Dataset):
+        def __init__(self, label_shape=()):
+            self.shape = label_shape
+
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, i):
+            label = torch.full(self.shape, i % 3) if self.shape else i % 3
+            return {"pixel_values": torch.full((2,), float(i)), "labels": label}
+
+    assert dataset_labels(Dicts()).tolist() == [0, 1, 2, 0, 1, 2]
+    assert dataset_inputs(Dicts(), [4, 1])[:, 0].tolist() == [4.0, 1.0]
+    with pytest.raises(ValueError, match=r"one integer class label per sample.*shape \(5,\)"):
+        dataset_labels(Dicts((5,)))
+
+    class Keys(Dicts):
+        def __getitem__(self, i):
+            return {"features": torch.zeros(2), "answer": 1}
+
+    with pytest.raises(ValueError, match=r"keys \['answer', 'features'\]"):
+        dataset_labels(Keys())
+    with pytest.raises(ValueError, match=r"labels have shape \(4, 7\)"):
+        dataset_labels(torch.utils.data.TensorDataset(torch.zeros(4, 2), torch.zeros(4, 7, dtype=torch.long)))
