@@ -302,3 +302,35 @@ def test_layer_losing_inputs_and_outputs_at_once_stays_in_the_optimizer():
     assert any(p is w for p in held)
     assert all(any(p is q for q in held) for p in net.parameters())
     assert torch.equal(opt.state[w]["exp_avg"], old_state[10:, 5:])
+
+
+def test_transformer_rejections_give_the_real_reason():
+    from lightning_xai.pruning.surgery import remove_dead_channels
+    from lightning_xai.quantization.install import install_quantizers
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(6, 8)
+            self.block = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.block(self.inp(x)).mean(1))
+
+    torch.manual_seed(0)
+    net = Net()
+    layers = {layer.name: layer for layer in install_quantizers(net, None, None, 8.0)}
+    with torch.no_grad():
+        layers["block.self_attn.out_proj"].quantizer.b[:2] = -1.0
+        layers["inp"].quantizer.b[:2] = -1.0  # feeds the attention (and the residual stream)
+    report = remove_dead_channels(net, torch.randn(2, 5, 6), [])
+    assert "MultiheadAttention), whose embedding width" in report.rejected["inp"]
+    normed = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 3))
+    first = install_quantizers(normed, None, None, 8.0)[0]
+    with torch.no_grad():
+        first.quantizer.b[:2] = -1.0
+    assert "normalises across the channels" in remove_dead_channels(normed, torch.randn(2, 6), []).rejected["0"]
+    assert (
+        "called functionally by its MultiheadAttention 'block.self_attn'" in report.rejected["block.self_attn.out_proj"]
+    )

@@ -278,11 +278,34 @@ def _group_cuts(
                 return [], f"unknown pruning function on {name}"
         elif target.type == tp.ops.OPTYPE.BN and isinstance(module, _BN_TYPES):
             cuts.append(ChannelCut(name, "out", tuple(sorted(set(idxs)))))
+        elif isinstance(module, nn.MultiheadAttention):
+            return [], (
+                f"it is coupled with {name} (MultiheadAttention), whose embedding width is split across its heads "
+                "and is not sliced here"
+            )
+        elif isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)):
+            return [], (
+                f"it is coupled with {name} ({type(module).__name__}), which normalises across the channels: "
+                "removing a channel changes the statistics of all the others, so the outputs cannot stay the same"
+            )
         else:
             return [], f"it is coupled with {name} ({type(module).__name__}), which cannot be sliced here"
     if not any(c.kind == "in" for c in cuts):
         return [], "no layer consumes its channels (they are model outputs)"
     return cuts, None
+
+
+def _unseen_reason(model: nn.Module, name: str) -> str:
+    """Why the dependency graph has no node for layer ``name``: called functionally by a parent (``out_proj`` of
+    ``nn.MultiheadAttention``), or not reached by the example input."""
+    parent_name = name.rpartition(".")[0]
+    parent = model.get_submodule(parent_name) if parent_name else None
+    if isinstance(parent, nn.MultiheadAttention):
+        return (
+            f"it is called functionally by its MultiheadAttention {parent_name!r} (not as a module), and attention "
+            "heads are not sliced here"
+        )
+    return "the dependency tracer did not see it as a module call on the example input (unused, or used functionally)"
 
 
 def _stored_weight(module: nn.Module) -> Tensor | None:
@@ -629,7 +652,7 @@ def remove_dead_channels(
         planned: list[tuple[str, list[ChannelCut], int]] = []
         for layer in candidates:
             if layer.module not in DG.module2node:
-                report.rejected[layer.name] = "the layer is not used in the forward pass"
+                report.rejected[layer.name] = _unseen_reason(model, layer.name)
                 continue
             fn = tp.prune_linear_out_channels if isinstance(layer.module, nn.Linear) else tp.prune_conv_out_channels
             idxs = sorted(dead[layer.name])
