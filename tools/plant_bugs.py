@@ -14,6 +14,34 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MUTANTS = [
     (
+        "the strongest channel of a cut layer is not held",
+        "lightning_xai/callbacks/self_compression.py",
+        "            self._hold([layer.quantizer.b for layer in self.compressor.layers if layer.name in held])",
+        "            pass",
+        "tests/test_keep_channels.py::test_huge_gamma_with_the_defaults_keeps_the_output_connected",
+    ),
+    (
+        "LRP identity rule scales the relevance",
+        "lightning_xai/attribution/lrp.py",
+        '        elif kind == "identity":\n            give(tensor_args[0], r)',
+        '        elif kind == "identity":\n            give(tensor_args[0], r * 0.5)',
+        "tests/test_lrp_modern.py::test_elementwise_activation_identity_rule_conserves",
+    ),
+    (
+        "LRP gate receives relevance",
+        "lightning_xai/attribution/lrp.py",
+        "            give(signal, _unbroadcast(r, env[signal].shape))",
+        "            give(signal, _unbroadcast(r, env[signal].shape) * 0.5)\n            give((a, b)[gate], r * 0.5)",
+        "tests/test_lrp_modern.py::test_squeeze_excitation_gate_gets_no_relevance",
+    ),
+    (
+        "quantile pruning widened by ties",
+        "lightning_xai/quantization/mixed.py",
+        "            keep_flat[torch.argsort(flat, stable=True)[:count]] = False",
+        "            keep_flat = flat > torch.quantile(flat, float(prune))",
+        "tests/test_lrp_modern.py::test_relevance_plan_prunes_exactly_the_requested_count_with_ties",
+    ),
+    (
         "checksum never compared",
         "lightning_xai/quantization/export.py",
         "    if stored != payload_digest(tensors, metadata):",
