@@ -368,3 +368,22 @@ def test_guard_reads_dict_samples_and_refuses_sequence_labels():
         dataset_labels(Keys())
     with pytest.raises(ValueError, match=r"labels have shape \(4, 7\)"):
         dataset_labels(torch.utils.data.TensorDataset(torch.zeros(4, 2), torch.zeros(4, 7, dtype=torch.long)))
+
+
+def test_bf16_true_training_with_the_guard_exports_and_reloads(tmp_path):
+    """True half precision on the CPU: the guard feeds its set in the model's dtype, the export reloads exactly."""
+    from lightning_xai import load_compressed
+
+    pl.seed_everything(0)
+    model = ImageClassifier("lenet")
+    sc = SelfCompression(gamma=0.5, log_every_n_steps=0, export_path=str(tmp_path / "bf16.safetensors"))
+    guard = PreservationGuard(fraction=0.1, check_every_n_steps=2)
+    _trainer(tmp_path, [sc, guard], epochs=1, precision="bf16-true", limit_train_batches=6).fit(
+        model, DigitsDataModule()
+    )
+    assert guard.last_accuracy is not None and guard._data[0].dtype == torch.bfloat16
+    fresh = ImageClassifier("lenet")
+    load_compressed(tmp_path / "bf16.safetensors", fresh)
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), model.float().eval()(x))

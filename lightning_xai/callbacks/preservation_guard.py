@@ -193,7 +193,10 @@ class PreservationGuard(Callback):
                 chosen = pool[picked.indices]
             self.indices = np.asarray(from_rank_zero(trainer, chosen), dtype=np.int64)
         device = pl_module.device
-        self._data = (dataset_inputs(dataset, self.indices).to(device), labels[self.indices].to(device))
+        inputs = dataset_inputs(dataset, self.indices).to(device)
+        # as Lightning feeds training batches: cast to the half dtype under "16-true"/"bf16-true", unchanged otherwise
+        inputs = trainer.precision_plugin.convert_input(inputs)
+        self._data = (inputs, labels[self.indices].to(device))
         if self.baseline is None:
             self.baseline = from_rank_zero(trainer, self.accuracy(pl_module))
             self.threshold = self.min_accuracy if self.min_accuracy is not None else self.baseline - self.max_drop
