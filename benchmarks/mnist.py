@@ -693,6 +693,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "SEED"), help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--from-runs",
+        default=None,
+        metavar="DIR",
+        help="aggregate the worker outputs (<model>.<seed>.json) already in DIR instead of training (for a run whose "
+        "workers were started by hand or whose coordinator was stopped)",
+    )
     args = parser.parse_args(argv)
     args.data_dir = _data_dir(args.data_dir)
     args.seeds = args.seeds or (1 if args.quick else 3)
@@ -714,6 +721,13 @@ def main(argv: list[str] | None = None) -> dict:
     tmp = Path(tempfile.mkdtemp())
     jobs = [(m, s) for m in args.models.split(",") for s in range(args.seeds)]
     pending, running, runs = list(jobs), [], []
+    if args.from_runs:
+        found = {(m, s): Path(args.from_runs) / f"{m}.{s}.json" for m, s in jobs}
+        missing = [f"{m}.{s}.json" for (m, s), f in found.items() if not f.exists()]
+        if missing:
+            raise SystemExit(f"--from-runs {args.from_runs}: missing worker outputs {missing}")
+        runs = [json.loads(f.read_text()) for f in found.values()]
+        pending = []
     base = [
         sys.executable,
         __file__,
@@ -755,7 +769,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seeds": args.seeds,
         "epochs": args.epochs,
         "compress_epochs": args.compress_epochs,
-        "minutes": round((time.perf_counter() - start) / 60, 1),
+        "minutes": None if args.from_runs else round((time.perf_counter() - start) / 60, 1),
         "checks": checks,
         "models": {
             m: {k: v for k, v in a.items() if k != "guard"}
