@@ -110,3 +110,23 @@ def test_ddp_spawn_with_cswap_pruning(tmp_path):
     assert plan and sum(p.numel() for p in compact.parameters()) < sum(p.numel() for p in model.parameters())
     x = _x()
     torch.testing.assert_close(_outputs(model, x), _outputs(compact, x), rtol=0, atol=1e-5)
+
+
+def test_the_resize_hook_does_not_drag_the_trainer_into_deep_copies():
+    """Under DDP the trainer's strategy holds thread locks; the fit-end callbacks deep-copy the module (MAC counting,
+    trial copies). A hook holding the trainer strongly made every such copy fail with "cannot pickle _thread.lock"."""
+    import copy
+    import threading
+
+    from lightning_xai.callbacks._resize import register_resize_hook
+
+    class LockedTrainer:
+        def __init__(self):
+            self.lock = threading.Lock()
+
+    trainer = LockedTrainer()
+    module = torch.nn.Linear(3, 2)
+    register_resize_hook(trainer, module)
+    clone = copy.deepcopy(module)
+    assert torch.equal(clone.weight, module.weight)
+    clone.load_state_dict(module.state_dict())  # the copied hook still runs (a weak reference, no checkpoint)

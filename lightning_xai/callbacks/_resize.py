@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Any
 
 import lightning.pytorch as pl
@@ -35,10 +36,10 @@ def _loaded_checkpoint(trainer: Any) -> dict | None:
     return ckpt if isinstance(ckpt, dict) and ckpt else None
 
 
-def _resize_hook(trainer: Any, module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+def _resize_hook(trainer_ref: Any, module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
     if prefix:
         return
-    ckpt = _loaded_checkpoint(trainer)
+    ckpt = _loaded_checkpoint(trainer_ref())
     stash = ckpt.get(_KEY) if ckpt is not None else None
     if stash is not None and set(state_dict) == set(ckpt.get("state_dict", {})):  # type: ignore[union-attr]
         state_dict.clear()
@@ -50,8 +51,12 @@ def _resize_hook(trainer: Any, module: nn.Module, state_dict: dict, prefix: str,
 
 
 def register_resize_hook(trainer: Any, pl_module: nn.Module) -> Any:
-    """Register the pre-hook on ``pl_module`` (call in ``setup``); returns its handle."""
-    return pl_module.register_load_state_dict_pre_hook(functools.partial(_resize_hook, trainer))
+    """Register the pre-hook on ``pl_module`` (call in ``setup``); returns its handle.
+
+    The hook holds the trainer by weak reference: a strong one would make ``copy.deepcopy(pl_module)`` (torch-pruning's
+    MAC counter, the fit-end callbacks' trial copies) copy the trainer too, which fails under DDP (its strategy holds
+    thread locks) and is wasteful everywhere."""
+    return pl_module.register_load_state_dict_pre_hook(functools.partial(_resize_hook, weakref.ref(trainer)))
 
 
 def save_plain_checkpoint(pl_module: nn.Module, checkpoint: dict[str, Any]) -> None:

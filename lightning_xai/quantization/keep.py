@@ -119,7 +119,9 @@ class StrongestHold:
         device = bits[0].device
         key = (tuple(counts), device)
         if key != self._key or self._segment is None:
-            self._segment = torch.repeat_interleave(torch.arange(len(bits)), torch.tensor(counts)).to(device)
+            self._segment = torch.repeat_interleave(
+                torch.arange(len(bits), device=device), torch.tensor(counts, device=device)
+            )
             self._key = key
         with torch.no_grad():
             flat = torch.cat([b.detach() for b in bits])
