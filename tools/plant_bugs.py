@@ -14,6 +14,13 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MUTANTS = [
     (
+        "the resize hook holds the trainer strongly",
+        "lightning_xai/callbacks/_resize.py",
+        "functools.partial(_resize_hook, weakref.ref(trainer))",
+        "functools.partial(_resize_hook, trainer)",
+        "tests/test_reload.py::test_the_resize_hook_does_not_drag_the_trainer_into_deep_copies",
+    ),
+    (
         "the strongest channel of a cut layer is not held",
         "lightning_xai/callbacks/self_compression.py",
         "            self._hold([layer.quantizer.b for layer in self.compressor.layers if layer.name in held])",
