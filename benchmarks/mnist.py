@@ -605,9 +605,16 @@ def _checks(agg: dict) -> dict:
     return c
 
 
+def _seed_counts(agg: dict) -> str:
+    counts = {m: a["seeds"] for m, a in agg.items()}
+    if len(set(counts.values())) == 1:
+        return f"{next(iter(counts.values()))} seeds"
+    return "seeds: " + ", ".join(f"{m} {n}" for m, n in counts.items())
+
+
 def _markdown(agg: dict, checks: dict, args: argparse.Namespace) -> str:
     lines = [
-        f"Full MNIST, {args.seeds} seeds, {args.epochs} epochs (safety loop: {args.compress_epochs} epochs from "
+        f"Full MNIST, {_seed_counts(agg)}, {args.epochs} epochs (safety loop: {args.compress_epochs} epochs from "
         "the trained float model), test accuracy mean ± std over seeds on the 10,000 test images.",
         "",
     ]
@@ -721,12 +728,12 @@ def main(argv: list[str] | None = None) -> dict:
     tmp = Path(tempfile.mkdtemp())
     jobs = [(m, s) for m in args.models.split(",") for s in range(args.seeds)]
     pending, running, runs = list(jobs), [], []
-    if args.from_runs:
-        found = {(m, s): Path(args.from_runs) / f"{m}.{s}.json" for m, s in jobs}
-        missing = [f"{m}.{s}.json" for (m, s), f in found.items() if not f.exists()]
+    if args.from_runs:  # every <model>.<seed>.json there, however many seeds each model has (the table says)
+        files = [f for m in args.models.split(",") for f in sorted(Path(args.from_runs).glob(f"{m}.*.json"))]
+        missing = [m for m in args.models.split(",") if not any(f.name.startswith(f"{m}.") for f in files)]
         if missing:
-            raise SystemExit(f"--from-runs {args.from_runs}: missing worker outputs {missing}")
-        runs = [json.loads(f.read_text()) for f in found.values()]
+            raise SystemExit(f"--from-runs {args.from_runs}: no worker output for {missing}")
+        runs = [json.loads(f.read_text()) for f in files]
         pending = []
     base = [
         sys.executable,
@@ -766,7 +773,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "mnist",
         "mode": "quick" if args.quick else "full",
-        "seeds": args.seeds,
+        "seeds": {m: a["seeds"] for m, a in agg.items()},
         "epochs": args.epochs,
         "compress_epochs": args.compress_epochs,
         "minutes": None if args.from_runs else round((time.perf_counter() - start) / 60, 1),
