@@ -53,7 +53,7 @@ def _first_tensor(out: Any) -> Tensor | None:
 
 
 def output_cutting_layers(
-    model: nn.Module, layers: Sequence[QuantizedLayer], inputs: Any, samples: int = 4
+    model: nn.Module, layers: Sequence[QuantizedLayer], inputs: Any, samples: int = 2
 ) -> list[str] | None:
     """Names of the quantized layers whose death (every channel at 0 bits) makes ``model``'s output the same for
     every sample of ``inputs`` (its first ``samples`` rows; evaluation mode, no gradients).
