@@ -59,8 +59,9 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def quiet_trainer(epochs: int, callbacks: list, validate: bool = False) -> pl.Trainer:
-    """Deterministic CPU Trainer without logging, checkpoints or progress bars (validation only if ``validate``)."""
+def quiet_trainer(epochs: int, callbacks: list, validate: bool = False, **kw: Any) -> pl.Trainer:
+    """Deterministic CPU Trainer without logging, checkpoints or progress bars (validation only if ``validate``);
+    ``kw`` overrides or adds Trainer arguments (e.g. ``deterministic=False``)."""
     return pl.Trainer(
         max_epochs=epochs,
         callbacks=callbacks,
@@ -70,5 +71,5 @@ def quiet_trainer(epochs: int, callbacks: list, validate: bool = False) -> pl.Tr
         enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=None if validate else 0,
-        deterministic=True,
+        **({"deterministic": True} | kw),
     )

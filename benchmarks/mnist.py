@@ -75,19 +75,9 @@ def _data_dir(path: str | None) -> str:
 
 
 def _trainer(epochs: int, callbacks: list, **kw: Any):
-    import lightning.pytorch as pl
+    from _common import quiet_trainer  # benchmarks/ is on the path: this file runs as a script or via its spec
 
-    return pl.Trainer(
-        max_epochs=epochs,
-        callbacks=callbacks,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        **kw,
-    )
+    return quiet_trainer(epochs, callbacks, deterministic=False, **kw)
 
 
 def _test_acc(model, dm) -> float:

@@ -445,15 +445,6 @@ def _mul_kind(node: torch.fx.Node, modules: Mapping[str, nn.Module]) -> str:
     return "gate?"  # decided by the shapes (the broadcast factor is the gate), or refused at run time
 
 
-def _unsupported(node: torch.fx.Node, modules: Mapping[str, nn.Module]) -> str:
-    """How :func:`_node_kind` names an unsupported node (one line of the error)."""
-    try:
-        _node_kind(node, modules)
-    except ValueError as err:
-        return str(err).removeprefix("LRP does not support ")
-    return ""  # pragma: no cover
-
-
 def _kinds(nodes: Sequence[torch.fx.Node], modules: Mapping[str, nn.Module]) -> dict[torch.fx.Node, str]:
     """The kind of every node; one ``ValueError`` listing every unsupported node (not only the first)."""
     kinds: dict[torch.fx.Node, str] = {}
@@ -461,8 +452,8 @@ def _kinds(nodes: Sequence[torch.fx.Node], modules: Mapping[str, nn.Module]) -> 
     for n in nodes:
         try:
             kinds[n] = _node_kind(n, modules)
-        except ValueError:
-            bad.append(_unsupported(n, modules))
+        except ValueError as err:
+            bad.append(str(err).removeprefix("LRP does not support "))
     if bad:
         listing = "\n".join(f"  - {b}" for b in bad)
         raise ValueError(f"LRP does not support {len(bad)} node(s) of this model:\n{listing}")

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_xai.pruning.surgery import _normalise_inputs
 from lightning_xai.quantization.install import QuantizedLayer
 
 __all__ = ["KEEP_CHOICES", "output_cutting_layers", "StrongestHold", "dead_layers"]
@@ -25,10 +26,7 @@ KEEP_CHOICES = ("cut", "all", "none")
 
 def _rows(inputs: Any, n: int) -> tuple[tuple, dict, int]:
     """The first ``n`` samples of an ``(args, kwargs)`` example (tensors sliced along their first dimension)."""
-    if isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[1], dict):
-        args, kwargs = tuple(inputs[0]), dict(inputs[1])
-    else:
-        args, kwargs = (inputs if isinstance(inputs, tuple) else (inputs,)), {}
+    args, kwargs = _normalise_inputs(inputs)
     sizes = [a.shape[0] for a in list(args) + list(kwargs.values()) if isinstance(a, Tensor) and a.dim() > 0]
     batch = min(sizes) if sizes else 0
     k = min(n, batch)
