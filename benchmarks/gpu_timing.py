@@ -8,7 +8,7 @@
 2. C-SWAP's analysis of a torchvision ResNet-18 (32×32 inputs, 10 classes, 16 samples a class): the fast engine vs the
    reference engine — seconds, neurons/s, and whether they take the same decisions.
 
-Prints one JSON object on its last line.
+Prints one JSON line per part as it ends, and one JSON object with all of them on its last line.
 """
 
 from __future__ import annotations
@@ -131,8 +131,9 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict[str, Any] = {"benchmark": "gpu_timing", "device": args.device, "quick": args.quick}
     if args.device == "cuda":
         result["gpu"] = torch.cuda.get_device_name()
-    result["resnet50_amp"] = resnet50_amp(args.device, args.quick)
-    result["cswap_resnet18"] = cswap_resnet18(args.device, args.quick)
+    for part, fn in (("resnet50_amp", resnet50_amp), ("cswap_resnet18", cswap_resnet18)):
+        result[part] = fn(args.device, args.quick)
+        print(json.dumps({"part": part, **result[part]}), flush=True)  # a later part that runs long loses only itself
     print(json.dumps(result))
     return result
 

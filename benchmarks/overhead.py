@@ -226,7 +226,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.device == "cuda":
         result["gpu"] = torch.cuda.get_device_name()
     compiled = not (args.quick or args.no_compile)
-    per_model = {name: measure(name, steps, rounds, args.device, args.sync_debug, compiled) for name in models}
+    per_model = {}
+    for name in models:
+        per_model[name] = measure(name, steps, rounds, args.device, args.sync_debug, compiled)
+        print(json.dumps({"part": name, **per_model[name]}), flush=True)  # a later model that runs long loses only itself
     head = per_model[models[0]]  # ResNet-50 in the full run
     for key in (
         "ops_ratio_sc",
