@@ -199,3 +199,43 @@ def test_guard_cooldown_hold_with_masks_from_a_checkpoint():
     with fake_cuda(real_inputs=True):
         guard._hold(net)  # type: ignore[arg-type]
         assert layer.quantizer.b.device == CUDA
+
+
+def test_fit_end_work_runs_on_the_training_device_and_the_model_returns_to_the_cpu():
+    """Lightning moves the module (and optimizer states) to the CPU before ``on_fit_end``; the fit-end callbacks take
+    them back to ``strategy.root_device`` for their analysis and return them afterwards, also when it raises.
+    (Recorded moves: fake tensors cannot stand in here, as modules swap them and the fake mode holds weak refs.)"""
+    from types import SimpleNamespace
+
+    from lightning_xai.callbacks._data import on_training_device
+
+    moves: list = []
+
+    class Recorded(nn.Linear):
+        def to(self, *args, **kwargs):  # type: ignore[override]
+            moves.append(("model", torch.device(args[0])))
+            return self
+
+    class RecordedState(torch.Tensor):
+        def to(self, *args, **kwargs):  # type: ignore[override]
+            moves.append(("state", torch.device(args[0])))
+            return self
+
+    model = Recorded(3, 2)
+    state = {"step": torch.tensor(1.0), "exp_avg": torch.Tensor._make_subclass(RecordedState, torch.zeros(2, 3))}
+    opt = SimpleNamespace(state={model.weight: state})
+    trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=CUDA), optimizers=[opt])
+    with on_training_device(trainer, model) as device:
+        assert device == CUDA
+        assert moves == [("model", CUDA), ("state", CUDA)]  # the CPU step counter stays (torch.optim's choice)
+    assert moves[2:] == [("model", torch.device("cpu")), ("state", torch.device("cpu"))]
+    moves.clear()
+    with pytest.raises(RuntimeError, match="analysis failed"):
+        with on_training_device(trainer, model):
+            raise RuntimeError("analysis failed")
+    assert moves[-2:] == [("model", torch.device("cpu")), ("state", torch.device("cpu"))]
+    moves.clear()
+    same = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")), optimizers=[opt])
+    with on_training_device(same, model) as device:
+        assert device.type == "cpu"
+    assert moves == []  # already there: nothing moved

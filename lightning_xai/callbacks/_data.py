@@ -6,13 +6,23 @@ gathered, and later moved to the device batch by batch by the code that evaluate
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from lightning_xai._datasets import dataset_inputs, dataset_labels, dataset_tensors
 
-__all__ = ["split_dataset", "dataset_tensors", "dataset_labels", "dataset_inputs", "from_rank_zero"]
+__all__ = [
+    "split_dataset",
+    "dataset_tensors",
+    "dataset_labels",
+    "dataset_inputs",
+    "from_rank_zero",
+    "on_training_device",
+]
 
 
 def split_dataset(trainer: Any, split: str, who: str) -> Any:
@@ -61,3 +71,38 @@ def _to_cpu(obj: Any) -> Any:
 
         return dataclasses.replace(obj, **{f: _to_cpu(getattr(obj, f)) for f in obj.__dataclass_fields__})
     return obj
+
+
+@contextlib.contextmanager
+def on_training_device(trainer: Any, pl_module: Any) -> Iterator[torch.device]:
+    """Run fit-end work on the device the model trained on, and leave the model where Lightning put it.
+
+    Lightning's teardown moves the module and the optimizer states to the CPU *before* ``on_fit_end``
+    (``Trainer._run``: ``_teardown()`` then the ``on_fit_end`` hooks), so a fit-end analysis would otherwise run on
+    the CPU, slowly, and meet the device tensors it kept from training. The fit-end callbacks run inside this
+    context: model and optimizer states go back to ``trainer.strategy.root_device`` for the analysis and return to
+    the CPU after it (also when the analysis raises). Yields the device the analysis runs on.
+    """
+    strategy = getattr(trainer, "strategy", None)
+    target = getattr(strategy, "root_device", None)
+    current = next((p.device for p in pl_module.parameters()), None)
+    if target is None or current is None or torch.device(target) == current:
+        yield current if current is not None else torch.device("cpu")
+        return
+    optimizers = list(getattr(trainer, "optimizers", []) or [])
+    pl_module.to(target)
+    _optimizer_states_to(optimizers, target)
+    try:
+        yield torch.device(target)
+    finally:
+        pl_module.to(current)
+        _optimizer_states_to(optimizers, current)
+
+
+def _optimizer_states_to(optimizers: list, device: torch.device) -> None:
+    for opt in optimizers:
+        for state in opt.state.values():
+            for key, value in state.items():
+                # torch.optim keeps non-fused step counters on the CPU on purpose: leave those where they are
+                if isinstance(value, Tensor) and key != "step":
+                    state[key] = value.to(device)

@@ -22,7 +22,7 @@ from lightning_xai.attribution.layers import (
     TaylorScorer,
     classification_loss,
 )
-from lightning_xai.callbacks._data import dataset_tensors, from_rank_zero, split_dataset
+from lightning_xai.callbacks._data import dataset_tensors, from_rank_zero, on_training_device, split_dataset
 from lightning_xai.callbacks._resize import ResizeOnLoad
 from lightning_xai.evaluation import accuracy, latency_ratio
 from lightning_xai.figures import layer_rankings_figure
@@ -116,6 +116,10 @@ class AttributionPruning(ResizeOnLoad):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.pruned is not None:
             return
+        with on_training_device(trainer, pl_module):  # Lightning moved the model to the CPU before this hook
+            self._fit_end(trainer, pl_module)
+
+    def _fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         vx, vy = dataset_tensors(split_dataset(trainer, "val", "AttributionPruning"))
         vx, vy = vx.to(pl_module.device), vy.to(pl_module.device)
         example = vx[: min(8, len(vx))]
@@ -170,6 +174,7 @@ class AttributionPruning(ResizeOnLoad):
                 f"{len(candidates)} candidate layer(s) (constant scores or too few layers); it is logged as NaN"
             )
         self.result = {
+            "device": str(pl_module.device),  # where the analysis ran
             "scorer": self.scorer_name,
             "mode": self.mode,
             "candidates": candidates,

@@ -17,7 +17,7 @@ from lightning_xai._validation import (
     validate_number,
 )
 from lightning_xai.callbacks._checks import resolve_export_path
-from lightning_xai.callbacks._data import dataset_tensors, from_rank_zero, split_dataset
+from lightning_xai.callbacks._data import dataset_tensors, from_rank_zero, on_training_device, split_dataset
 from lightning_xai.callbacks._resize import ResizeOnLoad, plain_weights_for_spawn
 from lightning_xai.evaluation import accuracy, count_macs, latency_ratio, measure_latency
 from lightning_xai.figures import categories_figure, pruning_curves_figure
@@ -143,6 +143,10 @@ class CSWAPPruning(ResizeOnLoad):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.plan is not None:  # already pruned (e.g. a resumed run that reached fit end before)
             return
+        with on_training_device(trainer, pl_module):  # Lightning moved the model to the CPU before this hook
+            self._fit_end(trainer, pl_module)
+
+    def _fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         analysis = split_dataset(trainer, self.analysis_split, "CSWAPPruning")
         x, y = class_balanced_samples(analysis, self.samples_per_class, self.seed)
         vx, vy = dataset_tensors(split_dataset(trainer, "val", "CSWAPPruning"))
@@ -210,6 +214,7 @@ class CSWAPPruning(ResizeOnLoad):
             "categories": main.category_fractions(),
             "neurons_per_s": main.neurons_per_s if main.neurons_evaluated else None,
             "refused": refused,
+            "device": str(pl_module.device),  # where the analysis ran
         }
         self.result = result
         self.curves_ = curves

@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_xai._validation import validate_export_path, validate_number
 from lightning_xai.attribution.lrp import Composite, Epsilon, weight_relevance
 from lightning_xai.callbacks._checks import refuse_duplicates, refuse_sharded_strategies, resolve_export_path
-from lightning_xai.callbacks._data import dataset_tensors, from_rank_zero, split_dataset
+from lightning_xai.callbacks._data import dataset_tensors, from_rank_zero, on_training_device, split_dataset
 from lightning_xai.evaluation import accuracy
 from lightning_xai.logging import flush, log_histogram, log_scalars, log_text
 from lightning_xai.pruning.cswap import class_balanced_samples
@@ -100,6 +100,10 @@ class LRPCompression(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.done:
             return
+        with on_training_device(trainer, pl_module):  # Lightning moved the model to the CPU before this hook
+            self._fit_end(trainer, pl_module)
+
+    def _fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         x, y = class_balanced_samples(
             split_dataset(trainer, self.analysis_split, "LRPCompression"), self.samples_per_class, self.seed
         )
@@ -143,6 +147,7 @@ class LRPCompression(pl.Callback):
             for name, p in plans.items()
         }
         self.result = {
+            "device": str(pl_module.device),  # where the analysis ran
             "accuracy_before": acc_before,
             "accuracy_after": acc_after,
             "float_bytes": float_bytes,

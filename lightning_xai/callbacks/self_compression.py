@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from lightning_xai._validation import validate_bool, validate_export_path, validate_number
 from lightning_xai.callbacks._checks import refuse_duplicates, refuse_sharded_strategies, resolve_export_path
-from lightning_xai.callbacks._data import from_rank_zero
+from lightning_xai.callbacks._data import from_rank_zero, on_training_device
 from lightning_xai.callbacks._resize import plain_weights_for_spawn, register_resize_hook, save_plain_checkpoint
 from lightning_xai.figures import bits_heatmap_figure
 from lightning_xai.logging import flush, log_figure, log_histogram, log_scalars, log_text, tensorboard_writers
@@ -413,7 +413,8 @@ class SelfCompression(Callback):
         self._report_skipped(trainer)
         self._warn_dead_layers(trainer.global_step)
         if self.remove_at_fit_end:
-            self._remove(trainer, pl_module)
+            with on_training_device(trainer, pl_module):  # Lightning moved the model to the CPU before this hook
+                self._remove(trainer, pl_module)
         metrics = self.log_state(trainer, trainer.global_step, figure=True)
         log_text(trainer, "compression/summary", self._summary(metrics), trainer.global_step)
         if self.export_path is not None and trainer.global_step == 0:
