@@ -6,7 +6,8 @@
    training vs ``SelfCompression`` vs ``SelfCompression + PreservationGuard`` (steps that neither log nor remove),
    the three runs alternated in rounds; each step closed by ``torch.cuda.synchronize()``.
 2. C-SWAP's analysis of a torchvision ResNet-18 (32×32 inputs, 10 classes, 16 samples a class): the fast engine vs the
-   reference engine — seconds, neurons/s, and whether they take the same decisions.
+   reference engine — seconds, neurons/s, and whether they take the same decisions (how many neurons' categories
+   differ when they do not); on CUDA once with PyTorch's defaults (cuDNN may use TF32) and once in full fp32.
 
 Prints one JSON line per part as it ends, and one JSON object with all of them on its last line.
 """
@@ -86,29 +87,38 @@ def resnet50_amp(device: str, quick: bool) -> dict[str, Any]:
     }
 
 
-def cswap_resnet18(device: str, quick: bool) -> dict[str, Any]:
+def cswap_resnet18(device: str, quick: bool, tf32: bool = True) -> dict[str, Any]:
+    """C-SWAP's fast engine against the reference engine on a torchvision ResNet-18. ``tf32=False`` turns off
+    TensorFloat-32 in cuDNN convolutions and matmuls (PyTorch lets cuDNN use it by default): with it on, the two
+    engines' different batchings round differently, which can move neurons whose test statistic sits at a
+    threshold into another category."""
     import torchvision
 
-    torch.manual_seed(0)
-    net = torchvision.models.resnet18(num_classes=10).to(device).eval()
-    per_class = 4 if quick else 16
-    x = torch.randn(10 * per_class, 3, 32, 32, device=device)
-    with torch.no_grad():  # labels the untrained net agrees with, so σ is not uniformly tiny
-        y = net(x).argmax(1)
-    units, _ = find_units(net, x[:2])
-    if quick:
-        units = units[:2]
-    out: dict[str, Any] = {"neurons": sum(u.size for u in units), "samples": int(x.shape[0])}
-    orders = {}
-    for mode in ("fast", "reference"):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        orders[mode] = cswap_order(net, units, x, y, mode=mode)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        out[f"{mode}_s"] = round(time.perf_counter() - start, 3)
-        out[f"{mode}_neurons_per_s"] = round(orders[mode].neurons_per_s, 1)
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        torch.manual_seed(0)
+        net = torchvision.models.resnet18(num_classes=10).to(device).eval()
+        per_class = 4 if quick else 16
+        x = torch.randn(10 * per_class, 3, 32, 32, device=device)
+        with torch.no_grad():  # labels the untrained net agrees with, so σ is not uniformly tiny
+            y = net(x).argmax(1)
+        units, _ = find_units(net, x[:2])
+        if quick:
+            units = units[:2]
+        out: dict[str, Any] = {"tf32": tf32, "neurons": sum(u.size for u in units), "samples": int(x.shape[0])}
+        orders = {}
+        for mode in ("fast", "reference"):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            orders[mode] = cswap_order(net, units, x, y, mode=mode)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            out[f"{mode}_s"] = round(time.perf_counter() - start, 3)
+            out[f"{mode}_neurons_per_s"] = round(orders[mode].neurons_per_s, 1)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
     out["speedup"] = round(out["reference_s"] / out["fast_s"], 2)
     fast, ref = orders["fast"], orders["reference"]
     # decisions: every neuron's category and the non-critical removals (which and in what order) agree; the
@@ -119,6 +129,12 @@ def cswap_resnet18(device: str, quick: bool) -> dict[str, Any]:
         and all(torch.equal(fast.category[u].cpu(), ref.category[u].cpu()) for u in ref.category)
     )
     out["same_full_order"] = fast.order == ref.order
+    # how far apart they are when they differ
+    out["category_disagreements"] = int(
+        sum(int((fast.category[u].cpu() != ref.category[u].cpu()).sum()) for u in ref.category if u in fast.category)
+    )
+    out["non_critical_fast"], out["non_critical_ref"] = fast.non_critical, ref.non_critical
+    out["non_critical_common"] = len(set(fast.order[: fast.non_critical]) & set(ref.order[: ref.non_critical]))
     return out
 
 
@@ -131,7 +147,10 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict[str, Any] = {"benchmark": "gpu_timing", "device": args.device, "quick": args.quick}
     if args.device == "cuda":
         result["gpu"] = torch.cuda.get_device_name()
-    for part, fn in (("resnet50_amp", resnet50_amp), ("cswap_resnet18", cswap_resnet18)):
+    parts = [("resnet50_amp", resnet50_amp), ("cswap_resnet18", cswap_resnet18)]
+    if args.device == "cuda":  # the engines once more without TF32, to tell rounding from a logic difference
+        parts.append(("cswap_resnet18_fp32", lambda device, quick: cswap_resnet18(device, quick, tf32=False)))
+    for part, fn in parts:
         result[part] = fn(args.device, args.quick)
         print(json.dumps({"part": part, **result[part]}), flush=True)  # a later part that runs long loses only itself
     print(json.dumps(result))

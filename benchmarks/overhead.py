@@ -229,7 +229,9 @@ def main(argv: list[str] | None = None) -> dict:
     per_model = {}
     for name in models:
         per_model[name] = measure(name, steps, rounds, args.device, args.sync_debug, compiled)
-        print(json.dumps({"part": name, **per_model[name]}), flush=True)  # a later model that runs long loses only itself
+        print(
+            json.dumps({"part": name, **per_model[name]}), flush=True
+        )  # a later model that runs long loses only itself
     head = per_model[models[0]]  # ResNet-50 in the full run
     for key in (
         "ops_ratio_sc",

@@ -5,7 +5,8 @@ checks devices the way CUDA does (a non-scalar CPU tensor meeting a CUDA one rai
 to the host (``.item()``, ``bool(t)``, data-dependent shapes) raises ``DataDependentOutputException``. So a passing
 test here shows both: no tensor is created on the wrong device, and no host synchronisation happens in that code.
 
-Covered: the quantizer forward and its backward (called directly), parametrization install, bias and batch-norm
+Covered: the quantizer forward and its backward (called directly), the batched quantizer's (all layers in one node),
+parametrization install, bias and batch-norm
 gates, the penalty and its vectorised gradient, the bit-depth optimizer step with AMP's unscale/non-finite check and
 the fused Adam (through ``SelfCompression.on_before_optimizer_step``), physical slicing of channels with optimizer
 state, plan application through channel masks, C-SWAP's channel contribution, the causal effect ξ and the scoring
@@ -73,6 +74,33 @@ def test_quantizer_forward_and_backward_stay_on_the_device(shape, dtype):
         assert gw.device == gb.device == ge.device == CUDA
         assert gw.dtype == dtype and gb.dtype == ge.dtype == torch.float32
         assert bits_needed(torch.round(w.float())).device == CUDA
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batched_quantizer_forward_and_backward_stay_on_the_device(dtype):
+    """All layers in one node: the channel index, the range gather and the segment reduction on the device, with
+    no host read (``segment_reduce(..., unsafe=True)`` checks nothing on the host)."""
+    from lightning_xai.quantization.batched import _BatchedQuantizeSTE, _Meta
+    from lightning_xai.quantization.quantizer import Serving
+
+    shapes = [(6, 3, 3, 3), (5, 7), (4,)]
+    with fake_cuda():
+        ws = [torch.randn(s, dtype=dtype) for s in shapes]
+        bs = [torch.full((s[0],), 4.0) for s in shapes]
+        es = [torch.full((s[0],), -3.0) for s in shapes]
+        meta = _Meta([w.shape for w in ws], ws[0].device)
+        assert meta.segment.device == meta.lengths.device == CUDA
+        ctx = _Ctx()
+        ctx.needs_input_grad = (False, False) + (True,) * (3 * len(shapes))
+        outs = _BatchedQuantizeSTE.forward(ctx, meta, Serving(), *ws, *bs, *es)
+        assert [o.shape for o in outs] == [w.shape for w in ws]
+        assert all(o.device == CUDA and o.dtype == dtype for o in outs)
+        grads = _BatchedQuantizeSTE.backward(ctx, *[torch.randn(s, dtype=dtype) for s in shapes])
+        assert grads[:2] == (None, None)
+        gw, gb, ge = grads[2 : 2 + 3], grads[5:8], grads[8:]
+        assert all(g.device == CUDA for g in (*gw, *gb, *ge))
+        assert all(g.dtype == dtype for g in gw) and all(g.dtype == torch.float32 for g in (*gb, *ge))
+        assert [g.shape for g in gb] == [(s[0],) for s in shapes]
 
 
 @pytest.mark.parametrize("net_cls", [LeNet, SmallResNet])

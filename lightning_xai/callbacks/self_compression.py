@@ -153,6 +153,7 @@ class SelfCompression(Callback):
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
+        self.compressor.detach()  # the batched quantization's forward hooks (setup attaches them again)
         if self._recorder is not None:
             self._recorder.stop()
             self._recorder = None

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_flatten
 
+from lightning_xai.quantization.batched import per_layer_quantization
 from lightning_xai.quantization.install import BN_TYPES, QuantizedLayer, quantized_layers
 from lightning_xai.quantization.quantizer import ChannelQuantizer
 
@@ -641,7 +642,7 @@ def remove_dead_channels(
         reference = _outputs(model, args, kwargs)
         names = {m: n for n, m in model.named_modules()}
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), per_layer_quantization():  # tracing reads the autograd graph
                 DG = tp.DependencyGraph().build_dependency(
                     model, example_inputs=_tp_inputs(args, kwargs), verbose=False
                 )

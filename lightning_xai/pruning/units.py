@@ -45,6 +45,7 @@ from lightning_xai.pruning.surgery import (
     execution_order,
     original_shapes,
 )
+from lightning_xai.quantization.batched import per_layer_quantization
 from lightning_xai.quantization.export import _atomic_save, read_tagged
 from lightning_xai.quantization.install import BN_TYPES
 
@@ -117,7 +118,7 @@ def find_units(
     refused: dict[str, str] = {}
     with _eval_mode(model):
         order = execution_order(model, (args, kwargs))
-        with torch.enable_grad():
+        with torch.enable_grad(), per_layer_quantization():  # tracing reads the autograd graph
             DG = tp.DependencyGraph().build_dependency(model, example_inputs=_tp_inputs(args, kwargs), verbose=False)
         ignored = [m for n, m in model.named_modules() if n in set(ignore)]
         for group in DG.get_all_groups(ignored_layers=ignored, root_module_types=(nn.modules.conv._ConvNd, nn.Linear)):

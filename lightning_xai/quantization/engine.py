@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_xai._validation import validate_number
+from lightning_xai.quantization.batched import BatchedQuantization
 from lightning_xai.quantization.install import (
     QuantizedLayer,
     compile_pattern,
@@ -77,6 +79,7 @@ class SelfCompressor:
         self._layers: list[QuantizedLayer] | None = None
         self._weights: Tensor | None = None
         self._weights_key: tuple | None = None
+        self._batched: BatchedQuantization | None = None
 
     # -- installation ---------------------------------------------------------------------------------------
     def install(self, model: nn.Module) -> list[QuantizedLayer]:
@@ -98,7 +101,18 @@ class SelfCompressor:
         self.model = model
         self._layers = layers
         self._weights_key = None
+        if self._batched is not None:
+            self._batched.detach()
+        me = weakref.ref(self)  # no reference cycle: the batching lives exactly as long as this compressor
+        self._batched = BatchedQuantization(lambda: me().layers if me() is not None else [])
+        self._batched.attach(model)  # every forward of `model` quantizes all layers in one call
         return layers
+
+    def detach(self) -> None:
+        """Remove the forward hooks :meth:`install` put on the model (the quantizers stay)."""
+        if self._batched is not None:
+            self._batched.detach()
+            self._batched = None
 
     @property
     def layers(self) -> list[QuantizedLayer]:

@@ -16,7 +16,24 @@ from torch import Tensor, nn
 
 from lightning_xai.quantization.ste import quantize
 
-__all__ = ["ChannelQuantizer", "BiasGate", "BatchNormGate", "initial_exponent"]
+__all__ = ["ChannelQuantizer", "BiasGate", "BatchNormGate", "initial_exponent", "SERVED", "Serving"]
+
+
+class Serving:
+    """Whether the model forward that computed a batch of quantized weights is still running (``active``), and
+    whether the backward of that batch has run (``done``: its saved tensors are freed, its outputs are stale)."""
+
+    __slots__ = ("active", "done")
+
+    def __init__(self) -> None:
+        self.active = True
+        self.done = False
+
+
+# quantizer → (quantized weight, the latent weight it came from, its version, b's version, e's version, Serving):
+# slices computed by :class:`lightning_xai.quantization.batched.BatchedQuantization` for the running forward. Kept
+# outside the modules so that deep copies, pickles and state dicts never see them.
+SERVED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def initial_exponent(weight: Tensor, bits: float) -> Tensor:
@@ -65,6 +82,18 @@ class ChannelQuantizer(nn.Module):
     compiled: bool = False  # set by SelfCompression(compile=True): run the quantizer through torch.compile
 
     def forward(self, weight: Tensor) -> Tensor:
+        served = SERVED.get(self)
+        if (
+            served is not None
+            and served[1] is weight
+            and served[2] == weight._version
+            and served[3] == self.b._version
+            and served[4] == self.e._version
+            # inside the forward that computed it, or in the backward of that forward, which recomputes parts of it
+            # (activation checkpointing)
+            and (served[5].active or (not served[5].done and torch._C._current_graph_task_id() >= 0))
+        ):
+            return served[0]
         if self.compiled:
             try:
                 return _compiled_quantize()(weight, self.b, self.e)

@@ -1,0 +1,226 @@
+"""All of a model's quantizers as one autograd node: a handful of kernels per step instead of ~25 per layer.
+
+The per-layer quantizer (:mod:`lightning_xai.quantization.ste`) launches about 10 small kernels in the forward and
+15 in the backward of every layer: on a GPU with torchvision ResNet-50 (54 layers) that is ~1,350 launches and their
+Python dispatch per step, which the step time feels far more than the arithmetic (a few weight-sized passes). Here
+the same maths runs once over the concatenation of every layer's weight:
+
+* a forward pre-hook on the model (``BatchedQuantization.attach``) concatenates the latent weights, ``b`` and ``e``
+  of all quantized layers (grouped by device and dtype), quantizes them in one :class:`_BatchedQuantizeSTE` call and
+  leaves each layer's slice with its quantizer;
+* the layer's parametrization (``ChannelQuantizer.forward``) returns that slice when it was computed from the very
+  tensors it is given (same objects, unchanged ``_version``); anything else (a layer called outside the model's
+  forward, a changed weight) takes the per-layer path, which computes the same numbers;
+* the backward concatenates the incoming gradients, and reduces per channel with one ``segment_reduce``.
+
+Results are bit-for-bit those of the per-layer quantizer in the forward; the ``b``/``e`` gradients are the same sums
+in a different order (float rounding). Activation checkpointing recomputes layers inside the backward: the slices
+are then still served (same tensors, same versions), so the recomputation replays the forward's graph exactly.
+
+Costs: a copy of the weights (the concatenation, saved for the backward), the quantized weights as one tensor (the
+per-layer path allocates them too), an ``int32`` channel index per weight (built once per set of shapes), and a
+``(N, 3)`` gather of the per-channel ranges during forward and backward. Under DDP every weight gradient becomes
+ready when the first layer's backward has run, so gradient all-reduce overlaps less with the backward.
+Written by hand: no library quantizes many tensors with per-row learnable ranges in one fused call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_xai.quantization.quantizer import SERVED, Serving
+from lightning_xai.quantization.ste import LN2
+
+__all__ = ["BatchedQuantization", "batched_quantize", "per_layer_quantization"]
+
+_PAUSED = 0
+
+
+@contextlib.contextmanager
+def per_layer_quantization() -> Iterator[None]:
+    """Forwards inside quantize layer by layer: for code that reads the autograd graph to find which layer feeds
+    which (torch-pruning's dependency tracing), where one node joining every layer's weight would couple them all."""
+    global _PAUSED
+    _PAUSED += 1
+    try:
+        yield
+    finally:
+        _PAUSED -= 1
+
+
+class _Meta:
+    """Shapes of one group of layers and the device-side indices that map each weight to its channel."""
+
+    def __init__(self, shapes: list[torch.Size], device: torch.device) -> None:
+        self.shapes = shapes
+        self.channels = [int(s[0]) for s in shapes]
+        self.numels = [int(torch.Size(s).numel()) for s in shapes]
+        per_channel = [n // c if c else 0 for n, c in zip(self.numels, self.channels)]
+        total = sum(self.numels)
+        # built once per set of shapes (a removal changes them): host lists → one copy to the device
+        lengths = torch.tensor(
+            [k for k, c in zip(per_channel, self.channels) for _ in range(c)], dtype=torch.int64, device="cpu"
+        )
+        self.lengths = lengths.to(device)
+        self.segment = torch.repeat_interleave(
+            torch.arange(lengths.numel(), dtype=torch.int32, device=device), self.lengths, output_size=total
+        )
+
+
+class _BatchedQuantizeSTE(torch.autograd.Function):
+    """``q(w, b, e)`` of :mod:`ste` for ``L`` layers at once: inputs ``(meta, serving, w_1..w_L, b_1..b_L,
+    e_1..e_L)``, outputs the ``L`` quantized weights."""
+
+    @staticmethod
+    def forward(ctx: Any, meta: _Meta, serving: Serving, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        n = len(meta.shapes)
+        weights, bits, exps = tensors[:n], tensors[n : 2 * n], tensors[2 * n :]
+        b, e = torch.cat(bits), torch.cat(exps)
+        dtype = torch.promote_types(weights[0].dtype, b.dtype)
+        w = torch.cat([t.reshape(-1) for t in weights])
+        if w.dtype != dtype:
+            w = w.to(dtype)
+        alive = b > 0
+        s = torch.exp2(e)
+        hs = torch.exp2(b.clamp(min=0.0) - 1.0) * s  # the range in weight units: [-half·s, (half-1)·s]
+        zero = torch.zeros((), dtype=s.dtype, device=s.device)
+        ranges = torch.stack((torch.where(alive, -hs, zero), torch.where(alive, hs - s, zero), s), dim=1)
+        lo, hi, sv = ranges.index_select(0, meta.segment).unbind(1)
+        out = torch.clamp(w, lo, hi).div_(sv).round_().mul_(sv)
+        ctx.meta = meta
+        ctx.serving = serving
+        ctx.weight_dtype = weights[0].dtype
+        ctx.save_for_backward(w, out, ranges, hs, alive)
+        if out.dtype != weights[0].dtype:
+            out = out.to(weights[0].dtype)
+        return tuple(o.view(shape) for o, shape in zip(out.split(meta.numels), meta.shapes))
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        meta: _Meta = ctx.meta
+        n = len(meta.shapes)
+        w, out, ranges, hs, alive = ctx.saved_tensors
+        ctx.serving.done = True  # the graph of these outputs is spent: they are not served again
+        g = torch.cat([t.reshape(-1) for t in grads])
+        if g.dtype != out.dtype:
+            g = g.to(out.dtype)
+        lo, hi, _ = ranges.index_select(0, meta.segment).unbind(1)
+        d = torch.clamp(w, lo, hi).sub_(w)  # < 0 above the range, > 0 below, 0 inside
+        grad_in = torch.where(d == 0, g, torch.zeros((), dtype=g.dtype, device=g.device))
+        need_w = any(ctx.needs_input_grad[2 : 2 + n])
+        need_b = any(ctx.needs_input_grad[2 + n : 2 + 2 * n])
+        need_e = any(ctx.needs_input_grad[2 + 2 * n :])
+        grad_w: list[Tensor | None] = [None] * n
+        if need_w:
+            gw = grad_in if grad_in.dtype == ctx.weight_dtype else grad_in.to(ctx.weight_dtype)
+            grad_w = [t.view(shape) for t, shape in zip(gw.split(meta.numels), meta.shapes)]
+        grad_b: list[Tensor | None] = [None] * n
+        grad_e: list[Tensor | None] = [None] * n
+        if need_b or need_e:
+            # per channel: Σ g·(q − w·[inside]) for e and Σ g·sign(clamp(w) − w) for b, in one segment reduction
+            terms = torch.stack((g * out - grad_in * w, g * d.sign_()), dim=1)
+            sums = torch.segment_reduce(terms, "sum", lengths=meta.lengths, axis=0, unsafe=True)
+            if need_e:
+                grad_e = list((sums[:, 0] * LN2).split(meta.channels))
+            if need_b:
+                grad_b = list((sums[:, 1] * (hs * alive) * -LN2).split(meta.channels))
+        return (None, None, *grad_w, *grad_b, *grad_e)
+
+
+def batched_quantize(weights: list[Tensor], bits: list[Tensor], exps: list[Tensor]) -> tuple[Tensor, ...]:
+    """Quantize every ``weights[i]`` with its ``bits[i]``/``exps[i]`` in one autograd node (same values as
+    :func:`lightning_xai.quantization.ste.quantize` on each). All tensors on one device; weights of one dtype.
+
+    Example:
+        >>> w = [torch.tensor([[0.30, -0.70], [0.05, 0.02]]), torch.tensor([[1.3]])]
+        >>> q = batched_quantize(w, [torch.tensor([3.0, 0.0]), torch.tensor([2.0])], [torch.tensor([-2.0, -2.0]),
+        ...                      torch.tensor([0.0])])
+        >>> [t.tolist() for t in q]
+        [[[0.25, -0.75], [0.0, 0.0]], [[1.0]]]
+    """
+    meta = _Meta([t.shape for t in weights], weights[0].device)
+    return _BatchedQuantizeSTE.apply(meta, Serving(), *weights, *bits, *exps)
+
+
+class BatchedQuantization:
+    """Quantizes every layer of ``layers()`` in one call at the start of each forward of the model it is attached
+    to, and hands each quantizer its slice (see the module docstring)."""
+
+    def __init__(self, layers: Any) -> None:
+        self._layers = layers  # a callable returning the QuantizedLayer list (the compressor's, kept fresh)
+        self._metas: dict[tuple, _Meta] = {}
+        self._handles: list[Any] = []
+        self._box = [Serving()]
+
+    def attach(self, model: nn.Module) -> None:
+        """Quantize at the start of every forward of ``model`` (its slices are served until that forward ends, and
+        during a backward that recomputes it)."""
+        self.detach()
+        ref = weakref.ref(self)
+        target = weakref.ref(model)
+        box = self._box  # the running forward's Serving, reachable by the hooks even if this object is collected
+
+        # a deep copy of the model copies these hooks too: they act only on the model they were attached to
+        def pre_hook(module: nn.Module, args: Any) -> None:
+            owner = ref()
+            if owner is not None and target() is module:
+                owner.quantize_all()
+
+        def post_hook(module: nn.Module, args: Any, output: Any) -> None:
+            if target() is module:
+                box[0].active = False
+
+        self._handles = [
+            model.register_forward_pre_hook(pre_hook),
+            model.register_forward_hook(post_hook, always_call=True),
+        ]
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        for layer in self._safe_layers():
+            try:
+                SERVED.pop(layer.quantizer, None)
+            except (AttributeError, KeyError, IndexError):
+                continue
+
+    def _safe_layers(self) -> list:
+        try:
+            return list(self._layers())
+        except RuntimeError:  # not installed (any more)
+            return []
+
+    def quantize_all(self) -> None:
+        """Quantize every layer now (one autograd node per device/dtype group) and serve the slices."""
+        self._box[0].active = False  # slices of an earlier forward are no longer served
+        if _PAUSED:
+            return
+        groups: dict[tuple, list] = {}
+        for layer in self._safe_layers():
+            try:
+                q, w = layer.quantizer, layer.original
+            except (AttributeError, KeyError, IndexError):  # quantizers removed by hand since
+                continue
+            if q.compiled:
+                continue
+            groups.setdefault((w.device, w.dtype, q.b.dtype), []).append((q, w))
+        serving = self._box[0] = Serving()
+        for key, members in groups.items():
+            shapes = tuple(tuple(w.shape) for _, w in members)
+            meta = self._metas.get((key, shapes))
+            if meta is None:
+                if len(self._metas) > 8:  # shapes change only at removals: keep a few, drop the rest
+                    self._metas.clear()
+                meta = self._metas[(key, shapes)] = _Meta([w.shape for _, w in members], key[0])
+            weights = [w for _, w in members]
+            bits, exps = [q.b for q, _ in members], [q.e for q, _ in members]
+            outs = _BatchedQuantizeSTE.apply(meta, serving, *weights, *bits, *exps)
+            for (q, w), out in zip(members, outs):
+                SERVED[q] = (out, w, w._version, q.b._version, q.e._version, serving)

@@ -1,0 +1,164 @@
+"""The batched quantization (all layers in one autograd node per forward) against the per-layer quantizer.
+
+Reference: :func:`lightning_xai.quantization.ste.quantize` layer by layer (itself checked against the paper's formula
+and finite differences in ``test_ste.py``), reached through ``per_layer_quantization()``.
+"""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import checkpoint
+
+from lightning_xai.models.nets import LeNet, SmallResNet
+from lightning_xai.quantization.batched import batched_quantize, per_layer_quantization
+from lightning_xai.quantization.engine import SelfCompressor
+from lightning_xai.quantization.install import quantized_layers
+from lightning_xai.quantization.quantizer import SERVED
+from lightning_xai.quantization.ste import quantize
+
+_ALIVE: list = []  # the compressors own the batching; keep them alive for the whole test
+
+
+def _model(cls=SmallResNet, seed=0):
+    torch.manual_seed(seed)
+    net = cls()
+    compressor = SelfCompressor(gamma=0.1)
+    compressor.install(net)
+    _ALIVE.append(compressor)
+    g = torch.Generator().manual_seed(seed)
+    for layer in quantized_layers(net):  # varied bit depths: 0-bit, fractional, wide channels
+        b = layer.quantizer.b
+        with torch.no_grad():
+            b.copy_(torch.rand(b.shape, generator=g) * 9 - 1)
+    return net
+
+
+def _grads(net, x, per_layer):
+    net.zero_grad(set_to_none=True)
+    if per_layer:
+        with per_layer_quantization():
+            out = net(x)
+    else:
+        out = net(x)
+    (out.square().sum() + out.sum()).backward()
+    return out.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("cls", [SmallResNet, LeNet])
+def test_batched_equals_per_layer_forward_and_backward(cls):
+    net = _model(cls)
+    x = torch.randn(4, *((1, 16, 16) if cls is SmallResNet else (1, 8, 8)), generator=torch.Generator().manual_seed(1))
+    out_b, grads_b = _grads(net, x, per_layer=False)
+    out_l, grads_l = _grads(net, x, per_layer=True)
+    torch.testing.assert_close(out_b, out_l, rtol=0, atol=0)  # the same quantized weights, bit for bit
+    assert grads_b.keys() == grads_l.keys()
+    assert any(n.endswith(".b") for n in grads_b) and any(n.endswith(".e") for n in grads_b)
+    for name in grads_b:
+        # weights: the same masked gradient; b/e: the same sums in another order
+        torch.testing.assert_close(grads_b[name], grads_l[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_batched_quantize_matches_the_per_layer_function_on_mixed_shapes_and_dtypes():
+    g = torch.Generator().manual_seed(0)
+    shapes = [(6, 3, 3, 3), (5, 7), (4,), (1, 0)]
+    for dtype in (torch.float32, torch.bfloat16):
+        ws = [torch.randn(s, generator=g).to(dtype).requires_grad_() for s in shapes]
+        bs = [(torch.rand(s[0], generator=g) * 9 - 1).requires_grad_() for s in shapes]
+        es = [torch.full((s[0],), -3.0, requires_grad=True) for s in shapes]
+        outs = batched_quantize(ws, bs, es)
+        refs = [quantize(w, b, e) for w, b, e in zip(ws, bs, es)]
+        for o, r in zip(outs, refs):
+            assert o.dtype == r.dtype == dtype and o.shape == r.shape
+            torch.testing.assert_close(o, r, rtol=0, atol=0)
+        gs = [torch.randn(o.shape, generator=g).to(dtype) for o in outs]
+        got = torch.autograd.grad(outs, ws + bs + es, gs, allow_unused=True)
+        want = torch.autograd.grad(refs, ws + bs + es, gs, allow_unused=True)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+class _Counter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_batched_step_dispatches_far_fewer_ops_than_layer_by_layer():
+    """The point of batching: a ResNet's forward + backward runs a constant number of quantizer ops, not ~25 per
+    layer (the GPU step time follows the launches)."""
+    net = _model(SmallResNet)
+    x = torch.randn(2, 1, 16, 16)
+    layers = len(quantized_layers(net))
+    counts = {}
+    for per_layer in (False, True):
+        _grads(net, x, per_layer)  # warm-up (index built once)
+        with _Counter() as c:
+            _grads(net, x, per_layer)
+        counts[per_layer] = c.n
+    assert layers >= 8
+    assert counts[True] - counts[False] >= 10 * layers, counts
+
+
+def test_activation_checkpointing_replays_the_served_weights():
+    """A checkpointed block recomputes its layers inside the backward; they must get the very tensors of the forward
+    (non-reentrant checkpointing checks that the recomputation saves the same tensors)."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU())
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(checkpoint(self.a, x, use_reentrant=False))
+
+    torch.manual_seed(0)
+    net = Net()
+    compressor = SelfCompressor()
+    compressor.install(net)
+    _ALIVE.append(compressor)
+    x = torch.randn(5, 6)
+    out_b, grads_b = _grads(net, x, per_layer=False)
+    out_l, grads_l = _grads(net, x, per_layer=True)
+    torch.testing.assert_close(out_b, out_l, rtol=0, atol=0)
+    for name in grads_l:
+        torch.testing.assert_close(grads_b[name], grads_l[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_slices_are_served_only_to_the_forward_that_computed_them():
+    net = _model(LeNet)
+    x = torch.randn(2, 1, 8, 8)
+    net(x)
+    layer = quantized_layers(net)[0]
+    assert SERVED.get(layer.quantizer) is not None
+    served = SERVED[layer.quantizer][0]
+    # after the forward, reading the weight recomputes it (it may have changed since)
+    assert layer.module.weight is not served
+    torch.testing.assert_close(layer.module.weight, served, rtol=0, atol=0)
+    with torch.no_grad():
+        layer.quantizer.b.fill_(-1.0)  # every channel to 0 bits
+    assert float(layer.module.weight.abs().sum()) == 0.0
+
+
+def test_deep_copies_quantize_their_own_weights():
+    net = _model(LeNet)
+    x = torch.randn(3, 1, 8, 8)
+    net(x).sum().backward()
+    twin = copy.deepcopy(net)  # served slices live outside the modules: nothing with a graph is copied
+    with torch.no_grad():
+        for layer in quantized_layers(twin):
+            layer.original.mul_(0.5)
+    torch.testing.assert_close(twin(x), _reference(twin, x), rtol=0, atol=0)
+    torch.testing.assert_close(net(x), _reference(net, x), rtol=0, atol=0)
+
+
+def _reference(net, x):
+    with per_layer_quantization(), torch.no_grad():
+        return net(x)
