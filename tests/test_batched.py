@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from lightning_xai.models.nets import LeNet, SmallResNet
 from lightning_xai.quantization.batched import batched_quantize, per_layer_quantization
 from lightning_xai.quantization.engine import SelfCompressor
-from lightning_xai.quantization.install import quantized_layers
+from lightning_xai.quantization.install import gate_following_batchnorms, paired_gates, quantized_layers
 from lightning_xai.quantization.quantizer import SERVED
 from lightning_xai.quantization.ste import quantize
 
@@ -28,6 +28,8 @@ def _model(cls=SmallResNet, seed=0):
     compressor = SelfCompressor(gamma=0.1)
     compressor.install(net)
     _ALIVE.append(compressor)
+    in_shape = (1, 1, 16, 16) if cls is SmallResNet else (1, 1, 8, 8)
+    assert gate_following_batchnorms(net, torch.zeros(in_shape)) or cls is LeNet  # BN gates folded into γ/β
     g = torch.Generator().manual_seed(seed)
     for layer in quantized_layers(net):  # varied bit depths: 0-bit, fractional, wide channels
         b = layer.quantizer.b
@@ -57,8 +59,12 @@ def test_batched_equals_per_layer_forward_and_backward(cls):
     assert grads_b.keys() == grads_l.keys()
     assert any(n.endswith(".b") for n in grads_b) and any(n.endswith(".e") for n in grads_b)
     for name in grads_b:
-        # weights: the same masked gradient; b/e: the same sums in another order
+        # weights, γ, β, biases: the same masked gradient; b/e: the same sums in another order
         torch.testing.assert_close(grads_b[name], grads_l[name], rtol=1e-5, atol=1e-6, msg=name)
+    # the gates were served from the batch, and they did mask something
+    gates = paired_gates(quantized_layers(net))
+    assert gates and all(SERVED.get(gate) is not None for gate, _, _ in gates)
+    assert any(bool((q.b <= 0).any()) for _, _, q in gates)
 
 
 def test_batched_quantize_matches_the_per_layer_function_on_mixed_shapes_and_dtypes():

@@ -22,6 +22,7 @@ __all__ = [
     "compile_pattern",
     "gate_batchnorm",
     "batchnorm_gates",
+    "paired_gates",
     "clear_batchnorm_gates",
     "BatchNormFollowerRecorder",
     "apply_batchnorm_gates",
@@ -252,6 +253,32 @@ def gate_batchnorm(bn: nn.Module, quantizer: ChannelQuantizer) -> None:
         _GATES[bn] = (quantizer, None)
     else:
         _GATES[bn] = (quantizer, bn.register_forward_hook(_gate_hook(weakref.ref(quantizer))))
+
+
+def paired_gates(layers: list[QuantizedLayer]) -> list[tuple[BiasGate, Tensor, ChannelQuantizer]]:
+    """(gate, the tensor it gates, its quantizer) for the bias gates of ``layers`` and the batch-norm gates folded
+    into γ/β that those layers' quantizers drive."""
+    out: list[tuple[BiasGate, Tensor, ChannelQuantizer]] = []
+    mine: dict[int, ChannelQuantizer] = {}
+    for layer in layers:
+        try:
+            q = layer.quantizer
+            mine[id(q)] = q
+            if layer.bias is not None:
+                plist = layer.module.parametrizations[layer.bias]  # type: ignore[index]
+                if isinstance(plist[0], BiasGate) and plist[0].quantizer is q:
+                    out.append((plist[0], plist.original, q))
+        except (AttributeError, KeyError, IndexError):  # quantizers removed by hand since
+            continue
+    for bn, (q, hook) in list(_GATES.items()):
+        if hook is not None or id(q) not in mine:
+            continue
+        for name in ("weight", "bias"):
+            if parametrize.is_parametrized(bn, name):
+                plist = bn.parametrizations[name]  # type: ignore[index]
+                if isinstance(plist[0], BatchNormGate) and plist[0].quantizer is q:
+                    out.append((plist[0], plist.original, q))
+    return out
 
 
 def batchnorm_gates(model: nn.Module) -> Iterator[tuple[str, nn.Module, ChannelQuantizer]]:

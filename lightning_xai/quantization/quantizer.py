@@ -36,6 +36,20 @@ class Serving:
 SERVED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def fresh(served: tuple, source: Tensor, quantizer: ChannelQuantizer) -> bool:
+    """Whether a served result was computed from exactly ``source`` and ``quantizer`` as they are now, for the
+    forward that is running (or for the backward of that forward, which recomputes parts of it under activation
+    checkpointing)."""
+    serving = served[5]
+    return (
+        served[1] is source
+        and served[2] == source._version
+        and served[3] == quantizer.b._version
+        and served[4] == quantizer.e._version
+        and (serving.active or (not serving.done and torch._C._current_graph_task_id() >= 0))
+    )
+
+
 def initial_exponent(weight: Tensor, bits: float) -> Tensor:
     """Per-channel exponent so that ``bits``-bit codes cover the channel's largest magnitude.
 
@@ -83,16 +97,7 @@ class ChannelQuantizer(nn.Module):
 
     def forward(self, weight: Tensor) -> Tensor:
         served = SERVED.get(self)
-        if (
-            served is not None
-            and served[1] is weight
-            and served[2] == weight._version
-            and served[3] == self.b._version
-            and served[4] == self.e._version
-            # inside the forward that computed it, or in the backward of that forward, which recomputes parts of it
-            # (activation checkpointing)
-            and (served[5].active or (not served[5].done and torch._C._current_graph_task_id() >= 0))
-        ):
+        if served is not None and fresh(served, weight, self):
             return served[0]
         if self.compiled:
             try:
@@ -168,6 +173,9 @@ class BiasGate(nn.Module):
         q = self.quantizer
         if q is None or q.b.shape[0] != tensor.shape[0]:
             return tensor
+        served = SERVED.get(self)
+        if served is not None and fresh(served, tensor, q):
+            return served[0]
         return tensor * (q.b > 0)  # a bool factor: no gradient into b, dtype of ``tensor``
 
     def __deepcopy__(self, memo: dict) -> BiasGate:
