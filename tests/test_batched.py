@@ -13,6 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 from lightning_xai.models.nets import LeNet, SmallResNet
+from lightning_xai.quantization import batched
 from lightning_xai.quantization.batched import batched_quantize, per_layer_quantization
 from lightning_xai.quantization.engine import SelfCompressor
 from lightning_xai.quantization.install import gate_following_batchnorms, paired_gates, quantized_layers
@@ -20,6 +21,19 @@ from lightning_xai.quantization.quantizer import SERVED
 from lightning_xai.quantization.ste import quantize
 
 _ALIVE: list = []  # the compressors own the batching; keep them alive for the whole test
+
+
+@pytest.fixture(autouse=True)
+def _batch_on_cpu(monkeypatch):
+    """The library batches only on accelerators; these tests run the batched maths on the CPU."""
+    monkeypatch.setattr(batched, "BATCH_ON_CPU", True)
+
+
+def test_cpu_models_keep_the_per_layer_path_by_default(monkeypatch):
+    monkeypatch.setattr(batched, "BATCH_ON_CPU", False)
+    net = _model(LeNet)
+    net(torch.randn(2, 1, 8, 8))
+    assert all(SERVED.get(layer.quantizer) is None for layer in quantized_layers(net))
 
 
 def _model(cls=SmallResNet, seed=0):
@@ -168,3 +182,25 @@ def test_deep_copies_quantize_their_own_weights():
 def _reference(net, x):
     with per_layer_quantization(), torch.no_grad():
         return net(x)
+
+
+def test_dependency_tracing_sees_the_layers_not_the_batch():
+    """torch-pruning follows the autograd graph from the output: through one batched node every layer would look
+    coupled to every other. Removal and C-SWAP's units must find the same structure as without batching."""
+    from lightning_xai.pruning.surgery import remove_dead_channels
+    from lightning_xai.pruning.units import find_units
+
+    net = _model(SmallResNet)
+    x = torch.randn(2, 1, 16, 16)
+    units, _ = find_units(net, x)
+    monkeypatch_off = pytest.MonkeyPatch()
+    monkeypatch_off.setattr(batched, "BATCH_ON_CPU", False)
+    try:
+        reference_units, _ = find_units(net, x)
+    finally:
+        monkeypatch_off.undo()
+    assert [(u.name, u.size) for u in units] == [(u.name, u.size) for u in reference_units]
+    before = sum(p.numel() for p in net.parameters())
+    report = remove_dead_channels(net, x, [])
+    assert report.removed, report.rejected  # dead channels physically removed, outputs checked unchanged
+    assert sum(p.numel() for p in net.parameters()) < before

@@ -14,6 +14,34 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MUTANTS = [
     (
+        "batched quantization: the bit-depth gradient has the wrong sign",
+        "lightning_xai/quantization/batched.py",
+        "grad_b = list((sums[:, 1] * (hs * alive) * -LN2).split(meta.channels))",
+        "grad_b = list((sums[:, 1] * (hs * alive) * LN2).split(meta.channels))",
+        "tests/test_batched.py::test_batched_equals_per_layer_forward_and_backward",
+    ),
+    (
+        "batched quantization: slices served after their backward (stale graph under checkpointing)",
+        "lightning_xai/quantization/quantizer.py",
+        "and (serving.active or (not serving.done and torch._C._current_graph_task_id() >= 0))",
+        "and (serving.active or torch._C._current_graph_task_id() >= 0)",
+        "tests/test_batched.py::test_activation_checkpointing_replays_the_served_weights",
+    ),
+    (
+        "batched quantization: torch-pruning traces the batched node (every layer coupled)",
+        "lightning_xai/pruning/surgery.py",
+        "            with torch.enable_grad(), per_layer_quantization():  # tracing reads the autograd graph",
+        "            with torch.enable_grad():",
+        "tests/test_batched.py::test_dependency_tracing_sees_the_layers_not_the_batch",
+    ),
+    (
+        "fit-end work left on the CPU: the model is not moved back and forth",
+        "lightning_xai/callbacks/_data.py",
+        "    pl_module.to(target)\n    _optimizer_states_to(optimizers, target)",
+        "    _optimizer_states_to(optimizers, target)",
+        "tests/test_fake_cuda.py::test_fit_end_work_runs_on_the_training_device_and_the_model_returns_to_the_cpu",
+    ),
+    (
         "the resize hook holds the trainer strongly",
         "lightning_xai/callbacks/_resize.py",
         "functools.partial(_resize_hook, weakref.ref(trainer))",

@@ -1,9 +1,10 @@
-"""All of a model's quantizers as one autograd node: a handful of kernels per step instead of ~25 per layer.
+"""All of a model's quantizers as one autograd node: a handful of kernels per step instead of ~25 per layer (GPU).
 
 The per-layer quantizer (:mod:`lightning_xai.quantization.ste`) launches about 10 small kernels in the forward and
 15 in the backward of every layer: on a GPU with torchvision ResNet-50 (54 layers) that is ~1,350 launches and their
 Python dispatch per step, which the step time feels far more than the arithmetic (a few weight-sized passes). Here
-the same maths runs once over the concatenation of every layer's weight:
+the same maths runs once over the concatenation of every layer's weight (on accelerators; CPU models keep the
+per-layer path, see ``BATCH_ON_CPU``):
 
 * a forward pre-hook on the model (``BatchedQuantization.attach``) concatenates the latent weights, ``b`` and ``e``
   of all quantized layers (grouped by device and dtype), quantizes them in one :class:`_BatchedQuantizeSTE` call and
@@ -40,6 +41,11 @@ from lightning_xai.quantization.ste import LN2
 __all__ = ["BatchedQuantization", "batched_quantize", "per_layer_quantization"]
 
 _PAUSED = 0
+# Batch the layers of CPU models too? Off: on a CPU the step pays for memory passes and fresh allocations, not for
+# launches, and the concatenations, the (N, 3) range gather and the segment reduction cost more than they save
+# (ResNet-50, 2 cores: 1.18 s for the batched quantizer's forward + backward vs 0.19 s layer by layer). Tests turn
+# it on to run the batched maths on the CPU.
+BATCH_ON_CPU = False
 
 
 @contextlib.contextmanager
@@ -208,7 +214,7 @@ class BatchedQuantization:
                 q, w = layer.quantizer, layer.original
             except (AttributeError, KeyError, IndexError):  # quantizers removed by hand since
                 continue
-            if q.compiled:
+            if q.compiled or (w.device.type == "cpu" and not BATCH_ON_CPU):
                 continue
             groups.setdefault((w.device, w.dtype, q.b.dtype), []).append((q, w))
         serving = self._box[0] = Serving()
@@ -233,6 +239,8 @@ class BatchedQuantization:
 
         groups: dict[tuple, list] = {}
         for gate, tensor, q in paired_gates(self._safe_layers()):
+            if tensor.device.type == "cpu" and not BATCH_ON_CPU:
+                continue
             if not q.compiled and q.b.shape[0] == tensor.shape[0]:
                 groups.setdefault((tensor.device, tensor.dtype), []).append((gate, tensor, q))
         for (_, dtype), members in groups.items():
