@@ -14,6 +14,13 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MUTANTS = [
     (
+        "C-SWAP's analysis runs with TF32 allowed",
+        "lightning_xai/pruning/cswap.py",
+        "    with _eval_mode(model), full_fp32():",
+        "    with _eval_mode(model):",
+        "tests/test_cswap.py::test_the_causal_analysis_runs_without_tf32_and_restores_the_settings",
+    ),
+    (
         "batched quantization: the bit-depth gradient has the wrong sign",
         "lightning_xai/quantization/batched.py",
         "grad_b = list((sums[:, 1] * (hs * alive) * -LN2).split(meta.channels))",

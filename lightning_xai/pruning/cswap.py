@@ -27,8 +27,9 @@ difference is float32 rounding, which :func:`classify_neurons` absorbs with its 
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -435,6 +436,22 @@ def _progress(total: int, enabled: bool, desc: str):
 # Algorithms
 
 
+@contextlib.contextmanager
+def full_fp32() -> Iterator[None]:
+    """TensorFloat-32 off for cuDNN convolutions and CUDA matmuls inside (restored after). C-SWAP's verdicts compare
+    small score differences with a sign test: under cuDNN's default TF32 convolutions the fast engine (masks batched
+    into one forward) and the reference engine (one forward per mask) round differently, and on an H200 244 of a
+    ResNet-18's 2,880 neurons changed category between them; in full fp32 the two agree exactly (BENCHMARKS.md,
+    gpu_check). No effect on the CPU."""
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def cswap_order(
     model: nn.Module,
     units: Sequence[PrunableUnit],
@@ -447,7 +464,8 @@ def cswap_order(
     rtol: float = 1e-5,
     progress: bool = False,
 ) -> PruningOrder:
-    """Algorithm 1 of C-SWAP. The model is left unchanged (cuts are hooks inside this call).
+    """Algorithm 1 of C-SWAP. The model is left unchanged (cuts are hooks inside this call); the analysis runs in
+    full fp32 (no TF32, see :func:`full_fp32`).
 
     ``inputs``/``labels`` are the analysis samples (e.g. ``M`` per class, see :func:`class_balanced_samples`).
     """
@@ -456,7 +474,7 @@ def cswap_order(
     result = PruningOrder("cswap", [])
     critical: list[tuple[float, Neuron]] = []
     bar = _progress(sum(u.size for u in units), progress, "C-SWAP")
-    with _eval_mode(model):
+    with _eval_mode(model), full_fp32():
         masker = ChannelMasker(model, units)
         with masker.active():
             engine = _make_engine(mode, model, units, masker, inputs, labels, score_fn, batch_size)
