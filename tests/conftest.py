@@ -11,3 +11,9 @@ torch.set_num_threads(2)
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+if os.environ.get("LXAI_BATCH_ON_CPU") == "1":  # run the suite's training flows through the GPU's batched path
+    from lightning_xai.quantization import batched
+
+    batched.BATCH_ON_CPU = True

@@ -204,3 +204,40 @@ def test_dependency_tracing_sees_the_layers_not_the_batch():
     report = remove_dead_channels(net, x, [])
     assert report.removed, report.rejected  # dead channels physically removed, outputs checked unchanged
     assert sum(p.numel() for p in net.parameters()) < before
+
+
+def test_training_with_the_batched_path_removes_exports_and_reloads_exactly(tmp_path):
+    """The GPU's path end to end (forced on the CPU): SelfCompression with removal during training and the guard;
+    the slices were served, channels were removed, and the packed file reloads to the same outputs. (The whole
+    suite also runs this way with ``LXAI_BATCH_ON_CPU=1``.)"""
+    from helpers import quiet_trainer
+
+    from lightning_xai import DigitsDataModule, PreservationGuard, SelfCompression, load_compressed
+    from lightning_xai.models import ImageClassifier
+
+    served = []
+    original = batched.BatchedQuantization.quantize_all
+
+    def spy(self):
+        original(self)
+        served.append(sum(SERVED.get(layer.quantizer) is not None for layer in self._safe_layers()))
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(batched.BatchedQuantization, "quantize_all", spy)
+    try:
+        torch.manual_seed(0)
+        model = ImageClassifier(SmallResNet(1, 10, width=8))
+        export = tmp_path / "sc.safetensors"
+        sc = SelfCompression(gamma=0.5, remove_every_n_steps=10, log_every_n_steps=0, export_path=str(export))
+        guard = PreservationGuard(fraction=0.1, check_every_n_steps=10, cooldown_steps=10)
+        quiet_trainer(tmp_path, [sc, guard], max_epochs=2).fit(model, DigitsDataModule())
+    finally:
+        mp.undo()
+    assert served and max(served) == len(quantized_layers(model))  # every layer took its slice from the batch
+    assert sc.channels_removed > 0
+    fresh = load_compressed(export, ImageClassifier(SmallResNet(1, 10, width=8)))
+    x = torch.randn(4, 1, 8, 8)
+    model.eval()
+    fresh.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=1e-6)
