@@ -70,9 +70,10 @@ class SelfCompression(Callback):
             (found once, on the first training batch, by trying each: in a plain stack every layer, in a residual
             network the stem and the head but not the branches); ``"all"`` every quantized layer; ``"none"`` no
             layer. Whatever the choice, a warning names each layer that loses every channel.
-        compile: run the quantizer through ``torch.compile`` (inductor fuses its elementwise passes: about half the
-            quantizer's cost per step; the first step pays the compilation, tens of seconds). Falls back to the eager
-            quantizer with a warning where compilation fails.
+        compile: on the CPU, run the per-layer quantizer through ``torch.compile`` (inductor fuses its elementwise
+            passes: about half the quantizer's cost per step; the first step pays the compilation, tens of seconds).
+            Falls back to the eager quantizer with a warning where compilation fails. No effect on GPUs, where the
+            batched quantizer (one node for all layers) is faster than compiling each layer.
 
     Example:
         >>> cb = SelfCompression(gamma=0.05, exclude=r"classifier")

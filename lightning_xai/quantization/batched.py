@@ -214,7 +214,7 @@ class BatchedQuantization:
                 q, w = layer.quantizer, layer.original
             except (AttributeError, KeyError, IndexError):  # quantizers removed by hand since
                 continue
-            if q.compiled or (w.device.type == "cpu" and not BATCH_ON_CPU):
+            if w.device.type == "cpu" and (q.compiled or not BATCH_ON_CPU):  # `compile=True` is the CPU's fusion
                 continue
             groups.setdefault((w.device, w.dtype, q.b.dtype), []).append((q, w))
         serving = self._box[0] = Serving()
@@ -239,9 +239,9 @@ class BatchedQuantization:
 
         groups: dict[tuple, list] = {}
         for gate, tensor, q in paired_gates(self._safe_layers()):
-            if tensor.device.type == "cpu" and not BATCH_ON_CPU:
+            if tensor.device.type == "cpu" and (q.compiled or not BATCH_ON_CPU):
                 continue
-            if not q.compiled and q.b.shape[0] == tensor.shape[0]:
+            if q.b.shape[0] == tensor.shape[0]:
                 groups.setdefault((tensor.device, tensor.dtype), []).append((gate, tensor, q))
         for (_, dtype), members in groups.items():
             mask = torch.cat([q.b for _, _, q in members]) > 0

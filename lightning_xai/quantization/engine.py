@@ -47,8 +47,8 @@ class SelfCompressor:
         init_bits: initial bit depth of every channel.
         include: regex of layer names to quantize (``re.search``); ``None`` selects every Conv/Linear layer.
         exclude: regex of layer names to leave in float.
-        compile: run the quantizer through ``torch.compile`` (fused kernels: about half the quantizer's time; the
-            first step compiles, tens of seconds).
+        compile: on the CPU, run the per-layer quantizer through ``torch.compile`` (fused kernels: about half the
+            quantizer's time; the first step compiles, tens of seconds). GPUs use the batched quantizer instead.
     """
 
     def __init__(
