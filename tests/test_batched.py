@@ -241,3 +241,17 @@ def test_training_with_the_batched_path_removes_exports_and_reloads_exactly(tmp_
     fresh.eval()
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=1e-6)
+
+
+def test_compiled_layers_keep_their_compiled_path_on_the_cpu():
+    """``compile=True`` is the CPU's fusion: with batching allowed on the CPU, compiled layers are still left to it
+    (on accelerators the batch serves them)."""
+    net = LeNet()
+    compressor = SelfCompressor(compile=True)
+    compressor.install(net)
+    _ALIVE.append(compressor)
+    compressor._batched.quantize_all()  # what the forward pre-hook does, without running the compiled forward
+    assert all(SERVED.get(layer.quantizer) is None for layer in quantized_layers(net))
+    plain = _model(LeNet)
+    _ALIVE[-1]._batched.quantize_all()
+    assert all(SERVED.get(layer.quantizer) is not None for layer in quantized_layers(plain))
