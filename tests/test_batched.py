@@ -220,7 +220,7 @@ def test_training_with_the_batched_path_removes_exports_and_reloads_exactly(tmp_
 
     def spy(self):
         original(self)
-        served.append(sum(SERVED.get(layer.quantizer) is not None for layer in self._safe_layers()))
+        served.append(sum(SERVED.get(q) is not None for _, q, _ in self._live()))
 
     mp = pytest.MonkeyPatch()
     mp.setattr(batched.BatchedQuantization, "quantize_all", spy)

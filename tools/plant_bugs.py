@@ -44,8 +44,8 @@ MUTANTS = [
     (
         "fit-end work left on the CPU: the model is not moved back and forth",
         "lightning_xai/callbacks/_data.py",
-        "    pl_module.to(target)\n    _optimizer_states_to(optimizers, target)",
-        "    _optimizer_states_to(optimizers, target)",
+        "    pl_module.to(target)\n    _optimizers_to_device(optimizers, target)",
+        "    _optimizers_to_device(optimizers, target)",
         "tests/test_fake_cuda.py::test_fit_end_work_runs_on_the_training_device_and_the_model_returns_to_the_cpu",
     ),
     (

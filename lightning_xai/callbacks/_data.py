@@ -1,4 +1,4 @@
-"""Where fit-end callbacks find their samples: the trainer's own dataloaders.
+"""Where fit-end callbacks find their samples (the trainer's own dataloaders) and their device.
 
 Analysis subsets are chosen by index on the CPU (:mod:`lightning_xai._datasets`); only the chosen samples are
 gathered, and later moved to the device batch by batch by the code that evaluates them.
@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from torch import Tensor
 
 from lightning_xai._datasets import dataset_inputs, dataset_labels, dataset_tensors
@@ -91,18 +92,9 @@ def on_training_device(trainer: Any, pl_module: Any) -> Iterator[torch.device]:
         return
     optimizers = list(getattr(trainer, "optimizers", []) or [])
     pl_module.to(target)
-    _optimizer_states_to(optimizers, target)
+    _optimizers_to_device(optimizers, target)  # Lightning's own helper for its teardown: leaves "step" where it is
     try:
         yield torch.device(target)
     finally:
         pl_module.to(current)
-        _optimizer_states_to(optimizers, current)
-
-
-def _optimizer_states_to(optimizers: list, device: torch.device) -> None:
-    for opt in optimizers:
-        for state in opt.state.values():
-            for key, value in state.items():
-                # torch.optim keeps non-fused step counters on the CPU on purpose: leave those where they are
-                if isinstance(value, Tensor) and key != "step":
-                    state[key] = value.to(device)
+        _optimizers_to_device(optimizers, current)

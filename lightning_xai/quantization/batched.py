@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_xai.quantization.install import paired_gates
 from lightning_xai.quantization.quantizer import SERVED, Serving
 from lightning_xai.quantization.ste import LN2
 
@@ -191,32 +192,33 @@ class BatchedQuantization:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        for layer in self._safe_layers():
-            try:
-                SERVED.pop(layer.quantizer, None)
-            except (AttributeError, KeyError, IndexError):
-                continue
+        for _, q, _ in self._live():
+            SERVED.pop(q, None)
 
-    def _safe_layers(self) -> list:
+    def _live(self) -> list[tuple[Any, Any, Tensor]]:
+        """(layer, quantizer, latent weight) of every layer that still carries its quantizer."""
         try:
-            return list(self._layers())
+            layers = list(self._layers())
         except RuntimeError:  # not installed (any more)
             return []
+        live = []
+        for layer in layers:
+            try:
+                live.append((layer, layer.quantizer, layer.original))
+            except (AttributeError, KeyError, IndexError):  # quantizers removed by hand since
+                continue
+        return live
 
     def quantize_all(self) -> None:
         """Quantize every layer now (one autograd node per device/dtype group) and serve the slices."""
         self._box[0].active = False  # slices of an earlier forward are no longer served
         if _PAUSED:
             return
+        live = self._live()
         groups: dict[tuple, list] = {}
-        for layer in self._safe_layers():
-            try:
-                q, w = layer.quantizer, layer.original
-            except (AttributeError, KeyError, IndexError):  # quantizers removed by hand since
-                continue
-            if w.device.type == "cpu" and (q.compiled or not BATCH_ON_CPU):  # `compile=True` is the CPU's fusion
-                continue
-            groups.setdefault((w.device, w.dtype, q.b.dtype), []).append((q, w))
+        for _, q, w in live:
+            if _batched_here(w, q):
+                groups.setdefault((w.device, w.dtype, q.b.dtype), []).append((q, w))
         serving = self._box[0] = Serving()
         for key, members in groups.items():
             shapes = tuple(tuple(w.shape) for _, w in members)
@@ -230,21 +232,23 @@ class BatchedQuantization:
             outs = _BatchedQuantizeSTE.apply(meta, serving, *weights, *bits, *exps)
             for (q, w), out in zip(members, outs):
                 SERVED[q] = (out, w, w._version, q.b._version, q.e._version, serving)
-        self._gate_all(serving)
+        self._gate_all([layer for layer, _, _ in live], serving)
 
-    def _gate_all(self, serving: Serving) -> None:
+    def _gate_all(self, layers: list, serving: Serving) -> None:
         """The bias and batch-norm gates (``tensor · [b > 0]``) of every paired layer in one multiply per
         device/dtype: a ResNet-50 has ~160 of them, each a few kernels forward and backward."""
-        from lightning_xai.quantization.install import paired_gates
-
         groups: dict[tuple, list] = {}
-        for gate, tensor, q in paired_gates(self._safe_layers()):
-            if tensor.device.type == "cpu" and (q.compiled or not BATCH_ON_CPU):
-                continue
-            if q.b.shape[0] == tensor.shape[0]:
+        for gate, tensor, q in paired_gates(layers):
+            if _batched_here(tensor, q) and q.b.shape[0] == tensor.shape[0]:
                 groups.setdefault((tensor.device, tensor.dtype), []).append((gate, tensor, q))
         for (_, dtype), members in groups.items():
             mask = torch.cat([q.b for _, _, q in members]) > 0
             out = torch.cat([t for _, t, _ in members]) * mask.to(dtype)
             for (gate, t, q), part in zip(members, out.split([t.shape[0] for _, t, _ in members])):
                 SERVED[gate] = (part, t, t._version, q.b._version, q.e._version, serving)
+
+
+def _batched_here(tensor: Tensor, quantizer: Any) -> bool:
+    """Accelerator tensors are batched; CPU ones only with ``BATCH_ON_CPU``, and never those of ``compile=True``
+    layers (compiling is the CPU's fusion)."""
+    return tensor.device.type != "cpu" or (BATCH_ON_CPU and not quantizer.compiled)
