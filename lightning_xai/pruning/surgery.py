@@ -22,6 +22,13 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_flatten
 
+from lightning_xai.pruning.heads import (
+    dead_heads,
+    head_removal_problem,
+    head_rows,
+    settle_encoders,
+    sync_heads,
+)
 from lightning_xai.quantization.batched import per_layer_quantization
 from lightning_xai.quantization.install import BN_TYPES, QuantizedLayer, quantized_layers
 from lightning_xai.quantization.quantizer import ChannelQuantizer
@@ -103,6 +110,10 @@ def _sync_attributes(module: nn.Module) -> None:
         w = _get(module, "weight")
         assert w is not None
         module.out_features, module.in_features = w.shape[0], w.shape[1]
+    elif isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
+        w = _get(module, "in_proj_weight")
+        assert w is not None
+        sync_heads(module, w.shape[0])
     elif isinstance(module, _BN_TYPES):
         ref = module.running_mean if module.running_mean is not None else _get(module, "weight")
         if ref is not None:
@@ -191,6 +202,7 @@ def resize_to_state_dict(model: nn.Module, state_dict: dict[str, Tensor]) -> lis
         touched.add(modules[layer_name])
     for module in touched:
         _sync_attributes(module)
+    settle_encoders(model)
     return resized
 
 
@@ -219,6 +231,7 @@ class RemovalReport:
     removed: dict[str, int] = field(default_factory=dict)  # layer -> output channels removed
     removed_idxs: dict[str, list[int]] = field(default_factory=dict)  # any sliced layer -> removed output indices
     rejected: dict[str, str] = field(default_factory=dict)  # layer -> reason the dead channels stayed
+    heads_removed: dict[str, int] = field(default_factory=dict)  # attention -> whole heads removed
     cuts: list[ChannelCut] = field(default_factory=list)  # what was applied (to replay it on other ranks)
     params_before: int = 0
     params_after: int = 0
@@ -249,6 +262,12 @@ def _group_cuts(
         if target.type == tp.ops.OPTYPE.OUTPUT:
             return [], "its channels are model outputs"
         name = names.get(module)
+        if name is None and isinstance(module, nn.Parameter):
+            pname = getattr(DG, "_param_to_name", {}).get(module, "a parameter")
+            return [], (
+                f"it is coupled with {pname!r}, a parameter the model uses directly in its forward (such as a class "
+                "token concatenated to, or a positional embedding added to, its channels), which is not sliced here"
+            )
         if name is None:
             return [], f"it is coupled with {type(module).__name__}, which cannot be sliced here"
         if getattr(module, "transposed", False):
@@ -303,8 +322,9 @@ def _unseen_reason(model: nn.Module, name: str) -> str:
     parent = model.get_submodule(parent_name) if parent_name else None
     if isinstance(parent, nn.MultiheadAttention):
         return (
-            f"it is called functionally by its MultiheadAttention {parent_name!r} (not as a module), and attention "
-            "heads are not sliced here"
+            f"its output channels are the embedding width of its MultiheadAttention {parent_name!r} (which calls it "
+            "functionally), the residual stream of the block: nn.MultiheadAttention ties that width to its input, so "
+            "they are not sliced (dead heads go through the attention's in_proj rows and this layer's input columns)"
         )
     return "the dependency tracer did not see it as a module call on the example input (unused, or used functionally)"
 
@@ -326,6 +346,8 @@ def _tied_with(module: nn.Module, names: dict[nn.Module, str]) -> list[str]:
 
 
 def _out_tensors(module: nn.Module) -> list[str]:
+    if isinstance(module, nn.MultiheadAttention):  # output rows of the packed query/key/value projection
+        return ["in_proj_weight", "in_proj_bias"]
     if isinstance(module, _BN_TYPES):
         return ["weight", "bias", "running_mean", "running_var"]
     return ["weight", "bias"]
@@ -495,11 +517,12 @@ def apply_cuts(
         module = modules[name]
         specs: list[tuple[nn.Module, str, int]] = []
         if kind == "out":
-            for tensor in _out_tensors(module):
+            tensors = _out_tensors(module)
+            for tensor in tensors:
                 if _get(module, tensor) is not None:
                     owner, attr = _param_slot(module, tensor)
                     specs.append((owner, attr, 0))
-            q = _quantizer(module)
+            q = _quantizer(module, tensors[0])
             if q is not None:
                 specs += [(q, "b", 0), (q, "e", 0)] + ([(q, "relief", 0)] if hasattr(q, "relief") else [])
         else:
@@ -521,6 +544,7 @@ def apply_cuts(
         edits.append(edit)
     for module in touched:
         _sync_attributes(module)
+    settle_encoders(model)
     _remap_optimizers(optimizers, edits)
     return edits
 
@@ -554,6 +578,7 @@ def _rollback(model: nn.Module, edits: list[_Edit], optimizers: Sequence[torch.o
         _set_origin(edit.owner, edit.attr, edit.origin)
     for module in model.modules():
         _sync_attributes(module)
+    settle_encoders(model)
     for opt, (groups, state) in zip(optimizers, saved):
         for group, params in zip(opt.param_groups, groups):
             group["params"] = params
@@ -630,7 +655,7 @@ def remove_dead_channels(
     report = RemovalReport()
     report.params_before = sum(p.numel() for p in model.parameters())
     report.params_after = report.params_before
-    layers = [layer for layer in quantized_layers(model) if layer.tensor == "weight"]
+    layers = [layer for layer in quantized_layers(model) if layer.tensor in ("weight", "in_proj_weight")]
     dead = {layer.name: set(dead_channels(layer)) for layer in layers}
     for name, keep in (protect or {}).items():
         if name in dead:
@@ -651,7 +676,16 @@ def remove_dead_channels(
                 report.rejected[layer.name] = f"dependency tracing failed: {type(err).__name__}: {err}"
             return report
         planned: list[tuple[str, list[ChannelCut], int]] = []
+        heads: dict[str, int] = {}
         for layer in candidates:
+            if isinstance(layer.module, nn.MultiheadAttention):  # whole heads; the residual stream is not touched
+                cuts, count, reason = _head_cuts(layer, dead[layer.name])
+                if reason is not None:
+                    report.rejected[layer.name] = reason
+                else:
+                    planned.append((layer.name, cuts, count))
+                    heads[layer.name] = count // (3 * layer.module.head_dim)
+                continue
             if layer.module not in DG.module2node:
                 report.rejected[layer.name] = _unseen_reason(model, layer.name)
                 continue
@@ -672,6 +706,8 @@ def remove_dead_channels(
         accepted = _try_apply(model, planned, optimizers, args, kwargs, reference, rtol, atol, report)
     for name, count in accepted:
         report.removed[name] = report.removed.get(name, 0) + count
+        if name in heads:
+            report.heads_removed[name] = heads[name]
     for name, cuts, _ in planned:
         if name in report.removed:
             report.cuts.extend(cuts)
@@ -681,6 +717,31 @@ def remove_dead_channels(
                     report.removed_idxs[cut.name] = sorted(merged)
     report.params_after = sum(p.numel() for p in model.parameters())
     return report
+
+
+def _head_cuts(layer: QuantizedLayer, dead_rows: set[int]) -> tuple[list[ChannelCut], int, str | None]:
+    """Cuts removing the heads of an ``nn.MultiheadAttention`` whose value rows are all dead (their output is exactly
+    zero): their query/key/value rows and the matching input columns of ``out_proj``. Returns (cuts, rows, reason)."""
+    module = layer.module
+    problem = head_removal_problem(module)
+    if problem is not None:
+        return [], 0, problem
+    heads = dead_heads(module, dead_rows)
+    if not heads:
+        return [], 0, (
+            f"{len(dead_rows)} rows are at 0 bits but no head has all its value rows at 0 bits; heads are removed "
+            "whole, when their output is exactly zero (single query/key/value rows of a live head cannot go without "
+            "changing its scale 1/sqrt(head_dim) or the common head width)"
+        )
+    if len(heads) == module.num_heads:
+        heads = heads[:-1]  # keep one head so the attention stays valid; it outputs zero anyway
+        if not heads:
+            return [], 0, "its only head is dead; one head is kept so the attention stays valid"
+    rows = head_rows(module, heads)
+    hd = module.head_dim
+    columns = tuple(h * hd + j for h in heads for j in range(hd))
+    out_proj = _join(layer.name, "out_proj")
+    return [ChannelCut(layer.name, "out", tuple(rows)), ChannelCut(out_proj, "in", columns)], len(rows), None
 
 
 def _try_apply(model, planned, optimizers, args, kwargs, reference, rtol, atol, report):
