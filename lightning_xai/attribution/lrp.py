@@ -26,6 +26,7 @@ every unsupported node with its type.
 from __future__ import annotations
 
 import contextlib
+import math
 import operator
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -65,7 +66,18 @@ _PASS_FUNCTIONS = {
     F.dropout,
     operator.getitem,
 }
-_PASS_METHODS = {"relu", "view", "reshape", "flatten", "squeeze", "unsqueeze", "permute", "transpose", "contiguous"}
+_PASS_METHODS = {
+    "relu",
+    "view",
+    "reshape",
+    "flatten",
+    "squeeze",
+    "unsqueeze",
+    "permute",
+    "transpose",
+    "contiguous",
+    "expand",  # a broadcast constant (ViT's class token): the gradient sums the relevance back onto it
+}
 # Elementwise non-linearities: the identity rule (relevance passes through unchanged), as for every elementwise
 # function in Montavon et al. 2019 (LRP overview, §10.2.1) and AttnLRP (Achtibat et al. 2024, Prop. 3.1). ReLU keeps
 # its gradient pass (the same on every position that carries relevance; it is what zennit does, tested against it).
@@ -110,6 +122,22 @@ _IDENTITY_NAMES = {"StochasticDepth", "stochastic_depth", "DropPath", "drop_path
 _GATE_MODULES = (nn.Sigmoid, nn.Hardsigmoid)
 _GATE_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid}
 _NORM_MODULES = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)
+ATTENTION_RULES = ("cp", "attnlrp")
+# shape arithmetic (``n, c, h, w = x.shape``, ``h // p``, ``torch._assert``): values that are never tensors and
+# never carry relevance
+_SHAPE_FUNCTIONS = {
+    getattr,
+    operator.eq,
+    operator.ne,
+    operator.lt,
+    operator.le,
+    operator.gt,
+    operator.ge,
+    operator.floordiv,
+    operator.mod,
+    torch._assert,
+}
+_SHAPE_METHODS = {"dim", "size"}
 _AVG_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
 _MAX_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
 
@@ -246,6 +274,11 @@ class Composite:
     by_type: Mapping[type, Rule] = field(default_factory=dict)
     by_name: Mapping[str, Rule] = field(default_factory=dict)
     first: Rule | None = None
+    attention: str = "cp"  # "cp" (CP-LRP) or "attnlrp" for nn.MultiheadAttention, see _attention
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_RULES:
+            raise ValueError(f"`attention` must be one of {ATTENTION_RULES}, got {self.attention!r}")
 
     def rule_for(self, name: str, module: nn.Module, is_first: bool) -> Rule:
         if name in self.by_name:
@@ -378,6 +411,8 @@ def _node_kind(node: torch.fx.Node, modules: Mapping[str, nn.Module]) -> str:
             return "norm"
         if isinstance(m, _GATE_MODULES):
             return "pass"  # only ever reached through a gate, which receives no relevance
+        if isinstance(m, nn.MultiheadAttention):
+            return "attention"
         raise ValueError(f"LRP does not support module `{node.target}` ({type(m).__name__})")
     if node.op == "call_function":
         if node.target in (operator.add, torch.add):
@@ -394,8 +429,10 @@ def _node_kind(node: torch.fx.Node, modules: Mapping[str, nn.Module]) -> str:
             return _mul_kind(node, modules)
         if node.target in (F.max_pool1d, F.max_pool2d, F.adaptive_max_pool2d):
             return "max"
-        if node.target in (F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool2d):
+        if node.target in (F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool2d, torch.mean, torch.sum):
             return "avg"
+        if node.target in _SHAPE_FUNCTIONS:
+            return "shape"
         raise ValueError(f"LRP does not support function `{getattr(node.target, '__name__', node.target)}` ({node})")
     if node.op == "call_method":
         if node.target in _PASS_METHODS:
@@ -406,8 +443,10 @@ def _node_kind(node: torch.fx.Node, modules: Mapping[str, nn.Module]) -> str:
             return "pass"
         if node.target == "mul":
             return _mul_kind(node, modules)
-        if node.target == "mean":
+        if node.target in ("mean", "sum"):  # the epsilon rule on a sum (relevance in proportion to the summands)
             return "avg"
+        if node.target in _SHAPE_METHODS:
+            return "shape"
         raise ValueError(f"LRP does not support tensor method `.{node.target}()` ({node})")
     raise ValueError(f"LRP does not support graph node {node}")  # pragma: no cover
 
@@ -519,10 +558,17 @@ def _session(model: nn.Module) -> Iterator[Callable[..., LRPResult]]:
 def _propagate(gm, modules, nodes, kinds, x, target, composite, eps_pool, output) -> LRPResult:
     interp = torch.fx.Interpreter(gm)
     env: dict[torch.fx.Node, Any] = {}
+    first_input = next(n for n in nodes if n.op == "placeholder")
     with torch.no_grad():
         for node in nodes:
-            if node.op == "placeholder":
+            if node.op == "placeholder" and node is first_input:
                 env[node] = x
+            elif node.op == "placeholder":  # further arguments keep their defaults (``forward(x, mask=None)``)
+                if not node.args:
+                    raise ValueError(
+                        f"LRP explains a model of one input; `forward` argument `{node.target}` has no default"
+                    )
+                env[node] = node.args[0]
             elif node.op == "output":
                 env[node] = env[node.args[0]] if isinstance(node.args[0], torch.fx.Node) else None
             else:
@@ -551,7 +597,9 @@ def _propagate(gm, modules, nodes, kinds, x, target, composite, eps_pool, output
     input_rel = torch.zeros_like(x)
 
     def give(node: Any, r: Tensor) -> None:
-        if isinstance(node, torch.fx.Node):
+        # only tensors carry relevance (shape arithmetic does not); a tuple-valued node (an attention's
+        # ``(output, weights)``) receives the relevance of its first element
+        if isinstance(node, torch.fx.Node) and isinstance(env.get(node), (Tensor, tuple, list)):
             rel[node] = rel[node] + r if node in rel else r
 
     for node in reversed(nodes):
@@ -562,11 +610,33 @@ def _propagate(gm, modules, nodes, kinds, x, target, composite, eps_pool, output
         activations[key if key not in activations else f"{key}#{node.name}"] = r
         kind = kinds[node]
         if kind == "placeholder":
-            input_rel = input_rel + r
+            if node is first_input:
+                input_rel = input_rel + r
             continue
         if kind == "get_attr":
             continue
-        tensor_args = _arg_nodes(node)
+        tensor_args = [a for a in _arg_nodes(node) if isinstance(env[a], Tensor)]
+        if kind == "shape":  # pragma: no cover - give() never hands relevance to a non-tensor
+            continue
+        if kind == "pass" and node.target is operator.getitem and isinstance(env[node.args[0]], (tuple, list)):
+            if node.args[1] == 0:  # the attention output; its weights (element 1) are constants under CP-LRP
+                give(node.args[0], r)
+            continue
+        if kind == "attention":
+            module = modules[str(node.target)]
+            name = str(node.target)
+            q, k, v, kw = _attention_args(node, env)
+            r_q, r_k, r_v, r_in_w, r_out_w = _attention(
+                module, name, env[q], env[k], env[v], kw, r, composite, eps_pool
+            )
+            out_name = f"{name}.out_proj"
+            weights[out_name] = weights[out_name] + r_out_w if out_name in weights else r_out_w
+            if r_in_w is not None:
+                weights[name] = weights[name] + r_in_w if name in weights else r_in_w
+            for src, rs in ((q, r_q), (k, r_k), (v, r_v)):
+                if rs is not None:
+                    give(src, rs)
+            continue
         if kind == "layer":
             module = modules[str(node.target)]
             src = node.args[0]
@@ -612,6 +682,118 @@ def _propagate(gm, modules, nodes, kinds, x, target, composite, eps_pool, output
             (g,) = _vjp(lambda t, fn=fn, node=node: fn(*_substitute(node, (t,), env)), [env[src]], s)
             give(src, env[src] * g)
     return LRPResult(input=input_rel, activations=activations, weights=weights, output=r_out)
+
+_MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
+             "is_causal")  # fmt: skip
+
+
+def _attention_args(node: torch.fx.Node, env: Mapping) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """The query/key/value graph nodes of an ``nn.MultiheadAttention`` call and its other arguments (evaluated)."""
+    bound = dict(zip(_MHA_ARGS, node.args)) | dict(node.kwargs)
+    values = {k: (env[v] if isinstance(v, torch.fx.Node) else v) for k, v in bound.items() if k not in _MHA_ARGS[:3]}
+    return bound["query"], bound["key"], bound["value"], values
+
+
+def _attention(
+    m: nn.MultiheadAttention, name: str, query: Tensor, key: Tensor, value: Tensor, kw: Mapping[str, Any],
+    r_out: Tensor, composite: Composite, eps: float,
+) -> tuple[Tensor | None, Tensor | None, Tensor, Tensor | None, Tensor]:
+    """Relevance through ``nn.MultiheadAttention`` (packed projections, any head count, masks, batch_first or not).
+
+    The output projection and the query/key/value projections use the composite's linear rules (``name.out_proj``
+    and ``name``). Between them, with ``c_h = A_h v_h`` per head:
+
+    * ``composite.attention == "cp"`` — CP-LRP (Ali et al. 2022, "XAI for Transformers: better explanations through
+      conservative propagation"): the attention weights ``A`` are constants, so the mixing is linear and relevance
+      flows only through the values, ``R_v = v ⊙ Aᵀ(R_c / c)``; queries and keys get none and the input projection
+      gets no weight relevance (only its value rows would have any: a partial, misleading ranking).
+    * ``"attnlrp"`` — AttnLRP (Achtibat et al. 2024, Prop. 3.3 and 3.1): the bilinear products ``A v`` and ``q kᵀ``
+      split relevance uniformly between their factors (epsilon rule on each half), and the softmax passes
+      ``R_x = x ⊙ (R_A − A Σ R_A)`` to its logits (masked entries excluded); the scale ``1/√d`` is an identity.
+
+    Returns ``(R_query, R_key, R_value, R_in_proj_weight, R_out_proj_weight)``; with self-attention the three input
+    relevances go to the same node and add up.
+    """
+    if m.in_proj_weight is None or m.bias_k is not None or m.add_zero_attn:
+        raise ValueError(
+            f"LRP supports nn.MultiheadAttention with packed projections and without add_bias_kv/add_zero_attn; "
+            f"`{name}` has {'separate q/k/v projections' if m.in_proj_weight is None else 'extra key/value entries'}"
+        )
+    unbatched = query.dim() == 2
+    if unbatched:
+        query, key, value, r_out = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), r_out.unsqueeze(1)
+    if not m.batch_first or unbatched:  # -> (N, L, E)
+        query, key, value, r_out = (t.transpose(0, 1) for t in (query, key, value, r_out))
+    heads, hd = m.num_heads, m.head_dim
+    inner = heads * hd
+    w = m.in_proj_weight.detach()
+    b = None if m.in_proj_bias is None else m.in_proj_bias.detach()
+    ws = [w[i * inner : (i + 1) * inner] for i in range(3)]
+    bs = [None if b is None else b[i * inner : (i + 1) * inner] for i in range(3)]
+    proxy = m.out_proj  # an nn.Linear: tells the rules to apply F.linear
+    n, length, src = query.shape[0], query.shape[1], key.shape[1]
+    q, k, v = (F.linear(t, wi, bi) for t, wi, bi in zip((query, key, value), ws, bs))
+
+    def split(t: Tensor) -> Tensor:  # (N, S, inner) -> (N, H, S, hd)
+        return t.reshape(t.shape[0], t.shape[1], heads, hd).transpose(1, 2)
+
+    def merge(t: Tensor) -> Tensor:
+        return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], inner)
+
+    qh, kh, vh = split(q), split(k), split(v)
+    raw = qh @ kh.transpose(-2, -1)  # unscaled scores
+    mask = torch.zeros_like(raw)
+    kpm = F._canonical_mask(
+        mask=kw.get("key_padding_mask"), mask_name="key_padding_mask", other_type=None, other_name="",
+        target_type=raw.dtype, check_other=False,
+    )  # fmt: skip
+    am = F._canonical_mask(
+        mask=kw.get("attn_mask"), mask_name="attn_mask", other_type=None, other_name="", target_type=raw.dtype,
+        check_other=False,
+    )  # fmt: skip
+    if am is not None:
+        mask = mask + (am.view(n, heads, length, src) if am.dim() == 3 else am.view(1, 1, length, src))
+    if kpm is not None:
+        mask = mask + kpm.view(n, 1, 1, src)
+    if kw.get("is_causal") and am is None:
+        mask = mask.masked_fill(torch.ones(length, src, dtype=torch.bool, device=raw.device).triu(1), float("-inf"))
+    logits = raw / math.sqrt(hd) + mask
+    attn = logits.softmax(-1)
+    ch = attn @ vh
+    c = merge(ch)
+    wo = m.out_proj.weight.detach()
+    bo = None if m.out_proj.bias is None else m.out_proj.bias.detach()
+    out_rule = composite.rule_for(f"{name}.out_proj", m.out_proj, False)
+    r_c, r_wo = out_rule(m.out_proj, c, r_out, wo, bo, z=F.linear(c, wo, bo))
+    r_ch = split(r_c)
+    cp = composite.attention == "cp"
+    s = r_ch / _stabilize(ch if cp else 2 * ch, eps)
+    r_vh = vh * (attn.transpose(-2, -1) @ s)
+    in_rule = composite.rule_for(name, m, False)
+    r_v, r_wv = in_rule(proxy, value, merge(r_vh), ws[2], bs[2], z=v)
+    r_q = r_k = r_w = None
+    if not cp:
+        r_attn = attn * (s @ vh.transpose(-2, -1))
+        finite = torch.isfinite(logits)
+        x = torch.where(finite, logits, torch.zeros_like(logits))
+        r_logits = x * (r_attn - attn * r_attn.sum(-1, keepdim=True))
+        scaled = raw / math.sqrt(hd)  # the mask is a constant summand: it keeps its share (epsilon rule on the sum)
+        r_raw = torch.where(finite, r_logits * scaled / _stabilize(x, eps), torch.zeros_like(r_logits))
+        s2 = r_raw / _stabilize(2 * raw, eps)
+        r_qh = qh * (s2 @ kh)
+        r_kh = kh * (s2.transpose(-2, -1) @ qh)
+        r_q, r_wq = in_rule(proxy, query, merge(r_qh), ws[0], bs[0], z=q)
+        r_k, r_wk = in_rule(proxy, key, merge(r_kh), ws[1], bs[1], z=k)
+        r_w = torch.cat([r_wq, r_wk, r_wv])
+
+    def back(t: Tensor | None) -> Tensor | None:
+        if t is None:
+            return None
+        if not m.batch_first or unbatched:
+            t = t.transpose(0, 1)
+        return t.squeeze(1) if unbatched else t
+
+    return back(r_q), back(r_k), back(r_v), r_w, r_wo
 
 
 def _frozen_norm(node: torch.fx.Node, modules: Mapping[str, nn.Module], x: Tensor) -> Callable[[Tensor], Tensor]:
@@ -733,7 +915,7 @@ def _substitute(node: torch.fx.Node, tensors: Sequence[Tensor], env: Mapping) ->
 
     def sub(a: Any) -> Any:
         if isinstance(a, torch.fx.Node):
-            return next(it)
+            return next(it) if isinstance(env[a], Tensor) else env[a]  # shape values stay as computed
         return a
 
     args = []

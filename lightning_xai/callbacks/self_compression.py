@@ -18,7 +18,7 @@ from lightning_xai.callbacks._resize import plain_weights_for_spawn, register_re
 from lightning_xai.figures import bits_heatmap_figure
 from lightning_xai.logging import flush, log_figure, log_histogram, log_scalars, log_text, tensorboard_writers
 from lightning_xai.mixin import CompressionMixin
-from lightning_xai.pruning.surgery import apply_cuts, plain_gate_keys, remove_dead_channels
+from lightning_xai.pruning.surgery import apply_cuts, dead_channels, plain_gate_keys, remove_dead_channels
 from lightning_xai.quantization.engine import SelfCompressor
 from lightning_xai.quantization.export import export_compressed
 from lightning_xai.quantization.install import BatchNormFollowerRecorder, apply_batchnorm_gates
@@ -125,6 +125,7 @@ class SelfCompression(Callback):
         self.export_path = export_path
         self.optimizer: torch.optim.Optimizer | None = None
         self.channels_removed = 0
+        self.heads_removed = 0
         self.last_removal: Any = None
         self.exported_bytes: int | None = None
         self._bn_pairs: list[tuple[str, str]] | None = None  # (batch-norm name, quantized layer name)
@@ -386,6 +387,7 @@ class SelfCompression(Callback):
             cb.channels_removed(report)
         removed = sum(report.removed.values())
         self.channels_removed += removed
+        self.heads_removed += sum(report.heads_removed.values())
         self.last_removal = report
         if removed:
             rank_zero_info(
@@ -435,6 +437,31 @@ class SelfCompression(Callback):
         plain_weights_for_spawn(trainer, pl_module)
         flush(trainer)
 
+    def removal_stats(self) -> dict[str, Any]:
+        """What became of the 0-bit channels so far: ``removed_channels`` (output channels, or attention q/k/v
+        rows, removed physically), ``dead_channels`` (those plus the ones still in the model at 0 bits),
+        ``heads_removed``, ``dead_heads`` (removed plus whole heads still present with every value row at 0 bits)
+        and, per layer that still holds 0-bit channels, their count and the reason the last removal gave."""
+        from lightning_xai.pruning.heads import dead_heads
+
+        remaining: dict[str, dict[str, Any]] = {}
+        heads_left = 0
+        rejected = self.last_removal.rejected if self.last_removal is not None else {}
+        for layer in self.compressor.layers:
+            dead = dead_channels(layer)
+            if isinstance(layer.module, nn.MultiheadAttention) and layer.module.in_proj_weight is not None:
+                heads_left += len(dead_heads(layer.module, set(dead)))
+            if dead:
+                remaining[layer.name] = {"dead": len(dead), "reason": rejected.get(layer.name, "not yet tried")}
+        left = sum(r["dead"] for r in remaining.values())
+        return {
+            "removed_channels": self.channels_removed,
+            "dead_channels": self.channels_removed + left,
+            "heads_removed": self.heads_removed,
+            "dead_heads": self.heads_removed + heads_left,
+            "remaining": remaining,
+        }
+
     def _summary(self, metrics: dict[str, float]) -> str:
         size = self.compressor.size()
         lines = ["| layer | channels alive | mean bits |", "|---|---|---|"]
@@ -462,6 +489,7 @@ class SelfCompression(Callback):
             "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
             "bn_pairs": None if self._bn_pairs is None else [list(p) for p in self._bn_pairs],
             "channels_removed": self.channels_removed,
+            "heads_removed": self.heads_removed,
             "last_step": self._last_step,
             "held": self._held,
         }
@@ -471,6 +499,7 @@ class SelfCompression(Callback):
         pairs = state_dict.get("bn_pairs")
         self._bn_pairs = None if pairs is None else [tuple(p) for p in pairs]  # type: ignore[misc]
         self.channels_removed = int(state_dict.get("channels_removed", 0))
+        self.heads_removed = int(state_dict.get("heads_removed", 0))
         self._last_step = int(state_dict.get("last_step", -1))
         held = state_dict.get("held")
         self._held = None if held is None else [str(n) for n in held]

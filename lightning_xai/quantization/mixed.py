@@ -155,19 +155,29 @@ def quantize_tensor(w: Tensor, plan: WeightPlan) -> Tensor:
     return out
 
 
+def weight_attr(module: nn.Module) -> str:
+    """The name of a layer's planned weight tensor: ``weight``, or ``in_proj_weight`` for ``nn.MultiheadAttention``
+    (its packed query/key/value projection; ``out_proj`` is a layer of its own)."""
+    return "in_proj_weight" if isinstance(module, nn.MultiheadAttention) else "weight"
+
+
+def _weight(module: nn.Module) -> Tensor:
+    return getattr(module, weight_attr(module))
+
+
 def apply_weight_plans(model: nn.Module, plans: Mapping[str, WeightPlan]) -> dict[str, Tensor]:
     """Replace each planned layer's weight by its pruned, quantized version in place. Returns the old weights (for
     :func:`restore_weights`); nothing is changed if a plan does not fit its layer."""
     modules = dict(model.named_modules())
     for name, plan in plans.items():
-        if name not in modules or not isinstance(getattr(modules[name], "weight", None), Tensor):
+        if name not in modules or not isinstance(getattr(modules[name], weight_attr(modules[name]), None), Tensor):
             raise ValueError(f"`plans` names {name!r}, which is not a layer with a weight in the model")
-        if tuple(plan.keep.shape) != tuple(modules[name].weight.shape):
+        if tuple(plan.keep.shape) != tuple(_weight(modules[name]).shape):
             raise ValueError(f"the plan of {name!r} has shape {tuple(plan.keep.shape)}, its weight another")
     saved = {}
     with torch.no_grad():
         for name, plan in plans.items():
-            w = modules[name].weight
+            w = _weight(modules[name])
             saved[name] = w.detach().clone()
             w.copy_(quantize_tensor(w.detach(), _on(plan, w.device)))
     return saved
@@ -184,7 +194,7 @@ def restore_weights(model: nn.Module, saved: Mapping[str, Tensor]) -> None:
     modules = dict(model.named_modules())
     with torch.no_grad():
         for name, w in saved.items():
-            modules[name].weight.copy_(w)
+            _weight(modules[name]).copy_(w)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -223,13 +233,14 @@ def _layer_tensors(w: Tensor, plan: WeightPlan) -> tuple[dict[str, Tensor], dict
 def _payload(model: nn.Module, plans: Mapping[str, WeightPlan]) -> tuple[dict[str, Tensor], dict]:
     tensors: dict[str, Tensor] = {}
     layers_meta = {}
-    planned = {f"{n}.weight" for n in plans}
     modules = dict(model.named_modules())
+    planned = {f"{n}.{weight_attr(modules[n])}" for n in plans}
     for name, plan in plans.items():
-        t, m = _layer_tensors(modules[name].weight.detach().cpu(), plan)
-        layers_meta[name] = m
+        attr = weight_attr(modules[name])
+        t, m = _layer_tensors(getattr(modules[name], attr).detach().cpu(), plan)
+        layers_meta[name] = m | {"tensor": attr}
         for k, v in t.items():
-            tensors[f"{name}.weight::{k}"] = v.contiguous()
+            tensors[f"{name}.{attr}::{k}"] = v.contiguous()
     for key, value in model.state_dict().items():
         if key not in planned:
             tensors[key] = value.detach().cpu().contiguous()
@@ -256,21 +267,22 @@ def load_mixed(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
     stored, meta = read_tagged(path, _FORMAT, "mixed-precision file", _OLD_FORMATS)
     layers = json.loads(meta["layers"])
     state = {k: v for k, v in stored.items() if "::" not in k}
-    for name, m in layers.items():
+    for layer, m in layers.items():
+        name = f"{layer}.{m.get('tensor', 'weight')}"  # files written before attention layers: always `weight`
         shape = m["shape"]
         n = int(np.prod(shape))
         keep = (
-            np.unpackbits(stored[f"{name}.weight::keep"].numpy())[:n].astype(bool)
+            np.unpackbits(stored[f"{name}::keep"].numpy())[:n].astype(bool)
             if m["has_keep"]
             else np.ones(n, dtype=bool)
         )
         k = int(keep.sum())
         high_kept = (
-            np.unpackbits(stored[f"{name}.weight::high"].numpy())[:k].astype(bool)
+            np.unpackbits(stored[f"{name}::high"].numpy())[:k].astype(bool)
             if m["mixed"]
             else np.full(k, m["n_codes_high"] == k)
         )
-        scales = stored[f"{name}.weight::scales"].double().numpy()
+        scales = stored[f"{name}::scales"].double().numpy()
         values = np.zeros(n, dtype=np.float64)
         kept_idx = np.nonzero(keep)[0]
         for key, sel, bits, scale in (
@@ -279,10 +291,10 @@ def load_mixed(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
         ):
             count = m[f"n_{key}"]
             if count:
-                bitstream = np.unpackbits(stored[f"{name}.weight::{key}"].numpy())[: count * bits]
+                bitstream = np.unpackbits(stored[f"{name}::{key}"].numpy())[: count * bits]
                 codes = unpack_codes(bitstream, np.array([bits]), count)[0]
                 values[kept_idx[sel]] = codes * scale
-        state[f"{name}.weight"] = torch.from_numpy(values).reshape(shape).float()
+        state[name] = torch.from_numpy(values).reshape(shape).float()
     shapes = json.loads(meta["original_shapes"]) if "original_shapes" in meta else None
     load_into(model, state, path, shapes)
     return model
