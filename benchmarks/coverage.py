@@ -55,6 +55,7 @@ from lightning_xai.quantization.export import load_compressed  # noqa: E402
 from lightning_xai.quantization.install import quantized_layers  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / "benchmarks" / "results" / "coverage.jsonl"  # the last full-mode result of every cell
 MLP_FIRST = ("linear1", "mlp.0", "mlp.1")  # the hidden (first) linear of transformer MLP blocks
 CALLBACKS = ["self_compression", "guard", "cswap", "attr_zero", "attr_bypass", "lrp"]
 
@@ -132,7 +133,7 @@ def models(quick: bool) -> dict[str, Callable[[], tuple[nn.Module, TensorSplits]
 
     def names():
         from lightning_xai.data import NamesDataModule
-        from lightning_xai.models import CharTransformer
+        from lightning_xai.models.char_transformer import CharTransformer
 
         torch.manual_seed(0)
         return CharTransformer(num_classes=2, dim=32, heads=4, depth=2), NamesDataModule(batch_size=32)
@@ -197,7 +198,7 @@ def _run_self_compression(make, steps: int, root: str, guard: bool) -> dict[str,
     export = Path(root) / "model.safetensors"
     sc = SelfCompression(
         gamma=1.0,
-        init_bits=4.0,
+        init_bits=3.0,
         freeze_bits_after=1.0,
         remove_every_n_steps=max(2, steps // 3),
         log_every_n_steps=0,
@@ -268,13 +269,13 @@ def _run_fit_end(make, callback, steps: int, root: str, key: Callable[[Any], dic
 
 
 def cell(model: str, make, column: str, quick: bool, root: str) -> dict[str, Any]:
-    steps = 10 if quick else 30
+    steps = 12 if quick else 30
     if column == "self_compression":
         return _run_self_compression(make, steps, root, guard=False)
     if column == "guard":
         return _run_self_compression(make, steps, root, guard=True)
     if column == "cswap":
-        cb = CSWAPPruning(target_ratio=0.3, samples_per_class=4 if quick else 8, curves=(), batch_size=64)
+        cb = CSWAPPruning(target_ratio=0.3, samples_per_class=2, curves=(), batch_size=64)
         return _run_fit_end(make, cb, steps, root, lambda c: {
             "params_ratio": c.result.get("params_ratio"), "neurons_removed": c.result.get("neurons_removed"),
             "neurons_total": c.result.get("neurons_total"),
@@ -305,7 +306,6 @@ def main() -> None:
     rows = args.models.split(",") if args.models else list(table)
     cols = args.columns.split(",") if args.columns else CALLBACKS
     cells: dict[str, dict[str, dict[str, Any]]] = {}
-    removed_of_dead: dict[str, float] = {}
     start = time.time()
     for name in rows:
         cells[name] = {}
@@ -323,11 +323,18 @@ def main() -> None:
                     info = {"error": f"{type(err).__name__}: {err}"[:300], "where": traceback.format_exc()[-600:]}
             info["status"], info["seconds"] = status, round(time.time() - t0, 1)
             cells[name][column] = info
-            if column == "self_compression" and status == "ran" and info.get("dead_channels"):
-                removed_of_dead[name] = round(info["removed_channels"] / info["dead_channels"], 3)
+            if not args.quick:
+                _remember(name, column, info)
             print(json.dumps({"model": name, "callback": column, **{k: v for k, v in info.items() if k != "where"}}))
             sys.stdout.flush()
+    if not args.quick:  # the matrix of record: every cell's last full-mode run (runs of a subset update it)
+        cells = _recall(table, cols=CALLBACKS)
     flat = [c for row in cells.values() for c in row.values()]
+    removed_of_dead = {
+        name: round(row["self_compression"]["removed_channels"] / row["self_compression"]["dead_channels"], 3)
+        for name, row in cells.items()
+        if row.get("self_compression", {}).get("status") == "ran" and row["self_compression"].get("dead_channels")
+    }
     summary = {
         "cells": len(flat),
         "ran": sum(c["status"] == "ran" for c in flat),
@@ -337,9 +344,27 @@ def main() -> None:
         "quick": args.quick,
         "seconds": round(time.time() - start, 1),
     }
-    if not args.quick and args.models is None and args.columns is None:
+    complete = len(flat) == len(table) * len(CALLBACKS)
+    if not args.quick and complete:
         _write_docs(cells, summary)
     print(json.dumps(summary))
+
+
+def _remember(model: str, column: str, info: dict[str, Any]) -> None:
+    lines = CACHE.read_text().splitlines() if CACHE.exists() else []
+    kept = [ln for ln in lines if (json.loads(ln)["model"], json.loads(ln)["callback"]) != (model, column)]
+    entry = {"model": model, "callback": column, **{k: v for k, v in info.items() if k != "where"}}
+    CACHE.parent.mkdir(parents=True, exist_ok=True)
+    CACHE.write_text("\n".join(kept + [json.dumps(entry)]) + "\n")
+
+
+def _recall(table: dict[str, Any], cols: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
+    found: dict[str, dict[str, dict[str, Any]]] = {}
+    for line in CACHE.read_text().splitlines() if CACHE.exists() else []:
+        entry = json.loads(line)
+        if entry["model"] in table and entry["callback"] in cols:
+            found.setdefault(entry["model"], {})[entry["callback"]] = entry
+    return {m: {c: found[m][c] for c in cols if c in found.get(m, {})} for m in table if m in found}
 
 
 def _short(column: str, info: dict[str, Any]) -> str:

@@ -243,3 +243,26 @@ def test_settle_encoders_keeps_the_users_choice():
     assert net.enc.use_nested_tensor is False
     resize_to_state_dict(net, padded_state_dict(net))
     assert net.enc.use_nested_tensor is False
+
+
+def test_every_head_dead_all_removed_output_is_the_bias():
+    torch.manual_seed(6)
+    net = _Encoder().eval()
+    install_quantizers(net)
+    _kill(net, [0, 1, 2, 3], mlp_fraction=0.0)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        before = net(x)
+    report = remove_dead_channels(net, ((x,), {}))
+    assert report.heads_removed == {"enc.layers.0.self_attn": 4, "enc.layers.1.self_attn": 4}
+    attn = net.enc.layers[0].self_attn
+    assert attn.num_heads == 0 and attn.in_proj_weight.shape == (0, 16) and attn.out_proj.weight.shape == (16, 0)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), before, rtol=1e-5, atol=1e-6)
+        out, weights = attn(x, x, x, need_weights=True)
+    torch.testing.assert_close(out, attn.out_proj.bias.expand_as(out))
+    assert weights.shape == (2, 5, 5) and not weights.any()
+    fresh = _Encoder().eval()
+    fresh.load_state_dict(padded_state_dict(net))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), before, rtol=1e-5, atol=1e-6)

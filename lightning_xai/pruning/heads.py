@@ -9,7 +9,8 @@ output projection, at ``num_heads * head_dim`` inner width. The class is swapped
 parametrizations, quantizers and optimizer state stay the same objects) and swapped back when every head returns
 (a rollback, or a padded full-size state dict loaded into a fresh instance).
 
-Single rows of a live head are not removed: dropping query/key dimensions changes the ``1/sqrt(head_dim)`` scale
+When every head is dead all go: the module then outputs ``out_proj``'s bias, as it did before. Single rows of a
+live head are not removed: dropping query/key dimensions changes the ``1/sqrt(head_dim)`` scale
 and heads must keep one width. Written here because neither torch-pruning (which prunes ``embed_dim`` as a whole,
 coupled with the residual stream) nor PyTorch offers head removal that keeps ``embed_dim``.
 """
@@ -109,8 +110,8 @@ class PrunedHeadsAttention(nn.MultiheadAttention):
             weights = None
         out = out.permute(2, 0, 1, 3).reshape(tgt_len, bsz, inner)
         out = F.linear(out, self.out_proj.weight, self.out_proj.bias)  # functional, as nn.MultiheadAttention does
-        if weights is not None and average_attn_weights:
-            weights = weights.mean(dim=1)
+        if weights is not None and average_attn_weights:  # no heads left: no attention to average, zeros
+            weights = weights.mean(dim=1) if heads else weights.new_zeros(bsz, tgt_len, src_len)
         if unbatched:
             out = out.squeeze(1)
             weights = None if weights is None else weights.squeeze(0)

@@ -733,10 +733,6 @@ def _head_cuts(layer: QuantizedLayer, dead_rows: set[int]) -> tuple[list[Channel
             "whole, when their output is exactly zero (single query/key/value rows of a live head cannot go without "
             "changing its scale 1/sqrt(head_dim) or the common head width)"
         )
-    if len(heads) == module.num_heads:
-        heads = heads[:-1]  # keep one head so the attention stays valid; it outputs zero anyway
-        if not heads:
-            return [], 0, "its only head is dead; one head is kept so the attention stays valid"
     rows = head_rows(module, heads)
     hd = module.head_dim
     columns = tuple(h * hd + j for h in heads for j in range(hd))

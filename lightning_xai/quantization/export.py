@@ -74,7 +74,8 @@ def verify_digest(
 
 def pack_codes(codes: np.ndarray, widths: np.ndarray) -> np.ndarray:
     """Bit stream (uint8 array of 0/1) of ``codes`` (``(C, n)`` ints), channel ``c`` at ``widths[c]`` bits."""
-    codes = np.asarray(codes, dtype=np.int64).reshape(codes.shape[0], -1)
+    codes = np.asarray(codes, dtype=np.int64)
+    codes = codes.reshape(codes.shape[0], int(np.prod(codes.shape[1:])))
     widths = np.asarray(widths, dtype=np.int64)
     kmax = int(widths.max()) if widths.size else 0
     if kmax == 0 or codes.shape[1] == 0:
@@ -213,7 +214,7 @@ def export_compressed(model: nn.Module, path: str | os.PathLike[str]) -> int:
         codes, _ = quantize_to_int(original, q.b.detach().cpu().float(), q.e.detach().cpu().float())
         k = bits_needed(codes)
         stored = k > 0
-        flat = codes.reshape(codes.shape[0], -1).to(torch.int64).numpy()
+        flat = codes.flatten(1).to(torch.int64).numpy()
         streams.append(pack_codes(flat, k.numpy()))
         widths_all.append(k.numpy().astype(np.uint8))
         exps.append(q.e.detach().cpu().float()[stored])

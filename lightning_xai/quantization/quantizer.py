@@ -56,7 +56,7 @@ def initial_exponent(weight: Tensor, bits: float) -> Tensor:
     ``e = ceil(log2(max|w| / (2^(bits-1) - 1)))``; an all-zero channel gets the exponent of the layer's largest.
     """
     with torch.no_grad():
-        amax = weight.detach().abs().reshape(weight.shape[0], -1).amax(dim=1)
+        amax = weight.detach().abs().flatten(1).amax(dim=1)
         top = max(2.0 ** (bits - 1) - 1, 1.0)
         fallback = amax.max().clamp(min=1e-8)
         amax = torch.where(amax > 0, amax, fallback)

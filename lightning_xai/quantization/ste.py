@@ -119,7 +119,7 @@ def bits_needed(codes: Tensor) -> Tensor:
 
     A channel whose codes are all zero needs 0 bits (nothing is stored). ``codes`` has shape ``(C, ...)``.
     """
-    flat = codes.reshape(codes.shape[0], -1)
+    flat = codes.flatten(1)  # (rows, per-row values), also with no rows left
     if flat.shape[1] == 0:
         return torch.zeros(codes.shape[0], dtype=torch.int64, device=codes.device)
     hi = flat.max(dim=1).values
