@@ -30,6 +30,7 @@ from lightning_xai.logging import flush, log_figure, log_scalars, log_text
 from lightning_xai.pruning.layer_pruning import (
     MODES,
     bypassable_layers,
+    residual_branch_ends,
     default_candidates,
     prune_layers,
     select_bottom,
@@ -138,7 +139,8 @@ class AttributionPruning(ResizeOnLoad):
         candidates = default_candidates(pl_module, example, self.types, self.include_first_last)
         if self.mode == "bypass":
             able = bypassable_layers(pl_module, example, candidates)
-            candidates = [c for c in candidates if c in able]
+            ends = residual_branch_ends(pl_module, example, [c for c in candidates if c not in able])
+            candidates = [c for c in candidates if c in able or c in ends]
         if not candidates:
             raise ValueError(
                 f"AttributionPruning: no candidate layers for mode {self.mode!r} in {type(pl_module).__name__}"
