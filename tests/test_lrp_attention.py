@@ -188,3 +188,25 @@ def test_vit_end_to_end_conservation_and_weight_relevance():
 def test_attention_composite_is_checked():
     with pytest.raises(ValueError, match=r"`attention` must be one of \('cp', 'attnlrp'\), got 'soft'"):
         Composite(attention="soft")
+
+
+def test_swin_window_attention_conserves_relevance_and_restores_softmax():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(5)
+    swin = torchvision.models.SwinTransformer(
+        patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=[4, 4], num_classes=5
+    ).double()
+    for module in swin.modules():  # biases and the relative position bias absorb relevance: take them out
+        if isinstance(getattr(module, "bias", None), nn.Parameter):
+            nn.init.zeros_(module.bias)
+        if hasattr(module, "relative_position_bias_table"):
+            nn.init.zeros_(module.relative_position_bias_table)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    res = lrp(swin, x, composite=Composite(default=EXACT), eps_pool=1e-12)
+    torch.testing.assert_close(res.input.sum(), res.output.sum(), rtol=1e-8, atol=1e-12)
+    assert "features.1.1.attn.proj" in res.weights and "features.1.1.attn.qkv" not in res.weights
+    assert F.softmax.__name__ == "softmax" and F.softmax(torch.zeros(2), 0).requires_grad is False
+    z = torch.zeros(2, requires_grad=True)
+    assert F.softmax(z, 0).requires_grad  # the detaching stand-in is gone
+    with pytest.raises(ValueError, match="attention='cp' only"):
+        lrp(swin, x, composite=Composite(attention="attnlrp"))

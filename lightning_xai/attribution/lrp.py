@@ -138,6 +138,12 @@ _SHAPE_FUNCTIONS = {
     torch._assert,
 }
 _SHAPE_METHODS = {"dim", "size"}
+# torchvision's Swin helpers, matched by name (torchvision is optional): window attention (CP-LRP, see
+# _window_attention), the relative position bias (a constant built from parameters: no relevance), the patch-merging
+# pad (zero padding and strided slices concatenated: relevance routed like the values)
+_WINDOW_ATTENTION_NAMES = {"shifted_window_attention"}
+_CONSTANT_NAMES = {"_get_relative_position_bias"}
+_ROUTING_NAMES = {"_patch_merging_pad"}
 _AVG_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
 _MAX_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
 
@@ -433,6 +439,13 @@ def _node_kind(node: torch.fx.Node, modules: Mapping[str, nn.Module]) -> str:
             return "avg"
         if node.target in _SHAPE_FUNCTIONS:
             return "shape"
+        name = getattr(node.target, "__name__", "")
+        if name in _WINDOW_ATTENTION_NAMES:
+            return "window_attention"
+        if name in _CONSTANT_NAMES:
+            return "shape"  # a tensor, but one computed from parameters only: it never carries relevance
+        if name in _ROUTING_NAMES:
+            return "pass"
         raise ValueError(f"LRP does not support function `{getattr(node.target, '__name__', node.target)}` ({node})")
     if node.op == "call_method":
         if node.target in _PASS_METHODS:
@@ -540,7 +553,14 @@ def _session(model: nn.Module) -> Iterator[Callable[..., LRPResult]]:
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
-        gm = torch.fx.symbolic_trace(model)
+        try:
+            gm = torch.fx.symbolic_trace(model)
+        except Exception as err:  # noqa: BLE001 - tracing arbitrary user code fails in many ways
+            raise ValueError(
+                f"LRP propagates relevance through the torch.fx graph of the model, and {type(model).__name__} cannot "
+                f"be traced symbolically ({type(err).__name__}: {str(err).splitlines()[0]}); models whose forward "
+                "branches on tensor sizes or values (such as nn.Transformer's input checks) are not supported"
+            ) from err
         modules = dict(gm.named_modules())
         nodes = list(gm.graph.nodes)
         kinds = _kinds(nodes, modules)  # unsupported modules fail before anything changes
@@ -616,7 +636,13 @@ def _propagate(gm, modules, nodes, kinds, x, target, composite, eps_pool, output
         if kind == "get_attr":
             continue
         tensor_args = [a for a in _arg_nodes(node) if isinstance(env[a], Tensor)]
-        if kind == "shape":  # pragma: no cover - give() never hands relevance to a non-tensor
+        if kind == "shape":  # non-tensors and parameter-only constants: relevance stops
+            continue
+        if kind == "window_attention":
+            r_in, r_ws = _window_attention(node, env, modules, r, composite, eps_pool)
+            for wname, rw in r_ws.items():
+                weights[wname] = weights[wname] + rw if wname in weights else rw
+            give(node.args[0], r_in)
             continue
         if kind == "pass" and node.target is operator.getitem and isinstance(env[node.args[0]], (tuple, list)):
             if node.args[1] == 0:  # the attention output; its weights (element 1) are constants under CP-LRP
@@ -873,6 +899,52 @@ def _unbroadcast(r: Tensor, shape: torch.Size) -> Tensor:
         if want == 1 and have != 1:
             r = r.sum(i, keepdim=True)
     return r
+
+
+@contextlib.contextmanager
+def _constant_softmax() -> Iterator[None]:
+    """``F.softmax`` returns detached values inside the block: attention weights become constants (CP-LRP) in code we
+    do not own (torchvision's window attention calls ``F.softmax``)."""
+    original = F.softmax
+
+    def detached(*args: Any, **kwargs: Any) -> Tensor:
+        return original(*args, **kwargs).detach()
+
+    F.softmax = detached  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        F.softmax = original  # type: ignore[assignment]
+
+
+def _window_attention(
+    node: torch.fx.Node, env: Mapping, modules: Mapping[str, nn.Module], r: Tensor, composite: Composite, eps: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """CP-LRP through torchvision's ``shifted_window_attention`` (Swin): with the attention weights constant, the
+    block (roll, window partition, value projection, attention mixing, output projection, reverse) is affine in its
+    input, and epsilon-LRP through a chain of affine maps without activations equals gradient × input of the chain
+    with ``s = R / z`` at its output (the intermediate ``a/z`` factors cancel). So ``R_in = x ⊙ Jᵀs`` and the weight
+    relevance of the output projection is ``W ⊙ ∂(z·s)/∂W``. As for ``nn.MultiheadAttention``, queries and keys get
+    no relevance and the packed q/k/v projection no weight relevance (only its value rows would have any)."""
+    if composite.attention != "cp":
+        raise ValueError(
+            f"LRP supports Swin's window attention (`{node.name}`) with attention='cp' only; AttnLRP through shifted "
+            "windows is not implemented"
+        )
+    fn = node.target
+    args = [env[a] if isinstance(a, torch.fx.Node) else a for a in node.args]
+    kwargs = {k: (env[v] if isinstance(v, torch.fx.Node) else v) for k, v in node.kwargs.items()}
+    proj_node = node.args[2] if len(node.args) > 2 else node.kwargs.get("proj_weight")
+    x = args[0].detach().requires_grad_(True)
+    proj = args[2].detach().requires_grad_(True)
+    with torch.enable_grad(), _constant_softmax():
+        out = fn(x, args[1].detach(), proj, *args[3:], **kwargs)
+    s = r / _stabilize(out.detach(), eps)
+    g_x, g_proj = torch.autograd.grad(out, (x, proj), grad_outputs=s)
+    weights: dict[str, Tensor] = {}
+    if isinstance(proj_node, torch.fx.Node) and proj_node.op == "get_attr":
+        weights[str(proj_node.target).rpartition(".")[0]] = proj.detach() * g_proj
+    return x.detach() * g_x, weights
 
 
 @contextlib.contextmanager
