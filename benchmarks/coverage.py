@@ -298,6 +298,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer steps and samples (a smoke run)")
     parser.add_argument("--models", default=None, help="comma-separated subset of the rows")
     parser.add_argument("--columns", default=None, help="comma-separated subset of " + ",".join(CALLBACKS))
+    parser.add_argument(
+        "--docs", action="store_true", help="only rewrite BENCHMARKS.md and the README table from the cached cells"
+    )
     args = parser.parse_args()
     for logger in ("lightning.pytorch", "lightning.fabric", "lightning_xai"):
         logging.getLogger(logger).setLevel(logging.ERROR)
@@ -307,7 +310,7 @@ def main() -> None:
     cols = args.columns.split(",") if args.columns else CALLBACKS
     cells: dict[str, dict[str, dict[str, Any]]] = {}
     start = time.time()
-    for name in rows:
+    for name in [] if args.docs else rows:
         cells[name] = {}
         for column in cols:
             t0 = time.time()
@@ -344,9 +347,9 @@ def main() -> None:
         "quick": args.quick,
         "seconds": round(time.time() - start, 1),
     }
-    complete = len(flat) == len(table) * len(CALLBACKS)
-    if not args.quick and complete:
-        _write_docs(cells, summary)
+    summary["not_run"] = len(table) * len(CALLBACKS) - len(flat) if not args.quick else 0
+    if not args.quick and (args.docs or not summary["not_run"]):
+        _write_docs(table, cells, summary)
     print(json.dumps(summary))
 
 
@@ -386,11 +389,13 @@ def _short(column: str, info: dict[str, Any]) -> str:
     return "ran"
 
 
-def _write_docs(cells: dict[str, dict[str, dict[str, Any]]], summary: dict[str, Any]) -> None:
+def _write_docs(table: dict[str, Any], cells: dict[str, dict[str, dict[str, Any]]], summary: dict[str, Any]) -> None:
     head = "| model | " + " | ".join(CALLBACKS) + " |\n|---|" + "---|" * len(CALLBACKS) + "\n"
     lines = [
-        f"| {name} | " + " | ".join(_short(c, row[c]) for c in CALLBACKS if c in row) + " |"
-        for name, row in cells.items()
+        f"| {name} | "
+        + " | ".join(_short(c, cells[name][c]) if c in cells.get(name, {}) else "not run" for c in CALLBACKS)
+        + " |"
+        for name in table
     ]
     table = head + "\n".join(lines) + "\n"
     body = (

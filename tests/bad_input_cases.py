@@ -55,6 +55,11 @@ CASES = [
         "lrp('lenet', torch.rand(2, 3))",
     ),
     ("LRP: alpha − beta ≠ 1", "AlphaBeta(alpha=2.0, beta=2.0)"),
+    ("LRP: unknown attention rule", "Composite(attention='softmax')"),
+    (
+        "LRP: a model torch.fx cannot trace (branches on a tensor value)",
+        "lrp(_Branching(), torch.rand(2, 3))",
+    ),
     ("data: batch size of zero", "DigitsDataModule(batch_size=0)"),
     ("data: MNIST without a data folder (offline)", "make_datamodule('mnist', data_dir=None).prepare_data()"),
     ("models: LeNet on vector inputs", "build_model('lenet', (64,))"),

@@ -13,7 +13,7 @@ import lightning_xai
 from lightning_xai import DigitsDataModule
 from lightning_xai.attribution.causal import classify_neurons
 from lightning_xai.attribution.layers import L1Scorer
-from lightning_xai.attribution.lrp import AlphaBeta, lrp
+from lightning_xai.attribution.lrp import AlphaBeta, Composite, lrp
 from lightning_xai.data import make_datamodule
 from lightning_xai.models import ImageClassifier
 from lightning_xai.models.nets import MLP, LeNet, SmallResNet, build_model
@@ -34,6 +34,17 @@ def _mlp_units(nan: bool = False):
     if nan:
         x[2, 1] = float("nan")
     return units, x, torch.tensor([0, 1, 2, 0, 1, 2])
+
+
+class _Branching(nn.Module):
+    """A forward with Python control flow on a tensor value (torch.fx cannot trace it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.fc(x) if x.sum() > 0 else -self.fc(x)
 
 
 TMP = Path(tempfile.gettempdir())
@@ -170,6 +181,7 @@ NAMESPACE.update(
     L1Scorer=L1Scorer,
     lrp=lrp,
     AlphaBeta=AlphaBeta,
+    Composite=Composite,
     install_quantizers=install_quantizers,
     export_compressed=export_compressed,
     apply_cuts=apply_cuts,

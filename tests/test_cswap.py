@@ -546,3 +546,36 @@ def test_cbp_cuts_only_the_connections_to_critical_next_layer_neurons():
         assert float(order.xi[hidden1.index][n]) == pytest.approx(xi, rel=1e-4, abs=1e-7)
     with pytest.raises(ValueError, match="`cut` must be 'critical_next' or 'all'"):
         C.cbp_order(net, units, x, y, cut="some")
+
+
+def test_attention_heads_are_units_masked_like_their_removal():
+    from lightning_xai.models.char_transformer import CharTransformer
+    from lightning_xai.pruning.heads import PrunedHeadsAttention
+
+    torch.manual_seed(7)
+    net = CharTransformer(num_classes=3, dim=16, heads=4, depth=2).eval()
+    with torch.no_grad():  # head 2 of block 0 silenced: its value rows are zero, so it must be found neutral
+        net.blocks[0].attn.in_proj_weight[32 + 8 : 32 + 12] = 0.0
+        net.blocks[0].attn.in_proj_bias[32 + 8 : 32 + 12] = 0.0
+    x = torch.randint(1, 27, (24, 8))
+    y = net(x).argmax(1)
+    units, _ = find_units(net, x[:2])
+    heads = {u.name: u for u in units if u.kind == "heads"}
+    assert set(heads) == {"blocks.0.attn", "blocks.1.attn"} and heads["blocks.0.attn"].size == 4
+    assert heads["blocks.0.attn"].consumers == ["blocks.0.attn.out_proj"]
+    saved = state_copy(net)
+    fast = C.cswap_order(net, units, x, y, mode="fast")
+    ref = C.cswap_order(net, units, x, y, mode="reference")
+    assert fast.order == ref.order
+    for u in ref.category:
+        assert torch.equal(fast.category[u], ref.category[u])
+    assert int(fast.category[heads["blocks.0.attn"].index][2]) == NEUTRAL
+    assert_same_state(net, saved)
+    assert type(net.blocks[0].attn) is nn.MultiheadAttention  # the masking class swap is undone
+    # every head of block 1 and two of block 0: masked and physical agree (apply_plan checks), counts agree
+    plan = {"blocks.0.attn": [1, 2], "blocks.1.attn": [0, 1, 2, 3]}
+    predicted = U.count_parameters(net, units, plan)
+    pruned = copy.deepcopy(net)
+    assert U.apply_plan(pruned, units, plan, x[:4]) == predicted
+    assert isinstance(pruned.blocks[0].attn, PrunedHeadsAttention) and pruned.blocks[0].attn.num_heads == 2
+    assert pruned.blocks[1].attn.num_heads == 0

@@ -14,6 +14,48 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MUTANTS = [
     (
+        "head removal: the value rows of a head are not checked (a head with dead queries counts as dead)",
+        "lightning_xai/pruning/heads.py",
+        "all(2 * inner + h * hd + j in dead_rows for j in range(hd))",
+        "all(h * hd + j in dead_rows for j in range(hd))",
+        "tests/test_heads.py::test_live_head_with_dead_rows_is_reported_not_removed",
+    ),
+    (
+        "pruned-head attention forgets the 1/sqrt(head_dim) scale when it returns weights",
+        "lightning_xai/pruning/heads.py",
+        "            scores = (q * (1.0 / math.sqrt(hd))) @ k.transpose(-2, -1)",
+        "            scores = q @ k.transpose(-2, -1)",
+        "tests/test_heads.py::test_pruned_forward_matches_silenced_heads",
+    ),
+    (
+        "CP-LRP: relevance split in half at the attention mixing (the AttnLRP uniform rule)",
+        "lightning_xai/attribution/lrp.py",
+        "    s = r_ch / _stabilize(ch if cp else 2 * ch, eps)",
+        "    s = r_ch / _stabilize(2 * ch, eps)",
+        "tests/test_lrp_attention.py::test_cp_lrp_conserves_relevance_through_attention",
+    ),
+    (
+        "AttnLRP: softmax rule without its centring term",
+        "lightning_xai/attribution/lrp.py",
+        "        r_logits = x * (r_attn - attn * r_attn.sum(-1, keepdim=True))",
+        "        r_logits = x * r_attn",
+        "tests/test_lrp_attention.py::test_transformer_block_agrees_with_lxt",
+    ),
+    (
+        "residual branch detection ignores where the residual comes from",
+        "lightning_xai/pruning/layer_pruning.py",
+        "            if carried_from_layer and in_fn.get(owner) is not None and _reaches(in_fn[owner], residual):",
+        "            if carried_from_layer:",
+        "tests/test_branch_bypass.py::test_additions_without_a_residual_are_not_branches",
+    ),
+    (
+        "C-SWAP head units masked at the attention's input instead of its heads",
+        "lightning_xai/pruning/units.py",
+        "                    if attention is not None:  # out_proj is called functionally: mask the heads inside",
+        "                    if False:",
+        "tests/test_cswap.py::test_attention_heads_are_units_masked_like_their_removal",
+    ),
+    (
         "C-SWAP's analysis runs with TF32 allowed",
         "lightning_xai/pruning/cswap.py",
         "    with _eval_mode(model), full_fp32():",

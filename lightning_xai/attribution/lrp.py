@@ -37,6 +37,8 @@ import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_xai._fx import symbolic_trace
+
 __all__ = [
     "Rule",
     "Epsilon",
@@ -339,7 +341,7 @@ def canonized(model: nn.Module, gm: torch.fx.GraphModule | None = None) -> Itera
     """Fold every batch norm into the Linear/Conv layer before it (in eval mode the function is unchanged) and make
     the batch norm an identity; everything is restored on exit, also after an exception. Yields the folded pairs.
     ``gm``: the model already traced (it shares the model's modules)."""
-    gm = gm if gm is not None else torch.fx.symbolic_trace(model)
+    gm = gm if gm is not None else symbolic_trace(model)
     modules = dict(model.named_modules())
     pairs = _fold_pairs(gm, modules)
     saved: list[tuple[nn.Module, dict[str, Tensor | None]]] = []
@@ -554,7 +556,7 @@ def _session(model: nn.Module) -> Iterator[Callable[..., LRPResult]]:
     try:
         model.eval()
         try:
-            gm = torch.fx.symbolic_trace(model)
+            gm = symbolic_trace(model)
         except Exception as err:  # noqa: BLE001 - tracing arbitrary user code fails in many ways
             raise ValueError(
                 f"LRP propagates relevance through the torch.fx graph of the model, and {type(model).__name__} cannot "

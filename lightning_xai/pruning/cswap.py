@@ -49,6 +49,8 @@ from lightning_xai.attribution.causal import (
     true_class_probability,
 )
 from lightning_xai.evaluation import accuracy
+from lightning_xai._fx import symbolic_trace
+from lightning_xai.pruning.heads import attention_of
 from lightning_xai.pruning.surgery import _eval_mode
 from lightning_xai.pruning.units import ChannelMasker, Plan, PrunableUnit, count_parameters, names_to
 
@@ -177,7 +179,7 @@ class _FastEngine(_Engine):
         super().__init__(*args, **kwargs)
         self.max_elements = max_elements  # activation elements per suffix slice: small enough to stay in cache
         self.max_batch = self.batch_size
-        self.gm = torch.fx.symbolic_trace(self.model)
+        self.gm = symbolic_trace(self.model)
         self.gm.eval()
         self.interp = torch.fx.Interpreter(self.gm, garbage_collect_values=False)
         self.nodes = list(self.gm.graph.nodes)
@@ -239,7 +241,9 @@ class _FastEngine(_Engine):
         return self.score_fn(out, self.labels).double()
 
     def begin_unit(self, unit: PrunableUnit) -> None:
-        consumer_nodes = [n for n in self.nodes if n.op == "call_module" and n.target in set(unit.consumers)]
+        # an attention's out_proj is called functionally: the attention module is the node that consumes the heads
+        called = {attention_of(self.model, c) or c for c in unit.consumers}
+        consumer_nodes = [n for n in self.nodes if n.op == "call_module" and n.target in called]
         if not consumer_nodes:
             raise RuntimeError(f"unit {unit.name!r}: its consumers {unit.consumers} were not found in the traced graph")
         downstream: set[torch.fx.Node] = set()

@@ -17,7 +17,9 @@ coupled with the residual stream) nor PyTorch offers head removal that keeps ``e
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -25,7 +27,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-__all__ = ["PrunedHeadsAttention", "dead_heads", "head_rows", "head_removal_problem", "settle_encoders", "sync_heads"]
+__all__ = [
+    "PrunedHeadsAttention",
+    "dead_heads",
+    "head_rows",
+    "head_removal_problem",
+    "settle_encoders",
+    "sync_heads",
+    "head_gate",
+    "attention_of",
+]
 
 
 class PrunedHeadsAttention(nn.MultiheadAttention):
@@ -109,6 +120,11 @@ class PrunedHeadsAttention(nn.MultiheadAttention):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
             weights = None
         out = out.permute(2, 0, 1, 3).reshape(tgt_len, bsz, inner)
+        gate = self.__dict__.get("_head_gate")  # set by C-SWAP's channel masker: zero chosen heads (batch first)
+        if gate is not None:
+            gated = gate(self.out_proj, (out.transpose(0, 1),))
+            if gated is not None:
+                out = gated[0].transpose(0, 1)
         out = F.linear(out, self.out_proj.weight, self.out_proj.bias)  # functional, as nn.MultiheadAttention does
         if weights is not None and average_attn_weights:  # no heads left: no attention to average, zeros
             weights = weights.mean(dim=1) if heads else weights.new_zeros(bsz, tgt_len, src_len)
@@ -199,3 +215,28 @@ def settle_encoders(model: nn.Module) -> None:
             module.use_nested_tensor = False
         elif not pruned and "_lxai_use_nested_tensor" in module.__dict__:
             module.use_nested_tensor = module.__dict__.pop("_lxai_use_nested_tensor")
+
+
+def attention_of(model: nn.Module, name: str) -> str | None:
+    """The name of the ``nn.MultiheadAttention`` whose (functionally called) ``out_proj`` is ``name``, else None."""
+    parent, _, attr = name.rpartition(".")
+    if attr != "out_proj":
+        return None
+    module = model.get_submodule(parent) if parent else model
+    return parent if isinstance(module, nn.MultiheadAttention) else None
+
+
+@contextlib.contextmanager
+def head_gate(module: nn.MultiheadAttention, hook: Any) -> Iterator[None]:
+    """Inside: ``hook(out_proj, (heads_output,))`` sees (and may replace) the concatenated head outputs, batch first,
+    just before ``out_proj`` — a forward pre-hook on a layer nn.MultiheadAttention only calls functionally. The module
+    computes with :class:`PrunedHeadsAttention`'s forward meanwhile (the same function); its class comes back on exit."""
+    was_pruned = isinstance(module, PrunedHeadsAttention)
+    _set_class(module, True)
+    module._head_gate = hook
+    try:
+        yield
+    finally:
+        module.__dict__.pop("_head_gate", None)
+        if not was_pruned:
+            sync_heads(module, module.in_proj_weight.shape[0])

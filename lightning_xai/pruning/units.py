@@ -2,7 +2,8 @@
 
 A *unit* is one torch-pruning dependency group rooted at a Conv/Linear layer: the output channels of every coupled
 producer (residual partners, following batch norms, depthwise convolutions) together with the input channels of
-every consumer. Channel ``c`` of a unit is one *neuron* in the sense of C-SWAP: cutting its outgoing connections
+every consumer — or the heads of an ``nn.MultiheadAttention`` (a head's query/key/value rows and its ``out_proj``
+input columns; masked inside the attention, removed as in :mod:`lightning_xai.pruning.heads`). Channel ``c`` of a unit is one *neuron* in the sense of C-SWAP: cutting its outgoing connections
 means zeroing channel ``c`` at the input of every consumer, which is exactly what physically removing it does to
 the rest of the network. :class:`ChannelMasker` performs such cuts with forward pre-hooks (only inside a context
 manager); :func:`apply_plan` performs them physically and checks that both agree.
@@ -28,6 +29,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from lightning_xai._loading import load_into
+from lightning_xai.pruning.heads import attention_of, head_gate, head_removal_problem, head_rows
 from lightning_xai.pruning.surgery import (
     ChannelCut,
     _compare,
@@ -78,6 +80,7 @@ class PrunableUnit:
     channel_cuts: list[list[ChannelCut]] = field(repr=False)  # per channel
     magnitude: Tensor = field(repr=False)  # per channel: mean |w| over the producers' output rows
     group_importance: Tensor = field(repr=False)  # per channel: torch-pruning's group L2 magnitude (normalised)
+    kind: str = "channels"  # "channels" (a dependency group) or "heads" (an nn.MultiheadAttention's heads)
 
     def consumer_inputs(self, channel: int) -> dict[str, tuple[int, ...]]:
         """Consumer module name -> input indices carrying ``channel`` (several for flatten → Linear)."""
@@ -178,10 +181,54 @@ def find_units(
                 )
             )
         del DG
+        units += _head_units(model, order, set(ignore), refused)
     units.sort(key=lambda u: (-u.position, u.name))
     for i, unit in enumerate(units):
         unit.index = i
     return units, refused
+
+
+def _head_units(
+    model: nn.Module, order: Mapping[str, int], ignore: set[str], refused: dict[str, str]
+) -> list[PrunableUnit]:
+    """One unit per ``nn.MultiheadAttention`` called in the forward: its channels are whole heads (query/key/value
+    rows and ``out_proj`` input columns). Importance as torch-pruning's default: the L2 norm of each head's weights,
+    divided by the mean over the unit's heads."""
+    units = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.MultiheadAttention) or name not in order or name in ignore:
+            continue
+        problem = head_removal_problem(module)
+        if problem is not None:
+            refused[name] = problem
+            continue
+        heads, hd = module.num_heads, module.head_dim
+        if heads == 0:
+            continue
+        out_proj = f"{name}.out_proj" if name else "out_proj"
+        rows = [head_rows(module, [h]) for h in range(heads)]
+        cols = [list(range(h * hd, (h + 1) * hd)) for h in range(heads)]
+        w = _get(module, "in_proj_weight").detach().double()  # type: ignore[union-attr]
+        wo = _get(module.out_proj, "weight").detach().double()  # type: ignore[union-attr]
+        magnitude = torch.stack([w[r].abs().mean() for r in rows])
+        l2 = torch.stack([(w[r].pow(2).sum() + wo[:, c].pow(2).sum()).sqrt() for r, c in zip(rows, cols)])
+        units.append(
+            PrunableUnit(
+                index=-1,
+                name=name,
+                size=heads,
+                position=order[name],
+                producers=[name],
+                consumers=[out_proj],
+                channel_cuts=[
+                    [ChannelCut(name, "out", tuple(r)), ChannelCut(out_proj, "in", tuple(c))] for r, c in zip(rows, cols)
+                ],
+                magnitude=magnitude.float().cpu(),
+                group_importance=(l2 / l2.mean().clamp_min(1e-12)).float().cpu(),
+                kind="heads",
+            )
+        )
+    return units
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -278,15 +325,20 @@ class ChannelMasker:
     @contextlib.contextmanager
     def active(self) -> Iterator[ChannelMasker]:
         handles = []
-        try:
-            for name in self._consumers:
-                module = names_to(self.model, name)
-                dim = -1 if isinstance(module, nn.Linear) else 1
-                handles.append(module.register_forward_pre_hook(self._hook(name, dim)))
-            yield self
-        finally:
-            for h in handles:
-                h.remove()
+        with contextlib.ExitStack() as gates:
+            try:
+                for name in self._consumers:
+                    module = names_to(self.model, name)
+                    attention = attention_of(self.model, name)
+                    if attention is not None:  # out_proj is called functionally: mask the heads inside
+                        gates.enter_context(head_gate(names_to(self.model, attention), self._hook(name, -1)))
+                        continue
+                    dim = -1 if isinstance(module, nn.Linear) else 1
+                    handles.append(module.register_forward_pre_hook(self._hook(name, dim)))
+                yield self
+            finally:
+                for h in handles:
+                    h.remove()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -361,7 +413,8 @@ def _keep_one(units: Sequence[PrunableUnit], plan: Mapping[str, Sequence[int]]) 
     zeroed: dict[str, int] = {}
     for name, channels in plan.items():
         chs = sorted(set(int(c) for c in channels))
-        if len(chs) >= by_name[name].size:
+        # an attention may lose every head (it then outputs out_proj's bias)
+        if len(chs) >= by_name[name].size and by_name[name].kind != "heads":
             zeroed[name] = chs[-1]
             chs = chs[:-1]
         if chs:
