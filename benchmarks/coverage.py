@@ -244,6 +244,7 @@ def sc_summary(sc: SelfCompression) -> dict[str, Any]:
     stats = sc.removal_stats()
     mlp = [n for n in stats["remaining"] if n.endswith(MLP_FIRST)]
     stats["mlp_units_dead_left"] = sum(stats["remaining"][n]["dead"] for n in mlp)
+    stats["mlp_units_removed"] = sum(v for n, v in stats.pop("removed_per_layer").items() if n.endswith(MLP_FIRST))
     stats["remaining"] = {n: r for n, r in list(stats["remaining"].items())[:6]}  # a sample of the reasons
     return stats
 
@@ -354,11 +355,11 @@ def main() -> None:
 
 
 def _remember(model: str, column: str, info: dict[str, Any]) -> None:
-    lines = CACHE.read_text().splitlines() if CACHE.exists() else []
-    kept = [ln for ln in lines if (json.loads(ln)["model"], json.loads(ln)["callback"]) != (model, column)]
+    """Append the cell's result (the last line of a cell wins; appends keep parallel runs of other rows safe)."""
     entry = {"model": model, "callback": column, **{k: v for k, v in info.items() if k != "where"}}
     CACHE.parent.mkdir(parents=True, exist_ok=True)
-    CACHE.write_text("\n".join(kept + [json.dumps(entry)]) + "\n")
+    with CACHE.open("a") as f:
+        f.write(json.dumps(entry) + "\n")
 
 
 def _recall(table: dict[str, Any], cols: list[str]) -> dict[str, dict[str, dict[str, Any]]]:

@@ -266,3 +266,44 @@ def test_every_head_dead_all_removed_output_is_the_bias():
     fresh.load_state_dict(padded_state_dict(net))
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), before, rtol=1e-5, atol=1e-6)
+
+
+def test_self_compression_removes_heads_while_training_and_the_export_reloads_exactly(tmp_path):
+    """End to end on the names task: γ = 1 drives whole heads and MLP units to 0 bits; they are removed during
+    training (the optimizer state follows), the statistics add up, the packed file reloads into a fresh full-size
+    CharTransformer with the same outputs, and the Lightning checkpoint of the pruned model loads the Lightning way."""
+    from helpers import quiet_trainer
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_xai import SelfCompression
+    from lightning_xai.data import NamesDataModule
+    from lightning_xai.models import ImageClassifier
+    from lightning_xai.models.char_transformer import CharTransformer
+    from lightning_xai.quantization.export import load_compressed
+
+    torch.manual_seed(0)
+    dm = NamesDataModule(batch_size=64)
+    module = ImageClassifier(CharTransformer(num_classes=2, dim=16, heads=4, depth=2), num_classes=2)
+    export = tmp_path / "names.safetensors"
+    sc = SelfCompression(
+        gamma=1.0, init_bits=3.0, freeze_bits_after=1.0, remove_every_n_steps=4, log_every_n_steps=0,
+        export_path=str(export),
+    )  # fmt: skip
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    quiet_trainer(tmp_path, [sc, ckpt], max_epochs=1, limit_train_batches=16).fit(module, datamodule=dm)
+    stats = sc.removal_stats()
+    assert stats["heads_removed"] >= 4 and stats["heads_removed"] == stats["dead_heads"]
+    assert stats["removed_channels"] == sum(stats["removed_per_layer"].values()) > 0
+    assert any(n.endswith("mlp.0") for n in stats["removed_per_layer"])  # MLP hidden units went too
+    attn = module.net.blocks[0].attn
+    assert attn.num_heads < 4 and attn.in_proj_weight.shape[0] == 3 * 4 * attn.num_heads
+    x = dm.dataset("test").tensors[0][:32]
+    module.eval()
+    with torch.no_grad():
+        expected = module(x)
+        fresh = load_compressed(export, CharTransformer(num_classes=2, dim=16, heads=4, depth=2)).eval()
+        torch.testing.assert_close(fresh(x), expected, rtol=1e-4, atol=1e-5)
+        reloaded = ImageClassifier.load_from_checkpoint(
+            ckpt.last_model_path, net=CharTransformer(num_classes=2, dim=16, heads=4, depth=2)
+        ).eval()
+        torch.testing.assert_close(reloaded(x), expected, rtol=1e-4, atol=1e-5)

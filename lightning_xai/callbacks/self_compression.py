@@ -126,6 +126,7 @@ class SelfCompression(Callback):
         self.optimizer: torch.optim.Optimizer | None = None
         self.channels_removed = 0
         self.heads_removed = 0
+        self.removed_per_layer: dict[str, int] = {}  # layer -> output channels (attention: q/k/v rows) removed
         self.last_removal: Any = None
         self.exported_bytes: int | None = None
         self._bn_pairs: list[tuple[str, str]] | None = None  # (batch-norm name, quantized layer name)
@@ -388,6 +389,8 @@ class SelfCompression(Callback):
         removed = sum(report.removed.values())
         self.channels_removed += removed
         self.heads_removed += sum(report.heads_removed.values())
+        for name, count in report.removed.items():
+            self.removed_per_layer[name] = self.removed_per_layer.get(name, 0) + count
         self.last_removal = report
         if removed:
             rank_zero_info(
@@ -440,8 +443,9 @@ class SelfCompression(Callback):
     def removal_stats(self) -> dict[str, Any]:
         """What became of the 0-bit channels so far: ``removed_channels`` (output channels, or attention q/k/v
         rows, removed physically), ``dead_channels`` (those plus the ones still in the model at 0 bits),
-        ``heads_removed``, ``dead_heads`` (removed plus whole heads still present with every value row at 0 bits)
-        and, per layer that still holds 0-bit channels, their count and the reason the last removal gave."""
+        ``heads_removed``, ``dead_heads`` (removed plus whole heads still present with every value row at 0 bits),
+        ``removed_per_layer`` and, per layer that still holds 0-bit channels, their count and the reason the last
+        removal gave."""
         from lightning_xai.pruning.heads import dead_heads
 
         remaining: dict[str, dict[str, Any]] = {}
@@ -457,6 +461,7 @@ class SelfCompression(Callback):
         return {
             "removed_channels": self.channels_removed,
             "dead_channels": self.channels_removed + left,
+            "removed_per_layer": dict(self.removed_per_layer),
             "heads_removed": self.heads_removed,
             "dead_heads": self.heads_removed + heads_left,
             "remaining": remaining,
@@ -490,6 +495,7 @@ class SelfCompression(Callback):
             "bn_pairs": None if self._bn_pairs is None else [list(p) for p in self._bn_pairs],
             "channels_removed": self.channels_removed,
             "heads_removed": self.heads_removed,
+            "removed_per_layer": dict(self.removed_per_layer),
             "last_step": self._last_step,
             "held": self._held,
         }
@@ -500,6 +506,7 @@ class SelfCompression(Callback):
         self._bn_pairs = None if pairs is None else [tuple(p) for p in pairs]  # type: ignore[misc]
         self.channels_removed = int(state_dict.get("channels_removed", 0))
         self.heads_removed = int(state_dict.get("heads_removed", 0))
+        self.removed_per_layer = {str(k): int(v) for k, v in state_dict.get("removed_per_layer", {}).items()}
         self._last_step = int(state_dict.get("last_step", -1))
         held = state_dict.get("held")
         self._held = None if held is None else [str(n) for n in held]

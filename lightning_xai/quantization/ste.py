@@ -52,7 +52,7 @@ def _rowdot(a: Tensor, b: Tensor) -> Tensor:
     """Per-output-channel dot products ``Σ_i a[c, i]·b[c, i]`` in one pass without a temporary (a batched matmul):
     on the CPU a fresh weight-sized temporary costs more than the arithmetic (page faults)."""
     c = a.shape[0]
-    return torch.bmm(a.reshape(c, 1, -1), b.reshape(c, -1, 1)).view(c)
+    return torch.bmm(a.flatten(1).unsqueeze(1), b.flatten(1).unsqueeze(2)).view(c)  # also with no channels left
 
 
 class _QuantizeSTE(torch.autograd.Function):
