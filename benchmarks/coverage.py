@@ -56,7 +56,7 @@ from lightning_xai.quantization.install import quantized_layers  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "benchmarks" / "results" / "coverage.jsonl"  # the last full-mode result of every cell
-MLP_FIRST = ("linear1", "mlp.0", "mlp.1")  # the hidden (first) linear of transformer MLP blocks
+MLP_FIRST = ("linear1", "mlp.0")  # the hidden (first) linear of transformer MLP blocks
 CALLBACKS = ["self_compression", "guard", "cswap", "attr_zero", "attr_bypass", "lrp"]
 
 
@@ -335,7 +335,11 @@ def main() -> None:
         cells = _recall(table, cols=CALLBACKS)
     flat = [c for row in cells.values() for c in row.values()]
     removed_of_dead = {
-        name: round(row["self_compression"]["removed_channels"] / row["self_compression"]["dead_channels"], 3)
+        name: round(
+            (row["self_compression"]["removed_channels"] - row["self_compression"].get("idle_removed", 0))
+            / row["self_compression"]["dead_channels"],
+            3,
+        )
         for name, row in cells.items()
         if row.get("self_compression", {}).get("status") == "ran" and row["self_compression"].get("dead_channels")
     }

@@ -82,22 +82,25 @@ def test_transformer_encoder_layer_feed_forward_emptied():
 
 
 class _TwoInputs(nn.Module):
-    """``f(x) + g(z)``: an addition, but no residual (neither operand is the other's input)."""
+    """``f(h₁) + g(h₂)`` over two halves of one projection: an addition of two sublayers, but no residual (neither
+    summand is what the other sublayer reads)."""
 
     def __init__(self):
         super().__init__()
-        self.f = nn.Linear(4, 4)
-        self.g = nn.Linear(4, 4)
+        self.p = nn.Linear(8, 8)
+        self.f = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 4))
+        self.g = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 4))
         self.h = nn.Linear(4, 2)
 
     def forward(self, x):
-        return self.h(self.f(x[:, :4]) + self.g(x[:, 4:]))
+        h = self.p(x)
+        return self.h(self.f(h[:, :4]) + self.g(h[:, 4:]))
 
 
 def test_additions_without_a_residual_are_not_branches():
     torch.manual_seed(2)
     net = _TwoInputs()
-    assert residual_branch_ends(net, torch.randn(3, 8), ["f", "g"]) == {}
+    assert residual_branch_ends(net, torch.randn(3, 8), ["f.0", "f.2", "g.0", "g.2"]) == {}
     plain = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
     assert residual_branch_ends(plain, torch.randn(3, 4), ["0", "2"]) == {}
     with pytest.raises(ValueError, match="do not end a residual branch"):

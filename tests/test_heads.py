@@ -188,7 +188,7 @@ def test_live_head_with_dead_rows_is_reported_not_removed():
     net = _Encoder().eval()
     layers = {layer.name: layer for layer in install_quantizers(net)}
     with torch.no_grad():
-        layers["enc.layers.0.self_attn"].quantizer.b[:3] = -1.0  # query rows only: the head still outputs
+        layers["enc.layers.0.self_attn"].quantizer.b[:4] = -1.0  # every query row of head 0: it still outputs
     report = remove_dead_channels(net, ((torch.randn(2, 5, 16),), {}))
     assert "no head has all its value rows at 0 bits" in report.rejected["enc.layers.0.self_attn"]
     attn = net.enc.layers[0].self_attn
@@ -307,3 +307,35 @@ def test_self_compression_removes_heads_while_training_and_the_export_reloads_ex
             ckpt.last_model_path, net=CharTransformer(num_classes=2, dim=16, heads=4, depth=2)
         ).eval()
         torch.testing.assert_close(reloaded(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_units_and_heads_feeding_only_silent_layers_are_idle_and_removed():
+    """A transformer MLP whose second layer died entirely has hidden units that contribute nothing (idle); an
+    attention whose out_proj died has idle heads. Both are removed though not at 0 bits, and reported as idle."""
+    torch.manual_seed(8)
+    net = _Encoder().eval()
+    layers = {layer.name: layer for layer in install_quantizers(net)}
+    with torch.no_grad():
+        layers["enc.layers.0.linear2"].quantizer.b[:] = -1.0  # the whole feed-forward output of block 0
+        layers["enc.layers.1.self_attn.out_proj"].quantizer.b[:] = -1.0  # the whole attention output of block 1
+    x = torch.randn(3, 6, 16)
+    with torch.no_grad():
+        before = net(x)
+    report = remove_dead_channels(net, ((x,), {}))
+    assert report.idle["enc.layers.0.linear1"] == 31  # one hidden unit stays so the shapes stay valid
+    assert report.heads_removed == {"enc.layers.1.self_attn": 4}
+    assert report.idle["enc.layers.1.self_attn"] == 48
+    assert "enc.layers.1.linear1" not in report.removed  # its consumer is alive
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), before, rtol=1e-5, atol=1e-6)
+    fresh = _Encoder().eval()
+    fresh.load_state_dict(padded_state_dict(net))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), before, rtol=1e-5, atol=1e-6)
+    # a producer protected (the guard may restore it) is not idle
+    net2 = _Encoder().eval()
+    layers2 = {layer.name: layer for layer in install_quantizers(net2)}
+    with torch.no_grad():
+        layers2["enc.layers.0.linear2"].quantizer.b[:] = -1.0
+    report2 = remove_dead_channels(net2, ((x,), {}), protect={"enc.layers.0.linear2": [0]})
+    assert "enc.layers.0.linear1" not in report2.removed

@@ -14,6 +14,13 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MUTANTS = [
     (
+        "idle units: a producer counts as idle although a consumer is alive",
+        "lightning_xai/pruning/surgery.py",
+        "        if consumers and consumers <= silent:",
+        "        if consumers:",
+        "tests/test_heads.py::test_units_and_heads_feeding_only_silent_layers_are_idle_and_removed",
+    ),
+    (
         "head removal: the value rows of a head are not checked (a head with dead queries counts as dead)",
         "lightning_xai/pruning/heads.py",
         "all(2 * inner + h * hd + j in dead_rows for j in range(hd))",

@@ -127,6 +127,7 @@ class SelfCompression(Callback):
         self.channels_removed = 0
         self.heads_removed = 0
         self.removed_per_layer: dict[str, int] = {}  # layer -> output channels (attention: q/k/v rows) removed
+        self.idle_removed = 0  # of those, channels not at 0 bits whose every consumer was silent
         self.last_removal: Any = None
         self.exported_bytes: int | None = None
         self._bn_pairs: list[tuple[str, str]] | None = None  # (batch-norm name, quantized layer name)
@@ -391,6 +392,7 @@ class SelfCompression(Callback):
         self.heads_removed += sum(report.heads_removed.values())
         for name, count in report.removed.items():
             self.removed_per_layer[name] = self.removed_per_layer.get(name, 0) + count
+        self.idle_removed += sum(report.idle.values())
         self.last_removal = report
         if removed:
             rank_zero_info(
@@ -442,7 +444,8 @@ class SelfCompression(Callback):
 
     def removal_stats(self) -> dict[str, Any]:
         """What became of the 0-bit channels so far: ``removed_channels`` (output channels, or attention q/k/v
-        rows, removed physically), ``dead_channels`` (those plus the ones still in the model at 0 bits),
+        rows, removed physically), ``idle_removed`` (of those, the ones not at 0 bits whose every consumer was silent),
+        ``dead_channels`` (the 0-bit ones: removed, or still in the model),
         ``heads_removed``, ``dead_heads`` (removed plus whole heads still present with every value row at 0 bits),
         ``removed_per_layer`` and, per layer that still holds 0-bit channels, their count and the reason the last
         removal gave."""
@@ -460,7 +463,8 @@ class SelfCompression(Callback):
         left = sum(r["dead"] for r in remaining.values())
         return {
             "removed_channels": self.channels_removed,
-            "dead_channels": self.channels_removed + left,
+            "idle_removed": self.idle_removed,
+            "dead_channels": self.channels_removed - self.idle_removed + left,
             "removed_per_layer": dict(self.removed_per_layer),
             "heads_removed": self.heads_removed,
             "dead_heads": self.heads_removed + heads_left,
@@ -496,6 +500,7 @@ class SelfCompression(Callback):
             "channels_removed": self.channels_removed,
             "heads_removed": self.heads_removed,
             "removed_per_layer": dict(self.removed_per_layer),
+            "idle_removed": self.idle_removed,
             "last_step": self._last_step,
             "held": self._held,
         }
@@ -507,6 +512,7 @@ class SelfCompression(Callback):
         self.channels_removed = int(state_dict.get("channels_removed", 0))
         self.heads_removed = int(state_dict.get("heads_removed", 0))
         self.removed_per_layer = {str(k): int(v) for k, v in state_dict.get("removed_per_layer", {}).items()}
+        self.idle_removed = int(state_dict.get("idle_removed", 0))
         self._last_step = int(state_dict.get("last_step", -1))
         held = state_dict.get("held")
         self._held = None if held is None else [str(n) for n in held]

@@ -232,6 +232,8 @@ class RemovalReport:
     removed_idxs: dict[str, list[int]] = field(default_factory=dict)  # any sliced layer -> removed output indices
     rejected: dict[str, str] = field(default_factory=dict)  # layer -> reason the dead channels stayed
     heads_removed: dict[str, int] = field(default_factory=dict)  # attention -> whole heads removed
+    idle: dict[str, int] = field(default_factory=dict)  # layer -> removed channels that were not at 0 bits but
+    # whose every consumer is silent (all its output rows at 0 bits), so they contributed exactly nothing
     cuts: list[ChannelCut] = field(default_factory=list)  # what was applied (to replay it on other ranks)
     params_before: int = 0
     params_after: int = 0
@@ -675,8 +677,13 @@ def remove_dead_channels(
             for layer in candidates:
                 report.rejected[layer.name] = f"dependency tracing failed: {type(err).__name__}: {err}"
             return report
+        idle = _idle_channels(layers, DG, names, dead, skip, protect or {})
+        for name, extra in idle.items():
+            dead[name] |= extra
+        candidates = [layer for layer in layers if dead[layer.name] and layer.name not in skip]
         planned: list[tuple[str, list[ChannelCut], int]] = []
         heads: dict[str, int] = {}
+        idle_planned: dict[str, int] = {}
         for layer in candidates:
             if isinstance(layer.module, nn.MultiheadAttention):  # whole heads; the residual stream is not touched
                 cuts, count, reason = _head_cuts(layer, dead[layer.name])
@@ -685,6 +692,7 @@ def remove_dead_channels(
                 else:
                     planned.append((layer.name, cuts, count))
                     heads[layer.name] = count // (3 * layer.module.head_dim)
+                    idle_planned[layer.name] = len(set(cuts[0].idxs) & idle.get(layer.name, set()))
                 continue
             if layer.module not in DG.module2node:
                 report.rejected[layer.name] = _unseen_reason(model, layer.name)
@@ -702,12 +710,15 @@ def remove_dead_channels(
                 report.rejected[layer.name] = reason
                 continue
             planned.append((layer.name, cuts, len(idxs)))
+            idle_planned[layer.name] = len(set(idxs) & idle.get(layer.name, set()))
         del DG
         accepted = _try_apply(model, planned, optimizers, args, kwargs, reference, rtol, atol, report)
     for name, count in accepted:
         report.removed[name] = report.removed.get(name, 0) + count
         if name in heads:
             report.heads_removed[name] = heads[name]
+        if idle_planned.get(name):
+            report.idle[name] = idle_planned[name]
     for name, cuts, _ in planned:
         if name in report.removed:
             report.cuts.extend(cuts)
@@ -717,6 +728,49 @@ def remove_dead_channels(
                     report.removed_idxs[cut.name] = sorted(merged)
     report.params_after = sum(p.numel() for p in model.parameters())
     return report
+
+
+def _idle_channels(
+    layers: Sequence[QuantizedLayer],
+    DG: Any,
+    names: dict[nn.Module, str],
+    dead: dict[str, set[int]],
+    skip: set[str],
+    protect: dict[str, Iterable[int]],
+) -> dict[str, set[int]]:
+    """Channels that are not at 0 bits but contribute exactly nothing: every layer consuming them is *silent* (all
+    its output rows at 0 bits, so it outputs zero whatever its input). A transformer MLP whose second layer died
+    entirely has idle hidden units; an attention whose ``out_proj`` died has idle heads. Only groups without other
+    coupled producers (a plain hidden layer) qualify; protected channels are left alone."""
+    silent = {
+        layer.name for layer in layers if layer.quantizer.b.numel() and len(dead[layer.name]) == layer.quantizer.b.numel()
+    }
+    found: dict[str, set[int]] = {}
+    if not silent:
+        return found
+    modules = {n: m for m, n in names.items()}
+    for layer in layers:
+        if layer.name in skip or layer.name in silent:
+            continue
+        n = layer.quantizer.b.numel()
+        kept = set(int(i) for i in protect.get(layer.name, ()))
+        if isinstance(layer.module, nn.MultiheadAttention):
+            if _join(layer.name, "out_proj") in silent:  # the attention outputs exactly zero: every head is idle
+                found[layer.name] = set(range(n)) - dead[layer.name] - kept
+            continue
+        if layer.module not in DG.module2node or not isinstance(layer.module, (nn.Linear, nn.modules.conv._ConvNd)):
+            continue
+        fn = tp.prune_linear_out_channels if isinstance(layer.module, nn.Linear) else tp.prune_conv_out_channels
+        cuts, reason = _group_cuts(DG.get_pruning_group(layer.module, fn, list(range(n))), DG, names, None)
+        if reason is not None:
+            continue
+        consumers = {c.name for c in cuts if c.kind == "in"}
+        others = {c.name for c in cuts if c.kind == "out" and c.name != layer.name}
+        if any(not isinstance(modules[o], _BN_TYPES) for o in others):
+            continue  # coupled producers (residual partners): not a plain hidden layer
+        if consumers and consumers <= silent:
+            found[layer.name] = set(range(n)) - dead[layer.name] - kept
+    return {k: v for k, v in found.items() if v}
 
 
 def _head_cuts(layer: QuantizedLayer, dead_rows: set[int]) -> tuple[list[ChannelCut], int, str | None]:
