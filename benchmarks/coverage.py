@@ -298,7 +298,7 @@ def cell(model: str, make, column: str, quick: bool, root: str) -> dict[str, Any
     raise ValueError(column)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps and samples (a smoke run)")
     parser.add_argument("--models", default=None, help="comma-separated subset of the rows")
@@ -306,7 +306,7 @@ def main() -> None:
     parser.add_argument(
         "--docs", action="store_true", help="only rewrite BENCHMARKS.md and the README table from the cached cells"
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     for logger in ("lightning.pytorch", "lightning.fabric", "lightning_xai"):
         logging.getLogger(logger).setLevel(logging.ERROR)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -360,6 +360,7 @@ def main() -> None:
     if not args.quick and (args.docs or not summary["not_run"]):
         _write_docs(table, cells, summary)
     print(json.dumps(summary))
+    return summary
 
 
 def _remember(model: str, column: str, info: dict[str, Any]) -> None:

@@ -45,3 +45,23 @@ def test_benchmark_quick_mode_prints_its_json(name, capsys):
     assert (ROOT / "BENCHMARKS.md").read_text() == before  # quick runs never rewrite the published numbers
     if name == "cswap":
         assert result["same_decisions_as_naive"] is True
+
+
+def test_coverage_quick_smoke(capsys):
+    """Two fast rows of the coverage matrix: every cell runs, nothing is cached or published in quick mode."""
+    before = (ROOT / "BENCHMARKS.md").read_text()
+    cache = ROOT / "benchmarks" / "results" / "coverage.jsonl"
+    cached = cache.read_text() if cache.exists() else None
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("bench_coverage", ROOT / "benchmarks" / "coverage.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv = ["--quick", "--models", "tabular_mlp,char_transformer", "--columns", "self_compression,attr_bypass,lrp"]
+    summary = module.main(argv)
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines() if line.startswith("{")]
+    assert summary["cells"] == 6 and summary["failed"] == 0 and summary["ran"] == 6, lines
+    assert {"cells", "ran", "refused", "failed", "removed_fraction_of_dead"} <= set(summary)
+    sc = next(c for c in lines if c.get("model") == "char_transformer" and c.get("callback") == "self_compression")
+    assert sc["reload_exact"] and sc["heads_removed"] > 0  # heads really go on the names model
+    assert (ROOT / "BENCHMARKS.md").read_text() == before
+    assert (cache.read_text() if cache.exists() else None) == cached

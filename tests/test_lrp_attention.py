@@ -210,3 +210,37 @@ def test_swin_window_attention_conserves_relevance_and_restores_softmax():
     assert F.softmax(z, 0).requires_grad  # the detaching stand-in is gone
     with pytest.raises(ValueError, match="attention='cp' only"):
         lrp(swin, x, composite=Composite(attention="attnlrp"))
+
+
+def test_token_model_relevance_reaches_the_embeddings_and_masks_carry_none():
+    """The names CharTransformer: padding masks, positions and counts are built from token ids (they carry no
+    relevance, whatever their operations), embeddings are where relevance stops, the pooled mean divides by a count
+    (a constant): relevance is conserved from the logit to the token and position embeddings."""
+    from lightning_xai.models.char_transformer import CharTransformer
+
+    torch.manual_seed(6)
+    net = CharTransformer(num_classes=2, dim=16, heads=2, depth=2).double()
+    for module in net.modules():
+        for name in ("bias", "in_proj_bias"):
+            if isinstance(getattr(module, name, None), nn.Parameter):
+                nn.init.zeros_(getattr(module, name))
+    tokens = torch.randint(1, 27, (3, 7))
+    tokens[0, 4:] = 0  # padding
+    res = lrp(net, tokens, composite=Composite(default=EXACT), eps_pool=1e-12)
+    at_embeddings = res.activations["embed"].sum() + res.activations["pos"].sum()
+    torch.testing.assert_close(at_embeddings, res.output.sum(), rtol=1e-8, atol=1e-12)
+    assert torch.all(res.activations["embed"][0, 4:] == 0)  # padded tokens are pooled out and masked as keys
+    assert {"blocks.0.attn.out_proj", "blocks.1.mlp.0", "head"} <= set(res.weights)
+
+
+def test_relevance_reaching_an_unsupported_operation_is_an_error():
+    class Preprocessed(nn.Module):  # an unsupported operation on the data path before the first layer
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.fc(torch.atan(x))
+
+    with pytest.raises(ValueError, match=r"LRP does not support function `atan`.*relevance reaches it"):
+        lrp(Preprocessed(), torch.rand(2, 3))

@@ -79,6 +79,9 @@ _PASS_METHODS = {
     "transpose",
     "contiguous",
     "expand",  # a broadcast constant (ViT's class token): the gradient sums the relevance back onto it
+    "to",  # dtype/device moves
+    "float",
+    "type_as",
 }
 # Elementwise non-linearities: the identity rule (relevance passes through unchanged), as for every elementwise
 # function in Montavon et al. 2019 (LRP overview, §10.2.1) and AttnLRP (Achtibat et al. 2024, Prop. 3.1). ReLU keeps
@@ -421,6 +424,8 @@ def _node_kind(node: torch.fx.Node, modules: Mapping[str, nn.Module]) -> str:
             return "pass"  # only ever reached through a gate, which receives no relevance
         if isinstance(m, nn.MultiheadAttention):
             return "attention"
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+            return "source"  # a lookup: the relevance of the embedded vectors is the input relevance of the model
         raise ValueError(f"LRP does not support module `{node.target}` ({type(m).__name__})")
     if node.op == "call_function":
         if node.target in (operator.add, torch.add):
@@ -435,6 +440,8 @@ def _node_kind(node: torch.fx.Node, modules: Mapping[str, nn.Module]) -> str:
             return "norm"
         if node.target in (operator.mul, torch.mul):
             return _mul_kind(node, modules)
+        if node.target in (operator.truediv, torch.div, torch.true_divide) and isinstance(node.args[0], torch.fx.Node):
+            return "divide"
         if node.target in (F.max_pool1d, F.max_pool2d, F.adaptive_max_pool2d):
             return "max"
         if node.target in (F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool2d, torch.mean, torch.sum):
@@ -458,6 +465,8 @@ def _node_kind(node: torch.fx.Node, modules: Mapping[str, nn.Module]) -> str:
             return "pass"
         if node.target == "mul":
             return _mul_kind(node, modules)
+        if node.target in ("div", "true_divide"):
+            return "divide"
         if node.target in ("mean", "sum"):  # the epsilon rule on a sum (relevance in proportion to the summands)
             return "avg"
         if node.target in _SHAPE_METHODS:
@@ -500,14 +509,27 @@ def _mul_kind(node: torch.fx.Node, modules: Mapping[str, nn.Module]) -> str:
 
 
 def _kinds(nodes: Sequence[torch.fx.Node], modules: Mapping[str, nn.Module]) -> dict[torch.fx.Node, str]:
-    """The kind of every node; one ``ValueError`` listing every unsupported node (not only the first)."""
+    """The kind of every node; one ``ValueError`` listing every unsupported node (not only the first).
+
+    Nodes that do not depend on any layer's output (masks built from token ids, positions, counts) cannot carry
+    relevance from a layer: an unsupported one of them is ``"opaque"`` and only an error if relevance reaches it
+    (input preprocessing before the first layer, say) — checked during propagation."""
     kinds: dict[torch.fx.Node, str] = {}
-    bad: list[str] = []
+    failed: dict[torch.fx.Node, str] = {}
     for n in nodes:
         try:
             kinds[n] = _node_kind(n, modules)
         except ValueError as err:
-            bad.append(str(err).removeprefix("LRP does not support "))
+            failed[n] = str(err).removeprefix("LRP does not support ")
+    carriers: set[torch.fx.Node] = set()  # data that depends on a layer's output (metadata such as x.dtype does not)
+    for n in nodes:
+        produces = n.op == "call_module" and any(True for _ in modules[str(n.target)].parameters())
+        if kinds.get(n) != "shape" and (produces or any(a in carriers for a in n.all_input_nodes)):
+            carriers.add(n)
+    bad = [why for n, why in failed.items() if n in carriers]
+    for n, why in failed.items():
+        if n not in carriers:
+            kinds[n] = "opaque:" + why
     if bad:
         listing = "\n".join(f"  - {b}" for b in bad)
         raise ValueError(f"LRP does not support {len(bad)} node(s) of this model:\n{listing}")
@@ -638,7 +660,14 @@ def _propagate(gm, modules, nodes, kinds, x, target, composite, eps_pool, output
         if kind == "get_attr":
             continue
         tensor_args = [a for a in _arg_nodes(node) if isinstance(env[a], Tensor)]
-        if kind == "shape":  # non-tensors and parameter-only constants: relevance stops
+        if kind == "shape" or kind == "source":  # non-tensors, parameter-only constants, embeddings: relevance stops
+            continue
+        if kind.startswith("opaque:"):
+            if bool(r.ne(0).any()):
+                raise ValueError(f"LRP does not support {kind.removeprefix('opaque:')}: relevance reaches it")
+            continue
+        if kind == "divide":  # x / c: the divisor (a count, a norm) is a constant for the explanation
+            give(node.args[0], r)
             continue
         if kind == "window_attention":
             r_in, r_ws = _window_attention(node, env, modules, r, composite, eps_pool)
@@ -679,8 +708,8 @@ def _propagate(gm, modules, nodes, kinds, x, target, composite, eps_pool, output
             va = env[a] if isinstance(a, torch.fx.Node) else torch.as_tensor(a, device=r.device, dtype=r.dtype)
             vb = env[b] if isinstance(b, torch.fx.Node) else torch.as_tensor(b, device=r.device, dtype=r.dtype)
             s = r / _stabilize(va + vb, eps_pool)
-            give(a, va * s)
-            give(b, vb * s)
+            give(a, _unbroadcast(va * s, va.shape))  # a broadcast summand (a positional table) sums its share
+            give(b, _unbroadcast(vb * s, vb.shape))
         elif kind == "norm":
             src = tensor_args[0]
             s = r / _stabilize(env[node], eps_pool)
