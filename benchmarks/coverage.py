@@ -195,13 +195,13 @@ def _unchanged(module: nn.Module, saved: dict[str, torch.Tensor]) -> bool:
     )
 
 
-def _run_self_compression(make, steps: int, root: str, guard: bool) -> dict[str, Any]:
+def _run_self_compression(make, steps: int, root: str, guard: bool, gamma: float = 1.0) -> dict[str, Any]:
     net, dm = make()
     module = _module(net, dm)
     fresh_net, _ = make()  # same seed: the same architecture, for the reload
     export = Path(root) / "model.safetensors"
     sc = SelfCompression(
-        gamma=1.0,
+        gamma=gamma,
         init_bits=3.0,
         freeze_bits_after=1.0,
         remove_every_n_steps=max(2, steps // 3),
