@@ -65,3 +65,17 @@ def test_coverage_quick_smoke(capsys):
     assert sc["reload_exact"] and sc["heads_removed"] > 0  # heads really go on the names model
     assert (ROOT / "BENCHMARKS.md").read_text() == before
     assert (cache.read_text() if cache.exists() else None) == cached
+
+
+def test_transformer_removal_quick_smoke(capsys):
+    before = (ROOT / "BENCHMARKS.md").read_text()
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("bench_transformer_removal", ROOT / "benchmarks" / "transformer_removal.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    summary = module.main(["--quick"])
+    demo = summary["demo_transformer"]
+    assert {"heads_removed_of_dead", "mlp_units_removed_of_dead", "params_ratio", "macs_ratio"} <= set(demo)
+    assert demo["reload_exact"] and summary["vit_small"]["reload_exact"]
+    assert demo["heads_dead"] > 0 and demo["heads_removed_of_dead"] == 1.0  # γ = 5 kills heads within 12 steps
+    assert (ROOT / "BENCHMARKS.md").read_text() == before
