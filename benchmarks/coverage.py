@@ -1,11 +1,12 @@
 """Coverage matrix: every callback on models nobody here wrote (torchvision's zoo, transformers, a tabular MLP).
 
 Rows: torchvision resnet18, resnet50, mobilenet_v2, mobilenet_v3_small, efficientnet_b0, convnext_tiny, a small
-``VisionTransformer``, swin_t (untrained, 32×32 inputs, 2 classes: see ``IMAGE_CLASSES``), Lightning's demo ``Transformer`` (as a
-next-token classifier: the logits of the last position), a tabular MLP (scikit-learn's ``make_classification``) and
-the library's ``CharTransformer`` on the census names. Columns: SelfCompression (a large γ, periodic and fit-end
-removal, export → reload), PreservationGuard (with SelfCompression), CSWAPPruning, AttributionPruning
-``zero``/``bypass``, LRPCompression — each callback with its defaults except where the column says otherwise.
+``VisionTransformer``, swin_t (untrained, 32×32 inputs, 2 classes: see ``IMAGE_CLASSES``), Lightning's demo
+``Transformer`` (as a next-token classifier: the logits of the last position), a tabular MLP (scikit-learn's
+``make_classification``) and the library's ``CharTransformer`` on the census names. Columns: SelfCompression (a
+large γ, periodic and fit-end removal, export → reload), PreservationGuard (with SelfCompression), CSWAPPruning,
+AttributionPruning ``zero``/``bypass``, LRPCompression — each callback with its defaults except where the column
+says otherwise.
 
 Each cell is ``ran`` (with its key number), ``refused`` (the library raised a clear ``ValueError`` before changing
 the model; the model is checked unchanged) or ``failed`` (anything else: another exception, a model changed by a
@@ -21,7 +22,6 @@ cell and a final JSON line; the full run rewrites the ``coverage`` section of BE
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import sys
@@ -29,8 +29,9 @@ import tempfile
 import time
 import traceback
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -52,7 +53,6 @@ from lightning_xai import (  # noqa: E402
 from lightning_xai.data.digits import InMemorySplits, stratified_split  # noqa: E402
 from lightning_xai.models import ImageClassifier  # noqa: E402
 from lightning_xai.quantization.export import load_compressed  # noqa: E402
-from lightning_xai.quantization.install import quantized_layers  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "benchmarks" / "results" / "coverage.jsonl"  # the last full-mode result of every cell
@@ -165,7 +165,12 @@ def models(quick: bool) -> dict[str, Callable[[], tuple[nn.Module, TensorSplits]
         "convnext_tiny": image(lambda: tvm.convnext_tiny(num_classes=IMAGE_CLASSES)),
         "vit_small": image(
             lambda: tvm.VisionTransformer(
-                image_size=side, patch_size=8, num_layers=4, num_heads=4, hidden_dim=64, mlp_dim=128,
+                image_size=side,
+                patch_size=8,
+                num_layers=4,
+                num_heads=4,
+                hidden_dim=64,
+                mlp_dim=128,
                 num_classes=IMAGE_CLASSES,
             )
         ),
@@ -288,7 +293,8 @@ def cell(model: str, make, column: str, quick: bool, root: str) -> dict[str, Any
     if column in ("attr_zero", "attr_bypass"):
         cb = AttributionPruning(mode=column.split("_")[1], num_batches=2, batch_size=32)
         return _run_fit_end(make, cb, steps, root, lambda c: {
-            "pruned": (c.result.get("pruned") or {}).get(c.scorer_name), "candidates": len(c.result.get("candidates", [])),
+            "pruned": (c.result.get("pruned") or {}).get(c.scorer_name),
+            "candidates": len(c.result.get("candidates", [])),
         })  # fmt: skip
     if column == "lrp":
         cb = LRPCompression(samples_per_class=2 if quick else 4, batch_size=32)

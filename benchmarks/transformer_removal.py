@@ -70,7 +70,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         heads_dead = sum(r["heads_dead"] for r in mine)
         mlp_dead = sum(r["mlp_units_dead"] for r in mine)
         summary[name] = {
-            "heads_removed_of_dead": round(sum(r["heads_removed"] for r in mine) / heads_dead, 3) if heads_dead else None,
+            "heads_removed_of_dead": round(sum(r["heads_removed"] for r in mine) / heads_dead, 3)
+            if heads_dead
+            else None,
             "heads_dead": heads_dead,
             "mlp_units_removed_of_dead": round(sum(r["mlp_units_removed"] for r in mine) / mlp_dead, 3)
             if mlp_dead

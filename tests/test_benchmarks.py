@@ -70,7 +70,9 @@ def test_coverage_quick_smoke(capsys):
 def test_transformer_removal_quick_smoke(capsys):
     before = (ROOT / "BENCHMARKS.md").read_text()
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("bench_transformer_removal", ROOT / "benchmarks" / "transformer_removal.py")
+    spec = importlib.util.spec_from_file_location(
+        "bench_transformer_removal", ROOT / "benchmarks" / "transformer_removal.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     summary = module.main(["--quick"])

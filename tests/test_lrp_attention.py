@@ -110,6 +110,7 @@ def _lxt_block(block: Block, x: torch.Tensor, mode: str) -> torch.Tensor:
     w, b = m.in_proj_weight, m.in_proj_bias
     wq, wk, wv = w[:e], w[e : 2 * e], w[2 * e :]
     bq, bk, bv = b[:e], b[e : 2 * e], b[2 * e :]
+
     def layer_norm(t, ln):  # lxt's LN rule, with its stabiliser at 1e-12 like every other step here
         return lf.layer_norm_grad_fn.apply(t, ln.weight, ln.bias, ln.eps, 1e-12)
 

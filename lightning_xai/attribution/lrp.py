@@ -740,6 +740,7 @@ def _propagate(gm, modules, nodes, kinds, x, target, composite, eps_pool, output
             give(src, env[src] * g)
     return LRPResult(input=input_rel, activations=activations, weights=weights, output=r_out)
 
+
 _MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
              "is_causal")  # fmt: skip
 
@@ -752,8 +753,15 @@ def _attention_args(node: torch.fx.Node, env: Mapping) -> tuple[Any, Any, Any, d
 
 
 def _attention(
-    m: nn.MultiheadAttention, name: str, query: Tensor, key: Tensor, value: Tensor, kw: Mapping[str, Any],
-    r_out: Tensor, composite: Composite, eps: float,
+    m: nn.MultiheadAttention,
+    name: str,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    kw: Mapping[str, Any],
+    r_out: Tensor,
+    composite: Composite,
+    eps: float,
 ) -> tuple[Tensor | None, Tensor | None, Tensor, Tensor | None, Tensor]:
     """Relevance through ``nn.MultiheadAttention`` (packed projections, any head count, masks, batch_first or not).
 

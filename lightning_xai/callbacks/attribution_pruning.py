@@ -30,9 +30,9 @@ from lightning_xai.logging import flush, log_figure, log_scalars, log_text
 from lightning_xai.pruning.layer_pruning import (
     MODES,
     bypassable_layers,
-    residual_branch_ends,
     default_candidates,
     prune_layers,
+    residual_branch_ends,
     select_bottom,
 )
 

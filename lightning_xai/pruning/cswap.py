@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_xai._datasets import dataset_inputs, dataset_labels
+from lightning_xai._fx import symbolic_trace
 from lightning_xai._validation import validate_number
 from lightning_xai.attribution.causal import (
     CATEGORY_NAMES,
@@ -49,7 +50,6 @@ from lightning_xai.attribution.causal import (
     true_class_probability,
 )
 from lightning_xai.evaluation import accuracy
-from lightning_xai._fx import symbolic_trace
 from lightning_xai.pruning.heads import attention_of
 from lightning_xai.pruning.surgery import _eval_mode
 from lightning_xai.pruning.units import ChannelMasker, Plan, PrunableUnit, count_parameters, names_to

@@ -85,7 +85,12 @@ class PrunedHeadsAttention(nn.MultiheadAttention):
             target_type=q.dtype,
         )
         attn_mask = F._canonical_mask(
-            mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="", target_type=q.dtype, check_other=False
+            mask=attn_mask,
+            mask_name="attn_mask",
+            other_type=None,
+            other_name="",
+            target_type=q.dtype,
+            check_other=False,
         )
         mask = None
         if attn_mask is not None:
@@ -230,7 +235,8 @@ def attention_of(model: nn.Module, name: str) -> str | None:
 def head_gate(module: nn.MultiheadAttention, hook: Any) -> Iterator[None]:
     """Inside: ``hook(out_proj, (heads_output,))`` sees (and may replace) the concatenated head outputs, batch first,
     just before ``out_proj`` — a forward pre-hook on a layer nn.MultiheadAttention only calls functionally. The module
-    computes with :class:`PrunedHeadsAttention`'s forward meanwhile (the same function); its class comes back on exit."""
+    computes with :class:`PrunedHeadsAttention`'s forward meanwhile (the same function); its class comes back on
+    exit."""
     was_pruned = isinstance(module, PrunedHeadsAttention)
     _set_class(module, True)
     module._head_gate = hook

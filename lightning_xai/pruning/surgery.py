@@ -743,7 +743,9 @@ def _idle_channels(
     entirely has idle hidden units; an attention whose ``out_proj`` died has idle heads. Only groups without other
     coupled producers (a plain hidden layer) qualify; protected channels are left alone."""
     silent = {
-        layer.name for layer in layers if layer.quantizer.b.numel() and len(dead[layer.name]) == layer.quantizer.b.numel()
+        layer.name
+        for layer in layers
+        if layer.quantizer.b.numel() and len(dead[layer.name]) == layer.quantizer.b.numel()
     }
     found: dict[str, set[int]] = {}
     if not silent:
@@ -782,10 +784,14 @@ def _head_cuts(layer: QuantizedLayer, dead_rows: set[int]) -> tuple[list[Channel
         return [], 0, problem
     heads = dead_heads(module, dead_rows)
     if not heads:
-        return [], 0, (
-            f"{len(dead_rows)} rows are at 0 bits but no head has all its value rows at 0 bits; heads are removed "
-            "whole, when their output is exactly zero (single query/key/value rows of a live head cannot go without "
-            "changing its scale 1/sqrt(head_dim) or the common head width)"
+        return (
+            [],
+            0,
+            (
+                f"{len(dead_rows)} rows are at 0 bits but no head has all its value rows at 0 bits; heads are removed "
+                "whole, when their output is exactly zero (single query/key/value rows of a live head cannot go "
+                "without changing its scale 1/sqrt(head_dim) or the common head width)"
+            ),
         )
     rows = head_rows(module, heads)
     hd = module.head_dim

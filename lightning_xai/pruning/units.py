@@ -3,8 +3,9 @@
 A *unit* is one torch-pruning dependency group rooted at a Conv/Linear layer: the output channels of every coupled
 producer (residual partners, following batch norms, depthwise convolutions) together with the input channels of
 every consumer — or the heads of an ``nn.MultiheadAttention`` (a head's query/key/value rows and its ``out_proj``
-input columns; masked inside the attention, removed as in :mod:`lightning_xai.pruning.heads`). Channel ``c`` of a unit is one *neuron* in the sense of C-SWAP: cutting its outgoing connections
-means zeroing channel ``c`` at the input of every consumer, which is exactly what physically removing it does to
+input columns; masked inside the attention, removed as in :mod:`lightning_xai.pruning.heads`). Channel ``c`` of a
+unit is one *neuron* in the sense of C-SWAP: cutting its outgoing connections means zeroing channel ``c`` at the
+input of every consumer, which is exactly what physically removing it does to
 the rest of the network. :class:`ChannelMasker` performs such cuts with forward pre-hooks (only inside a context
 manager); :func:`apply_plan` performs them physically and checks that both agree.
 
@@ -221,7 +222,8 @@ def _head_units(
                 producers=[name],
                 consumers=[out_proj],
                 channel_cuts=[
-                    [ChannelCut(name, "out", tuple(r)), ChannelCut(out_proj, "in", tuple(c))] for r, c in zip(rows, cols)
+                    [ChannelCut(name, "out", tuple(r)), ChannelCut(out_proj, "in", tuple(c))]
+                    for r, c in zip(rows, cols)
                 ],
                 magnitude=magnitude.float().cpu(),
                 group_importance=(l2 / l2.mean().clamp_min(1e-12)).float().cpu(),

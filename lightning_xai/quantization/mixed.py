@@ -272,9 +272,7 @@ def load_mixed(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
         shape = m["shape"]
         n = int(np.prod(shape))
         keep = (
-            np.unpackbits(stored[f"{name}::keep"].numpy())[:n].astype(bool)
-            if m["has_keep"]
-            else np.ones(n, dtype=bool)
+            np.unpackbits(stored[f"{name}::keep"].numpy())[:n].astype(bool) if m["has_keep"] else np.ones(n, dtype=bool)
         )
         k = int(keep.sum())
         high_kept = (
