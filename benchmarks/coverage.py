@@ -414,7 +414,7 @@ def _write_docs(table: dict[str, Any], cells: dict[str, dict[str, dict[str, Any]
     head = "| model | " + " | ".join(CALLBACKS) + " |\n|---|" + "---|" * len(CALLBACKS) + "\n"
     lines = [
         f"| {name} | "
-        + " | ".join(_short(c, cells[name][c]) if c in cells.get(name, {}) else "not run" for c in CALLBACKS)
+        + " | ".join(_short(c, cells[name][c]) if c in cells.get(name, {}) else "*not run*" for c in CALLBACKS)
         + " |"
         for name in table
     ]
@@ -436,7 +436,9 @@ def _write_docs(table: dict[str, Any], cells: dict[str, dict[str, dict[str, Any]
     body = (
         "Every callback on models nobody here wrote (untrained torchvision models at 32×32, a small ViT, swin_t, "
         "Lightning's demo Transformer as a next-token classifier, a tabular MLP, the names CharTransformer); "
-        "SelfCompression at γ=1. A cell is *ran*, *refused* (a clear error before the model changed) or *failed*.\n\n"
+        "SelfCompression at γ=1. A cell is *ran*, *refused* (a clear error before the model changed) or *failed*; "
+        "*not run* means the session's CPU time ran out before the cell was reached (C-SWAP's causal analysis on the "
+        "large models: one suffix forward per neuron).\n\n"
         + table
         + "\nSelfCompression (γ = 1, 30 steps) in detail: 0-bit channels removed of all 0-bit channels (the rest sit "
         "in residual streams normalised by LayerNorm, in model outputs, or are the one channel a layer keeps), idle "

@@ -275,7 +275,9 @@ class _FastEngine(_Engine):
         self.roots = {n: (captured[n], cache[n]) for n in roots}  # masked input, output
         # rows per slice: the widest activation of the suffix decides (late, small activations batch more rows)
         widest = max([self.row_size.get(n, 1) for n in self.suffix] + [1])
-        self.max_batch = max(self.batch_size, self.max_elements // widest)
+        # capped: functions traced as leaves (Swin's window attention) hide intermediates far wider than the rows
+        # seen here, and an uncapped slice of a late, narrow suffix grew past 18 GB on Swin-T
+        self.max_batch = min(max(self.batch_size, self.max_elements // widest), 16 * self.batch_size)
 
     @staticmethod
     def _delta_ok(module: nn.Module) -> bool:
