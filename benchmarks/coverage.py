@@ -397,7 +397,10 @@ def _short(column: str, info: dict[str, Any]) -> str:
     if info["status"] == "failed":
         return "**failed**: " + info["error"][:90].replace("|", "/")
     if column in ("self_compression", "guard"):
-        text = f"{info['removed_channels']}/{info['dead_channels']} dead removed"
+        idle = info.get("idle_removed", 0)
+        text = f"{info['removed_channels'] - idle}/{info['dead_channels']} 0-bit channels removed"
+        if idle:
+            text += f", {idle} idle"
         if info.get("heads_removed"):
             text += f", {info['heads_removed']} heads"
         return text + ", reload exact"
