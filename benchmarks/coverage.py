@@ -423,8 +423,8 @@ def _write_docs(table: dict[str, Any], cells: dict[str, dict[str, dict[str, Any]
     ]
     table = head + "\n".join(lines) + "\n"
     detail = [
-        "| model | 0-bit channels removed | idle removed | heads removed / dead | MLP hidden units removed, of which "
-        "idle (left at 0 bits) | parameters | MACs per sample | reload |",
+        "| model | 0-bit channels removed | idle removed | heads removed / dead | MLP hidden units removed (0-bit ones "
+        "left) | parameters | MACs per sample | reload |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name in table_rows(cells):
