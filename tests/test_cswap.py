@@ -239,16 +239,22 @@ def _trained_small_resnet():
     return net, x, y, dm
 
 
-def test_fast_mode_makes_the_same_decisions_as_the_reference():
-    net, x, y, _ = _trained_small_resnet()
-    units, _ = find_units(net, x[:2])
-    saved = state_copy(net)
+def _both_engines(net, units, x, y):
+    """C-SWAP's order from the fast and the reference engine, checked identical (order, categories, ξ)."""
     fast = C.cswap_order(net, units, x, y, mode="fast")
     ref = C.cswap_order(net, units, x, y, mode="reference")
     assert fast.order == ref.order
     for u in ref.category:
         assert torch.equal(fast.category[u], ref.category[u])
         torch.testing.assert_close(fast.xi[u], ref.xi[u], rtol=1e-4, atol=1e-6)
+    return fast, ref
+
+
+def test_fast_mode_makes_the_same_decisions_as_the_reference():
+    net, x, y, _ = _trained_small_resnet()
+    units, _ = find_units(net, x[:2])
+    saved = state_copy(net)
+    fast, ref = _both_engines(net, units, x, y)
     assert 0 < fast.non_critical < len(fast.order)  # the progressive path was exercised
     assert fast.forwards < ref.forwards
     cats = fast.category_fractions()
@@ -564,11 +570,7 @@ def test_attention_heads_are_units_masked_like_their_removal():
     assert set(heads) == {"blocks.0.attn", "blocks.1.attn"} and heads["blocks.0.attn"].size == 4
     assert heads["blocks.0.attn"].consumers == ["blocks.0.attn.out_proj"]
     saved = state_copy(net)
-    fast = C.cswap_order(net, units, x, y, mode="fast")
-    ref = C.cswap_order(net, units, x, y, mode="reference")
-    assert fast.order == ref.order
-    for u in ref.category:
-        assert torch.equal(fast.category[u], ref.category[u])
+    fast, ref = _both_engines(net, units, x, y)
     assert int(fast.category[heads["blocks.0.attn"].index][2]) == NEUTRAL
     assert_same_state(net, saved)
     assert type(net.blocks[0].attn) is nn.MultiheadAttention  # the masking class swap is undone

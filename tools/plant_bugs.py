@@ -14,6 +14,20 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MUTANTS = [
     (
+        "Swin window attention: attention weights not held constant",
+        "lightning_xai/attribution/lrp.py",
+        "    with torch.enable_grad(), _constant_softmax():",
+        "    with torch.enable_grad():",
+        "tests/test_lrp_attention.py::test_swin_window_attention_conserves_relevance_and_restores_softmax",
+    ),
+    (
+        "quantizer row products break once a layer has no rows left",
+        "lightning_xai/quantization/ste.py",
+        "torch.bmm(a.flatten(1).unsqueeze(1), b.flatten(1).unsqueeze(2)).view(c)",
+        "torch.bmm(a.reshape(c, 1, -1), b.reshape(c, -1, 1)).view(c)",
+        "tests/test_heads.py::test_self_compression_removes_heads_while_training_and_the_export_reloads_exactly",
+    ),
+    (
         "idle units: a producer counts as idle although a consumer is alive",
         "lightning_xai/pruning/surgery.py",
         "        if consumers and consumers <= silent:",

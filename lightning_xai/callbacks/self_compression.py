@@ -18,6 +18,7 @@ from lightning_xai.callbacks._resize import plain_weights_for_spawn, register_re
 from lightning_xai.figures import bits_heatmap_figure
 from lightning_xai.logging import flush, log_figure, log_histogram, log_scalars, log_text, tensorboard_writers
 from lightning_xai.mixin import CompressionMixin
+from lightning_xai.pruning.heads import dead_heads
 from lightning_xai.pruning.surgery import apply_cuts, dead_channels, plain_gate_keys, remove_dead_channels
 from lightning_xai.quantization.engine import SelfCompressor
 from lightning_xai.quantization.export import export_compressed
@@ -449,8 +450,6 @@ class SelfCompression(Callback):
         ``heads_removed``, ``dead_heads`` (removed plus whole heads still present with every value row at 0 bits),
         ``removed_per_layer`` and, per layer that still holds 0-bit channels, their count and the reason the last
         removal gave."""
-        from lightning_xai.pruning.heads import dead_heads
-
         remaining: dict[str, dict[str, Any]] = {}
         heads_left = 0
         rejected = self.last_removal.rejected if self.last_removal is not None else {}
