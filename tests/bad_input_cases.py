@@ -70,6 +70,7 @@ CASES = [
     ("SelfCompression: layer patterns that select nothing", "_fit([SelfCompression(include='^nope$')])"),
     ("SelfCompression: a sharded strategy", "_setup(SelfCompression(), strategy=FSDPStrategy())"),
     ("SelfCompression: export of a model whose training diverged", "export_compressed(_nan_model(), _file())"),
+    ("export: an unknown coding", "export_compressed(_quantized_lenet(), _file(), coding='zip')"),
     ("CSWAPPruning: export path of the wrong type", "CSWAPPruning(export_path=5)"),
     ("CSWAPPruning: ignore given as one string", "CSWAPPruning(ignore='fc')"),
     ("CSWAPPruning: ignore naming a layer with a typo", "_fit([CSWAPPruning(ignore=('net.classifer.1',))])"),

@@ -2,8 +2,18 @@
 
 File layout (all tensors little-endian, no pickle; ``safetensors.torch.load_file`` reads it):
 
-* ``lxai.packed`` (uint8): one bit stream with every quantized layer, channel-major; channel ``c`` stores its
-  codes as unsigned ``code + 2^(k_c-1)`` in ``k_c`` bits each (LSB first). 0-bit channels store nothing.
+* ``lxai.packed`` (uint8): the codes of every quantized layer, channel-major; channel ``c`` stores its codes as
+  unsigned ``code + 2^(k_c-1)``; 0-bit channels store nothing. Two codings (metadata ``coding``):
+
+  - ``"bits"`` (format ``/2``): one bit stream, ``k_c`` bits per code (LSB first). Its size is exactly what
+    :func:`~lightning_xai.quantization.size.size_report` accounts.
+  - ``"lzma"`` (format ``/3``): the codes zigzag-mapped (``0, -1, 1, -2, … → 0, 1, 2, 3, …``: the same symbol for
+    the same code in every channel, whatever its width) one per byte (``code_bytes`` = 2 or 4 little-endian bytes
+    when some ``k_c`` exceeds 8), compressed with LZMA (the ``.xz`` container of Python's standard library). Trained
+    codes are far from uniform (most sit near zero), so this entropy coding stores them in fewer than ``k_c`` bits
+    each, as Deep Compression's Huffman stage does; it is lossless.
+
+  ``export_compressed(coding="auto")`` (the default) writes whichever is smaller.
 * ``lxai.bits`` (uint8): ``k_c`` of every channel of every quantized layer, in layer order.
 * ``lxai.exponents`` (float32): ``e_c`` of every channel with ``k_c > 0``.
 * ``lxai.bias_flags`` (uint8, bit-packed): for layers with a bias, one bit per channel: alive (``b > 0``)?
@@ -19,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import lzma
 import os
 import tempfile
 from pathlib import Path
@@ -34,10 +45,21 @@ from lightning_xai.quantization.install import batchnorm_gates, quantized_layers
 from lightning_xai.quantization.size import plain_state_items
 from lightning_xai.quantization.ste import bits_needed, quantize_to_int
 
-__all__ = ["export_compressed", "read_compressed", "load_compressed", "pack_codes", "unpack_codes", "FORMAT"]
+__all__ = [
+    "export_compressed",
+    "read_compressed",
+    "load_compressed",
+    "pack_codes",
+    "unpack_codes",
+    "FORMAT",
+    "FORMAT_LZMA",
+    "CODINGS",
+]
 
 FORMAT = "lightning_xai.packed/2"  # /2: with a payload checksum; /1 files (no checksum) are still read
+FORMAT_LZMA = "lightning_xai.packed/3"  # /3: the codes entropy-coded with LZMA (older readers refuse it cleanly)
 _OLD_FORMATS = ("lightning_xai.packed/1",)
+CODINGS = ("auto", "bits", "lzma")
 _META_KEY = "lightning_xai"
 DIGEST_KEY = "lightning_xai.sha256"
 
@@ -105,6 +127,59 @@ def unpack_codes(stream: np.ndarray, widths: np.ndarray, per_channel: int) -> np
     unsigned = (full << shifts).sum(axis=2)
     offset = np.where(widths > 0, np.left_shift(1, np.maximum(widths - 1, 0)), 0)[:, None]
     return unsigned - offset
+
+
+def _code_bytes(widths: np.ndarray) -> int:
+    """Bytes per stored code in the ``"lzma"`` coding: the fewest of 1, 2, 4 that hold the widest channel."""
+    kmax = int(widths.max()) if widths.size else 0
+    return 1 if kmax <= 8 else 2 if kmax <= 16 else 4
+
+
+def lzma_codes(codes: list[np.ndarray], widths: list[np.ndarray]) -> tuple[bytes, int]:
+    """The ``"lzma"`` coding of every layer's ``(C, n)`` codes: the zigzag map of the codes of the channels with
+    ``k_c > 0``, channel-major, ``code_bytes`` little-endian bytes each, LZMA-compressed. Returns the bytes and
+    ``code_bytes``."""
+    every = np.concatenate(widths) if widths else np.zeros(0, dtype=np.int64)
+    nbytes = _code_bytes(every)
+    dtype = np.dtype({1: "<u1", 2: "<u2", 4: "<u4"}[nbytes])
+    parts = []
+    for flat, k in zip(codes, widths):
+        k = k.astype(np.int64)
+        c = flat[k > 0]
+        parts.append(np.where(c >= 0, 2 * c, -2 * c - 1).astype(dtype).reshape(-1))  # zigzag: < 2^k_c
+    raw = np.concatenate(parts).tobytes() if parts else b""
+    # CHECK_NONE: the file's SHA-256 already covers these bytes
+    return lzma.compress(raw, format=lzma.FORMAT_XZ, check=lzma.CHECK_NONE), nbytes
+
+
+def _unlzma(blob: bytes, count: int, nbytes: int) -> np.ndarray:
+    """Decode ``count`` codes of ``nbytes`` bytes from an ``"lzma"`` stream (never more: a crafted stream cannot
+    make the reader allocate beyond what the bit-width table announces)."""
+    if nbytes not in (1, 2, 4):
+        raise ValueError(f"unknown code width {nbytes!r} bytes")
+    decoder = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
+    try:
+        raw = decoder.decompress(blob, max_length=count * nbytes)
+    except lzma.LZMAError as err:
+        raise ValueError(f"the LZMA code stream does not decode ({err})") from None
+    if len(raw) != count * nbytes:
+        raise ValueError("LZMA code stream too short")
+    if not decoder.eof and decoder.decompress(b"", max_length=1):
+        raise ValueError("LZMA code stream longer than its bit-width table announces")
+    return np.frombuffer(raw, dtype={1: "<u1", 2: "<u2", 4: "<u4"}[nbytes]).astype(np.int64)
+
+
+def _from_zigzag(unsigned: np.ndarray, widths: np.ndarray, per_channel: int) -> np.ndarray:
+    """``(C, per_channel)`` signed codes from the zigzag codes of the channels with ``k_c > 0`` (others are 0)."""
+    rows = widths > 0
+    if unsigned.shape[0] != int(rows.sum()) * per_channel:
+        raise ValueError("LZMA code stream too short")
+    out = np.zeros((widths.shape[0], per_channel), dtype=np.int64)
+    block = unsigned.reshape(int(rows.sum()), per_channel)
+    if (block >= np.left_shift(1, widths[rows])[:, None]).any():
+        raise ValueError("a code does not fit the width given for its channel")
+    out[rows] = np.where(block % 2 == 0, block // 2, -(block + 1) // 2)
+    return out
 
 
 def _umask() -> int:
@@ -176,10 +251,12 @@ def read_tagged(
     return tensors, meta
 
 
-def export_compressed(model: nn.Module, path: str | os.PathLike[str]) -> int:
+def export_compressed(model: nn.Module, path: str | os.PathLike[str], coding: str = "auto") -> int:
     """Write ``model`` (with quantizers installed) as a packed file; returns its size in bytes.
 
-    The write is atomic: an interrupted export never leaves a truncated file at ``path``.
+    ``coding``: ``"bits"`` (every code in its channel's bit width; the size :func:`size_report` predicts),
+    ``"lzma"`` (the codes entropy-coded, see the module docstring) or ``"auto"`` (whichever file is smaller, so never
+    larger than ``"bits"``). The write is atomic: an interrupted export never leaves a truncated file at ``path``.
 
     Example:
         >>> import tempfile, os
@@ -190,6 +267,8 @@ def export_compressed(model: nn.Module, path: str | os.PathLike[str]) -> int:
         >>> export_compressed(net, os.path.join(d, "m.safetensors")) > 0
         True
     """
+    if not isinstance(coding, str) or coding not in CODINGS:
+        raise ValueError(f"`coding` must be one of {CODINGS}, got {coding!r}")
     layers = quantized_layers(model)
     if not layers:
         raise ValueError("`model` has no quantizers installed; call install_quantizers() or use SelfCompression first")
@@ -202,6 +281,7 @@ def export_compressed(model: nn.Module, path: str | os.PathLike[str]) -> int:
                     "was written (lower the learning rates or γ, or export an earlier checkpoint)"
                 )
     streams: list[np.ndarray] = []
+    all_codes: list[np.ndarray] = []
     widths_all: list[np.ndarray] = []
     exps: list[torch.Tensor] = []
     biases: list[torch.Tensor] = []
@@ -215,7 +295,9 @@ def export_compressed(model: nn.Module, path: str | os.PathLike[str]) -> int:
         k = bits_needed(codes)
         stored = k > 0
         flat = codes.flatten(1).to(torch.int64).numpy()
-        streams.append(pack_codes(flat, k.numpy()))
+        all_codes.append(flat)
+        if coding != "lzma":
+            streams.append(pack_codes(flat, k.numpy()))
         widths_all.append(k.numpy().astype(np.uint8))
         exps.append(q.e.detach().cpu().float()[stored])
         entry: dict[str, Any] = {"name": layer.qualified, "shape": list(original.shape), "bias": None}
@@ -228,8 +310,16 @@ def export_compressed(model: nn.Module, path: str | os.PathLike[str]) -> int:
             entry["bias"] = bias_name
             handled.add(bias_name)
         meta_layers.append(entry)
-    stream = np.concatenate(streams) if streams else np.zeros(0, dtype=np.uint8)
-    packed = np.packbits(stream, bitorder="little") if stream.size else np.zeros(0, dtype=np.uint8)
+    packed = np.zeros(0, dtype=np.uint8)
+    if coding != "lzma":
+        stream = np.concatenate(streams) if streams else np.zeros(0, dtype=np.uint8)
+        packed = np.packbits(stream, bitorder="little") if stream.size else packed
+    chosen: dict[str, Any] = {"coding": "bits"}
+    if coding != "bits":
+        blob, nbytes = lzma_codes(all_codes, widths_all)
+        if coding == "lzma" or len(blob) < packed.size:
+            packed = np.frombuffer(blob, dtype=np.uint8)
+            chosen = {"coding": "lzma", "code_bytes": nbytes}
     tensors: dict[str, torch.Tensor] = {
         "lxai.packed": torch.from_numpy(packed.copy()),
         "lxai.bits": torch.from_numpy(np.concatenate(widths_all)),
@@ -257,9 +347,16 @@ def export_compressed(model: nn.Module, path: str | os.PathLike[str]) -> int:
         layer["shape"] = shapes.get(layer["name"], layer["shape"])
     from lightning_xai.pruning.surgery import original_shapes
 
+    fmt = FORMAT_LZMA if chosen["coding"] == "lzma" else FORMAT
     metadata = {
         _META_KEY: json.dumps(
-            {"format": FORMAT, "layers": meta_layers, "shapes": shapes, "original_shapes": original_shapes(model)}
+            {
+                "format": fmt,
+                **chosen,
+                "layers": meta_layers,
+                "shapes": shapes,
+                "original_shapes": original_shapes(model),
+            }
         )
     }
     target = Path(path)
@@ -293,12 +390,27 @@ def read_compressed(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
     except json.JSONDecodeError:
         verify_digest(raw, file_meta, path, required=True)
         raise ValueError(f"{str(path)!r} is corrupted: its metadata is not valid JSON") from None
-    if meta.get("format") not in (FORMAT, *_OLD_FORMATS):
+    if meta.get("format") not in (FORMAT, FORMAT_LZMA, *_OLD_FORMATS):
         verify_digest(raw, file_meta, path, required=DIGEST_KEY in file_meta)
-        raise ValueError(f"{str(path)!r} has format {meta.get('format')!r}; this version reads {FORMAT!r}")
-    verify_digest(raw, file_meta, path, required=meta.get("format") == FORMAT)
-    stream = np.unpackbits(raw["lxai.packed"].numpy(), bitorder="little")
+        raise ValueError(
+            f"{str(path)!r} has format {meta.get('format')!r}; this version reads {FORMAT!r} and {FORMAT_LZMA!r}"
+        )
+    verify_digest(raw, file_meta, path, required=meta.get("format") in (FORMAT, FORMAT_LZMA))
     widths = raw["lxai.bits"].numpy().astype(np.int64)
+    lzma_coded = meta.get("format") == FORMAT_LZMA
+    if lzma_coded:
+        try:
+            count, pos = 0, 0
+            for layer in meta["layers"]:  # codes announced by the bit-width table: stored channels x their size
+                channels = layer["shape"][0]
+                count += int((widths[pos : pos + channels] > 0).sum()) * int(np.prod(layer["shape"][1:]))
+                pos += channels
+            unsigned_all = _unlzma(raw["lxai.packed"].numpy().tobytes(), count, int(meta.get("code_bytes", 0)))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{str(path)!r} is corrupted: {err}") from None
+        stream = np.zeros(0, dtype=np.uint8)
+    else:
+        stream = np.unpackbits(raw["lxai.packed"].numpy(), bitorder="little")
     exps = raw["lxai.exponents"]
     biases = raw["lxai.bias"]
     bias_flags = np.unpackbits(raw["lxai.bias_flags"].numpy(), bitorder="little").astype(bool)
@@ -313,10 +425,14 @@ def read_compressed(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
             k = widths[ch_pos : ch_pos + channels]
             if k.shape[0] != channels:
                 raise ValueError("bit-width table too short")
-            nbits = int((k * per_channel).sum())
-            if bit_pos + nbits > stream.shape[0]:
-                raise ValueError("packed stream too short")
-            codes = unpack_codes(stream[bit_pos : bit_pos + nbits], k, per_channel)
+            if lzma_coded:  # bit_pos counts codes here
+                nbits = int((k > 0).sum()) * per_channel
+                codes = _from_zigzag(unsigned_all[bit_pos : bit_pos + nbits], k, per_channel)
+            else:
+                nbits = int((k * per_channel).sum())
+                if bit_pos + nbits > stream.shape[0]:
+                    raise ValueError("packed stream too short")
+                codes = unpack_codes(stream[bit_pos : bit_pos + nbits], k, per_channel)
             stored = torch.from_numpy(k > 0)
             n_stored = int(stored.sum())
             if exps[exp_pos : exp_pos + n_stored].numel() != n_stored:
