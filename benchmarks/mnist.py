@@ -46,9 +46,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_MNIST = ROOT.parent / "shared" / "data"
 MODELS = ("lenet5caffe", "lenet300100")
-GAMMA_RECOMMENDED = {"lenet5caffe": 0.1, "lenet300100": 0.1}
+# lenet300100: 0.03 is the smallest of 0.02-0.05 whose seed-0 file reaches 50x (chosen by size, not by accuracy);
+# 0.1 (the first full run) removed too many of its hidden units (-1.07 points)
+GAMMA_RECOMMENDED = {"lenet5caffe": 0.1, "lenet300100": 0.03}
 GUARD_GAMMA = {"lenet5caffe": 0.5, "lenet300100": 0.5}
-SWEEP = (0.1, 0.3, 1.0)  # unguarded γ around the guarded one, to compare at equal packed size
+# unguarded γ around the guarded one, to compare at equal packed size; γ = 0 (8-bit quantization-aware fine-tuning, no
+# size pressure) anchors the large end, where a run the guard rolls back ends
+SWEEP = (0.0, 0.03, 0.1, 0.3, 1.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -98,14 +102,25 @@ def _fit(model, dm, epochs: int, callbacks: list | None = None) -> float:
     return time.perf_counter() - start
 
 
+def _best(blob: bytes) -> int:
+    """A peer's honest best real format: its file as is, or LZMA-compressed when that is smaller (ours entropy-codes
+    its codes too, so every method gets the same general-purpose coder)."""
+    import lzma
+
+    return min(len(blob), len(lzma.compress(blob, check=lzma.CHECK_NONE)))
+
+
 def _file_bytes(tensors: dict, metadata: dict | None = None) -> int:
     from safetensors.torch import save
 
-    return len(save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata))
+    return _best(save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata))
 
 
 def _float_bytes(net) -> int:
-    return _file_bytes(net.state_dict())
+    """The reference: the float32 ``state_dict`` as safetensors, not compressed."""
+    from safetensors.torch import save
+
+    return len(save({k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -140,7 +155,7 @@ def _diffq(model_name: str, dm, epochs: int, penalty: float, seed: int) -> dict:
     seconds = _fit(model, dm, epochs)
     acc = _test_acc(model, dm)  # eval mode: DiffQ quantizes the weights for the forward
     state = model.quantizer.get_quantized_state(packed=True)
-    return {"acc": acc, "bytes": len(pickle.dumps(state)), "seconds": seconds}
+    return {"acc": acc, "bytes": _best(pickle.dumps(state)), "seconds": seconds}
 
 
 def _qat_int8(model_name: str, dm, epochs: int, seed: int) -> dict:
@@ -166,7 +181,7 @@ def _qat_int8(model_name: str, dm, epochs: int, seed: int) -> dict:
         )
     buf = io.BytesIO()
     torch.save(converted.state_dict(), buf)
-    return {"acc": correct / len(y), "bytes": buf.tell(), "seconds": seconds}
+    return {"acc": correct / len(y), "bytes": _best(buf.getvalue()), "seconds": seconds}
 
 
 def _brevitas_w4(model_name: str, dm, epochs: int, seed: int) -> dict:
@@ -531,16 +546,25 @@ def aggregate(runs: list[dict]) -> dict:
             }
         sweep = {}
         per_seed_gap = []
+        random_gap = []
         for r in rs:
             pts = [(s["bytes"], 100 * s["acc"]) for s in r["sc_unguarded_sweep"]]
             matched = _interp(r["sc_guard"]["bytes"], pts)
             per_seed_gap.append(None if matched is None else 100 * r["sc_guard"]["acc"] - matched)
+            # the random set's run, judged the same way: its accuracy above the unguarded curve at its own size
+            matched = _interp(r["sc_guard_random_set"]["bytes"], pts)
+            random_gap.append(None if matched is None else 100 * r["sc_guard_random_set"]["acc"] - matched)
             sweep.setdefault("points", []).append(pts)
         guard = {
             "guard_minus_unguarded_at_equal_size": per_seed_gap,
             "restorations": [r["sc_guard"]["restorations"] for r in rs],
             "restorations_second_half": [r["sc_guard"]["restorations_second_half"] for r in rs],
             "selected_minus_random_set": [100 * (r["sc_guard"]["acc"] - r["sc_guard_random_set"]["acc"]) for r in rs],
+            # at equal size: (selected set's gain over the unguarded curve) - (random set's gain over it)
+            "random_set_minus_unguarded_at_equal_size": random_gap,
+            "selected_minus_random_at_equal_size": [
+                None if a is None or b is None else a - b for a, b in zip(per_seed_gap, random_gap)
+            ],
             "sweep": sweep["points"],
         }
         fit_end = {}
@@ -595,6 +619,10 @@ def _checks(agg: dict) -> dict:
     return c
 
 
+def _r(values: list | None) -> list | None:
+    return None if values is None else [None if v is None else round(v, 2) for v in values]
+
+
 def _seed_counts(agg: dict) -> str:
     counts = {m: a["seeds"] for m, a in agg.items()}
     if len(set(counts.values())) == 1:
@@ -637,9 +665,11 @@ def _markdown(agg: dict, checks: dict, args: argparse.Namespace) -> str:
             f"{lrp['lrp_acc']['mean']:.2f} % at {lrp['lrp_size_ratio']['mean']:.3f} of float, magnitude "
             f"{lrp['magnitude_acc']['mean']:.2f} %, uniform {lrp['uniform_acc']['mean']:.2f} %.",
             f"Guard vs unguarded at the guard's packed size (points per seed): "
-            f"{a['guard']['guard_minus_unguarded_at_equal_size']}; restorations per run "
+            f"{_r(a['guard']['guard_minus_unguarded_at_equal_size'])}; restorations per run "
             f"{a['guard']['restorations']} (second half: {a['guard']['restorations_second_half']}); selected "
-            f"minus random preservation set: {[round(v, 2) for v in a['guard']['selected_minus_random_set']]}.",
+            f"minus random preservation set: {_r(a['guard']['selected_minus_random_set'])} at their own sizes, "
+            f"{_r(a['guard'].get('selected_minus_random_at_equal_size'))} at equal size (each run's accuracy above "
+            "the unguarded curve at its size; None: outside the sweep).",
             "",
         ]
         if a["skipped"]:
