@@ -81,3 +81,62 @@ def test_transformer_removal_quick_smoke(capsys):
     assert demo["reload_exact"] and summary["vit_small"]["reload_exact"]
     assert demo["heads_dead"] > 0 and demo["heads_removed_of_dead"] == 1.0  # γ = 5 kills heads within 12 steps
     assert (ROOT / "BENCHMARKS.md").read_text() == before
+
+
+def _mnist_module():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("bench_mnist", ROOT / "benchmarks" / "mnist.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_mnist_compares_guard_and_random_set_at_equal_size_on_the_unguarded_curve():
+    """The aggregation (no MNIST needed): each guarded run is judged by its accuracy above the unguarded γ sweep at
+    its own packed size (linear in log-size), so the selected and the random preservation sets are compared at
+    equal size even when they end at different sizes; sizes outside the sweep give None, never an extrapolation."""
+    import math
+
+    mnist = _mnist_module()
+
+    def run(seed, guard, random_set):
+        entry = {"acc": 0.9, "bytes": 1000, "seconds": 1.0}
+        methods = ("cswap", "lamp", "taylor", "omp", "random")
+        fit_end = {m: {"acc_at_50": 0.5, "sauce": 50.0, "seconds": 0.1} for m in methods}
+        return {
+            "model": "m", "seed": seed, "skipped": {}, "float": {**entry, "bytes": 100_000},
+            "sc_guard": {**entry, **guard, "restorations": 1, "restorations_second_half": 0},
+            "sc_guard_random_set": {**entry, **random_set},
+            "sc_unguarded_sweep": [
+                {"gamma": 0.0, "bytes": 40_000, "acc": 0.98},
+                {"gamma": 0.1, "bytes": 4_000, "acc": 0.96},
+                {"gamma": 1.0, "bytes": 1_000, "acc": 0.90},
+            ],
+            "fit_end_pruning": fit_end, "lrp": {"lrp_acc": 0.9, "lrp_size_ratio": 0.2},
+        }  # fmt: skip
+
+    runs = [
+        run(0, {"bytes": 2_000, "acc": 0.95}, {"bytes": 20_000, "acc": 0.975}),
+        run(1, {"bytes": 500, "acc": 0.95}, {"bytes": 4_000, "acc": 0.96}),  # guard below the sweep: None
+    ]
+    guard = mnist.aggregate(runs)["m"]["guard"]
+    t = math.log(2_000 / 1_000) / math.log(4_000 / 1_000)  # between the 1 kB and 4 kB points
+    at_guard = 90 + t * (96 - 90)
+    t = math.log(20_000 / 4_000) / math.log(40_000 / 4_000)
+    at_random = 96 + t * (98 - 96)
+    assert guard["guard_minus_unguarded_at_equal_size"][0] == pytest.approx(95 - at_guard)
+    assert guard["random_set_minus_unguarded_at_equal_size"][0] == pytest.approx(97.5 - at_random)
+    assert guard["selected_minus_random_at_equal_size"][0] == pytest.approx((95 - at_guard) - (97.5 - at_random))
+    assert guard["guard_minus_unguarded_at_equal_size"][1] is None
+    assert guard["random_set_minus_unguarded_at_equal_size"][1] == pytest.approx(0.0)
+    assert guard["selected_minus_random_at_equal_size"][1] is None
+    assert guard["selected_minus_random_set"][0] == pytest.approx(95 - 97.5)  # the raw difference stays reported
+
+
+def test_mnist_peer_sizes_take_lzma_only_when_it_is_smaller():
+    import os
+
+    mnist = _mnist_module()
+    noise = os.urandom(5_000)
+    assert mnist._best(noise) == len(noise)  # incompressible: the file as is
+    assert mnist._best(bytes(5_000)) < 200  # zeros: the compressed size
