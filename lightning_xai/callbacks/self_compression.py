@@ -65,7 +65,9 @@ class SelfCompression(Callback):
             ``b``/``e`` stop changing, so the weights settle at their final precision (1.0: never freeze). The
             default 0.8 is what keeps accuracy at the float level in the benchmarks.
         export_path: if given, the packed model is written there at fit end (rank zero); ``{log_dir}`` in it is the
-            run's log folder (e.g. ``"{log_dir}/model.safetensors"``).
+            run's log folder (e.g. ``"{log_dir}/model.safetensors"``). The file is
+            :func:`~lightning_xai.quantization.export.export_compressed`'s ``coding="auto"``: the codes entropy-coded
+            when that is smaller, so ``exported_bytes`` can be below the logged (bit-stream) size.
         keep_channels: which layers keep their strongest channel at ≥ 2 bits whatever the penalty says: ``"cut"``
             (default) the layers whose loss of every channel would make the model's output independent of its input
             (found once, on the first training batch, by trying each: in a plain stack every layer, in a residual
