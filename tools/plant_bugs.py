@@ -14,6 +14,27 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MUTANTS = [
     (
+        "entropy-coded export: negative codes decoded with the wrong sign",
+        "lightning_xai/quantization/export.py",
+        "np.where(block % 2 == 0, block // 2, -(block + 1) // 2)",
+        "np.where(block % 2 == 0, block // 2, (block + 1) // 2)",
+        "tests/test_export.py::test_lzma_and_bits_codings_reload_the_same_model",
+    ),
+    (
+        "entropy-coded export: the decoder is not bounded by the bit-width table",
+        "lightning_xai/quantization/export.py",
+        "raw = decoder.decompress(blob, max_length=count * nbytes)",
+        "raw = decoder.decompress(blob)",
+        "tests/test_export.py::test_damaged_lzma_stream_is_refused",
+    ),
+    (
+        "entropy-coded export: codes keep their per-width offset (same code, different symbols per channel)",
+        "lightning_xai/quantization/export.py",
+        "np.where(c >= 0, 2 * c, -2 * c - 1)",
+        "c + np.left_shift(1, np.maximum(k[k > 0] - 1, 0))[:, None]",
+        "tests/test_export.py::test_lzma_payload_decodes_with_the_standard_library_to_the_quantizer_codes",
+    ),
+    (
         "Swin window attention: attention weights not held constant",
         "lightning_xai/attribution/lrp.py",
         "    with torch.enable_grad(), _constant_softmax():",
