@@ -110,17 +110,19 @@ def _best(blob: bytes) -> int:
     return min(len(blob), len(lzma.compress(blob, check=lzma.CHECK_NONE)))
 
 
-def _file_bytes(tensors: dict, metadata: dict | None = None) -> int:
+def _safetensors(tensors: dict, metadata: dict | None = None) -> bytes:
     from safetensors.torch import save
 
-    return _best(save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata))
+    return save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+
+
+def _file_bytes(tensors: dict, metadata: dict | None = None) -> int:
+    return _best(_safetensors(tensors, metadata))
 
 
 def _float_bytes(net) -> int:
     """The reference: the float32 ``state_dict`` as safetensors, not compressed."""
-    from safetensors.torch import save
-
-    return len(save({k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}))
+    return len(_safetensors(net.state_dict()))
 
 
 # ---------------------------------------------------------------------------------------------------------------

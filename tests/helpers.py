@@ -1,5 +1,9 @@
 """Small shared helpers for tests."""
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -41,3 +45,14 @@ def quiet_trainer(root, callbacks, max_epochs=2, logger=False, **kw) -> pl.Train
         deterministic=True,
         **kw,
     )
+
+
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` as a module (the folder is on ``sys.path``: the scripts import ``_common``)."""
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,11 +1,10 @@
 """Benchmarks run in quick mode and print the JSON keys their issues ask for (full runs are not part of the suite)."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = {
@@ -35,11 +34,7 @@ REQUIRED = {
 @pytest.mark.parametrize("name", sorted(REQUIRED))
 def test_benchmark_quick_mode_prints_its_json(name, capsys):
     before = (ROOT / "BENCHMARKS.md").read_text()
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    result = module.main(["--quick"])
+    result = load_benchmark(name).main(["--quick"])
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert REQUIRED[name] <= set(result) and printed == json.loads(json.dumps(result))
     assert (ROOT / "BENCHMARKS.md").read_text() == before  # quick runs never rewrite the published numbers
@@ -52,10 +47,7 @@ def test_coverage_quick_smoke(capsys):
     before = (ROOT / "BENCHMARKS.md").read_text()
     cache = ROOT / "benchmarks" / "results" / "coverage.jsonl"
     cached = cache.read_text() if cache.exists() else None
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("bench_coverage", ROOT / "benchmarks" / "coverage.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("coverage")
     argv = ["--quick", "--models", "tabular_mlp,char_transformer", "--columns", "self_compression,attr_bypass,lrp"]
     summary = module.main(argv)
     lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines() if line.startswith("{")]
@@ -69,26 +61,12 @@ def test_coverage_quick_smoke(capsys):
 
 def test_transformer_removal_quick_smoke(capsys):
     before = (ROOT / "BENCHMARKS.md").read_text()
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location(
-        "bench_transformer_removal", ROOT / "benchmarks" / "transformer_removal.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    summary = module.main(["--quick"])
+    summary = load_benchmark("transformer_removal").main(["--quick"])
     demo = summary["demo_transformer"]
     assert {"heads_removed_of_dead", "mlp_units_removed_of_dead", "params_ratio", "macs_ratio"} <= set(demo)
     assert demo["reload_exact"] and summary["vit_small"]["reload_exact"]
     assert demo["heads_dead"] > 0 and demo["heads_removed_of_dead"] == 1.0  # γ = 5 kills heads within 12 steps
     assert (ROOT / "BENCHMARKS.md").read_text() == before
-
-
-def _mnist_module():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("bench_mnist", ROOT / "benchmarks" / "mnist.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_mnist_compares_guard_and_random_set_at_equal_size_on_the_unguarded_curve():
@@ -97,7 +75,7 @@ def test_mnist_compares_guard_and_random_set_at_equal_size_on_the_unguarded_curv
     equal size even when they end at different sizes; sizes outside the sweep give None, never an extrapolation."""
     import math
 
-    mnist = _mnist_module()
+    mnist = load_benchmark("mnist")
 
     def run(seed, guard, random_set):
         entry = {"acc": 0.9, "bytes": 1000, "seconds": 1.0}
@@ -136,7 +114,7 @@ def test_mnist_compares_guard_and_random_set_at_equal_size_on_the_unguarded_curv
 def test_mnist_peer_sizes_take_lzma_only_when_it_is_smaller():
     import os
 
-    mnist = _mnist_module()
+    mnist = load_benchmark("mnist")
     noise = os.urandom(5_000)
     assert mnist._best(noise) == len(noise)  # incompressible: the file as is
     assert mnist._best(bytes(5_000)) < 200  # zeros: the compressed size

@@ -4,15 +4,14 @@ On a GPU these show what the fake-CUDA tests cannot: the autograd engine, CUDA g
 absence of host synchronisation in training steps (``torch.cuda.set_sync_debug_mode("error")`` raises on any).
 """
 
-import importlib.util
 import os
-import sys
 import tempfile
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import load_benchmark
 
 from lightning_xai import (
     AttributionPruning,
@@ -28,7 +27,6 @@ from lightning_xai.models import ImageClassifier
 from lightning_xai.quantization.install import quantized_layers
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _trainer(precision: str, callbacks: list, epochs: int = 2) -> pl.Trainer:
@@ -99,10 +97,7 @@ def test_true_half_precision_keeps_quantizer_parameters_float32():
 def test_training_steps_do_not_synchronise_under_sync_debug_mode():
     """The overhead benchmark's probe turns ``set_sync_debug_mode("error")`` on for the measured steps: any
     synchronising call inside SelfCompression's or the guard's per-step work would raise."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("bench_overhead", ROOT / "benchmarks" / "overhead.py")
-    overhead = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(overhead)
+    overhead = load_benchmark("overhead")
     for variant in ("sc", "sc_guard"):
         out = overhead._run("lenet", variant, 4, 3, "cuda", True, True)
         assert out["syncs_per_step"] <= (0 if variant == "sc" else 1), out["sync_kinds"]

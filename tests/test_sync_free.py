@@ -1,22 +1,12 @@
 """Training steps that neither log nor remove make no host synchronisation (counted by the overhead benchmark's
 dispatch mode on the CPU: ``.item()``, ``bool(t)``, ``equal``, data-dependent shapes, device→host copies)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import load_benchmark
 
 
 def _overhead():
-    import sys
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("bench_overhead", ROOT / "benchmarks" / "overhead.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("overhead")
 
 
 @pytest.mark.parametrize(("variant", "limit"), [("sc", 0), ("sc_guard", 1)])

@@ -2,11 +2,11 @@
 
 File layout (all tensors little-endian, no pickle; ``safetensors.torch.load_file`` reads it):
 
-* ``lxai.packed`` (uint8): the codes of every quantized layer, channel-major; channel ``c`` stores its codes as
-  unsigned ``code + 2^(k_c-1)``; 0-bit channels store nothing. Two codings (metadata ``coding``):
+* ``lxai.packed`` (uint8): the codes of every quantized layer, channel-major; 0-bit channels store nothing. Two
+  codings (metadata ``coding``):
 
-  - ``"bits"`` (format ``/2``): one bit stream, ``k_c`` bits per code (LSB first). Its size is exactly what
-    :func:`~lightning_xai.quantization.size.size_report` accounts.
+  - ``"bits"`` (format ``/2``): one bit stream, channel ``c`` storing unsigned ``code + 2^(k_c-1)`` in ``k_c`` bits
+    each (LSB first). Its size is exactly what :func:`~lightning_xai.quantization.size.size_report` accounts.
   - ``"lzma"`` (format ``/3``): the codes zigzag-mapped (``0, -1, 1, -2, … → 0, 1, 2, 3, …``: the same symbol for
     the same code in every channel, whatever its width) one per byte (``code_bytes`` = 2 or 4 little-endian bytes
     when some ``k_c`` exceeds 8), compressed with LZMA (the ``.xz`` container of Python's standard library). Trained
@@ -129,6 +129,9 @@ def unpack_codes(stream: np.ndarray, widths: np.ndarray, per_channel: int) -> np
     return unsigned - offset
 
 
+_CODE_DTYPES = {1: np.dtype("<u1"), 2: np.dtype("<u2"), 4: np.dtype("<u4")}  # "lzma" coding: bytes per code
+
+
 def _code_bytes(widths: np.ndarray) -> int:
     """Bytes per stored code in the ``"lzma"`` coding: the fewest of 1, 2, 4 that hold the widest channel."""
     kmax = int(widths.max()) if widths.size else 0
@@ -141,7 +144,7 @@ def lzma_codes(codes: list[np.ndarray], widths: list[np.ndarray]) -> tuple[bytes
     ``code_bytes``."""
     every = np.concatenate(widths) if widths else np.zeros(0, dtype=np.int64)
     nbytes = _code_bytes(every)
-    dtype = np.dtype({1: "<u1", 2: "<u2", 4: "<u4"}[nbytes])
+    dtype = _CODE_DTYPES[nbytes]
     parts = []
     for flat, k in zip(codes, widths):
         k = k.astype(np.int64)
@@ -155,7 +158,7 @@ def lzma_codes(codes: list[np.ndarray], widths: list[np.ndarray]) -> tuple[bytes
 def _unlzma(blob: bytes, count: int, nbytes: int) -> np.ndarray:
     """Decode ``count`` codes of ``nbytes`` bytes from an ``"lzma"`` stream (never more: a crafted stream cannot
     make the reader allocate beyond what the bit-width table announces)."""
-    if nbytes not in (1, 2, 4):
+    if nbytes not in _CODE_DTYPES:
         raise ValueError(f"unknown code width {nbytes!r} bytes")
     decoder = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
     try:
@@ -166,7 +169,7 @@ def _unlzma(blob: bytes, count: int, nbytes: int) -> np.ndarray:
         raise ValueError("LZMA code stream too short")
     if not decoder.eof and decoder.decompress(b"", max_length=1):
         raise ValueError("LZMA code stream longer than its bit-width table announces")
-    return np.frombuffer(raw, dtype={1: "<u1", 2: "<u2", 4: "<u4"}[nbytes]).astype(np.int64)
+    return np.frombuffer(raw, dtype=_CODE_DTYPES[nbytes]).astype(np.int64)
 
 
 def _from_zigzag(unsigned: np.ndarray, widths: np.ndarray, per_channel: int) -> np.ndarray:
