@@ -70,7 +70,7 @@ def test_quantizer_forward_and_backward_stay_on_the_device(shape, dtype):
         assert out.device == CUDA and out.dtype == dtype and out.shape == w.shape
         ctx = _Ctx()
         _QuantizeSTE.forward(ctx, w, b, e)
-        gw, gb, ge = _QuantizeSTE.backward(ctx, torch.randn(shape, dtype=dtype))
+        gw, gb, ge, _ = _QuantizeSTE.backward(ctx, torch.randn(shape, dtype=dtype))
         assert gw.device == gb.device == ge.device == CUDA
         assert gw.dtype == dtype and gb.dtype == ge.dtype == torch.float32
         assert bits_needed(torch.round(w.float())).device == CUDA

@@ -193,3 +193,94 @@ def test_self_compression_compile_option_matches_the_eager_quantizer():
     torch.testing.assert_close(compiled(x), eager(x), rtol=0, atol=0)
     for (name, a), (_, b) in zip(eager.named_parameters(), compiled.named_parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+FUSED_SHAPES = [(8, 16, 6, 6), (70, 64)]  # ≥ _FUSE_MIN_NUMEL weights: the fused path takes them
+
+
+def _float32_case(shape, seed):
+    gen = torch.Generator().manual_seed(seed)
+    C = shape[0]
+    w = (torch.randn(shape, generator=gen) * 0.7).requires_grad_()
+    b = (torch.rand(C, generator=gen) * 6 - 1).requires_grad_()  # some channels at b < 0
+    e = (torch.rand(C, generator=gen) * 4 - 4).requires_grad_()
+    return w, b, e, torch.randn(shape, generator=gen)
+
+
+@pytest.mark.parametrize("shape", FUSED_SHAPES)
+def test_fused_cpu_kernels_match_the_naive_loops_and_the_eager_path(shape, monkeypatch):
+    """``fused=True`` (what ``compile=True``/``"auto"`` set on the CPU) runs the torch.compile'd kernels, both ways:
+    the forward equals the naive loops exactly, the gradients match them to float32 precision and match eager's."""
+    from lightning_xai.quantization import ste
+
+    calls = []
+    run = ste._run_fused
+    monkeypatch.setattr(ste, "_run_fused", lambda name, *a: calls.append(name) or run(name, *a))
+    w, b, e, g = _float32_case(shape, 0)
+    q = quantize(w, b, e, fused=True)
+    (q * g).sum().backward()
+    assert calls == ["forward", "backward"] and not ste._FUSED.get("broken")
+    w64, b64, e64 = (t.detach().double() for t in (w, b, e))
+    torch.testing.assert_close(q.detach().double(), naive(w64, b64, e64), rtol=1e-6, atol=1e-7)  # float32 2^e
+    for got, ref in zip((w.grad, b.grad, e.grad), naive_grads(w64, b64, e64, g.double())):
+        torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-5)
+    fused = [t.grad.clone() for t in (w, b, e)]
+    for t in (w, b, e):
+        t.grad = None
+    ref = quantize(w, b, e)
+    (ref * g).sum().backward()
+    assert torch.equal(ref, q)
+    for got, t in zip(fused, (w, b, e)):
+        torch.testing.assert_close(got, t.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_layers_sharing_the_backward_workspace_keep_their_own_gradients():
+    """The eager backward writes its temporaries into one reused CPU workspace: two layers quantized in one graph
+    get the same gradients as each alone (a gradient that were a view of the workspace would be overwritten)."""
+    cases = [_float32_case(shape, seed) for seed, shape in enumerate([(6, 4, 3, 3), (5, 40), (6, 4, 3, 3)])]
+    alone = []
+    for w, b, e, g in cases:
+        (quantize(w, b, e) * g).sum().backward()
+        alone.append([t.grad.clone() for t in (w, b, e)])
+        for t in (w, b, e):
+            t.grad = None
+    sum((quantize(w, b, e) * g).sum() for w, b, e, g in cases).backward()
+    for (w, b, e, _), ref in zip(cases, alone):
+        for t, r in zip((w, b, e), ref):
+            assert torch.equal(t.grad, r)
+
+
+def test_a_failed_compile_warns_once_and_falls_back_to_the_eager_quantizer(monkeypatch):
+    from lightning_xai.quantization import ste
+
+    def no_toolchain(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(ste, "_FUSED", {})
+    monkeypatch.setattr(torch, "compile", no_toolchain)
+    w, b, e, g = _float32_case(FUSED_SHAPES[1], 1)
+    with pytest.warns(UserWarning, match="torch.compile of the quantizer failed.*no C\\+\\+ compiler"):
+        q = quantize(w, b, e, fused=True)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning, no second attempt
+        (q * g).sum().backward()
+        assert torch.equal(quantize(w, b, e, fused=True), q)
+    assert torch.equal(q, quantize(w, b, e))
+
+
+def test_compile_auto_fuses_only_models_large_enough_to_repay_the_compilation():
+    from lightning_xai.models import LeNet
+    from lightning_xai.quantization.engine import AUTO_COMPILE_MIN_WEIGHTS, SelfCompressor
+
+    big = torch.nn.Sequential(torch.nn.Linear(2048, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 10))
+    assert sum(p.numel() for p in big.parameters() if p.dim() > 1) >= AUTO_COMPILE_MIN_WEIGHTS
+    for model, setting, fused in [
+        (big, "auto", True),
+        (LeNet(), "auto", False),
+        (big, False, False),
+        (LeNet(), True, True),
+    ]:
+        SelfCompressor(compile=setting).install(model)
+        assert [q.quantizer.compiled for q in quantized_layers(model)] == [fused] * len(quantized_layers(model))

@@ -21,6 +21,6 @@ par=$("$py" -c "import xdist" 2>/dev/null && echo "-n 4" || true)
 timeout 100 "$py" -m pytest -q -p no:cacheprovider -o addopts="" $par -m cuda tests/test_cuda.py -rA 2>&1 \
     | tee "$out/pytest_cuda.log" | tail -n 30
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-timeout 120 "$py" benchmarks/overhead.py --device cuda --sync-debug --steps 6 --rounds 2 --no-compile 2>&1 \
+timeout 120 "$py" benchmarks/overhead.py --device cuda --sync-debug --steps 6 --rounds 2 --defaults-only 2>&1 \
     | tee "$out/overhead_cuda.log" | grep '^{' || status=1
 exit $status

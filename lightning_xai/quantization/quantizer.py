@@ -7,8 +7,6 @@ ordinary parameters of the model: ``configure_optimizers``, DDP and checkpoint r
 
 from __future__ import annotations
 
-import functools
-import warnings
 import weakref
 
 import torch
@@ -93,24 +91,13 @@ class ChannelQuantizer(nn.Module):
             state_dict[key] = torch.ones_like(state_dict[f"{prefix}b"])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    compiled: bool = False  # set by SelfCompression(compile=True): run the quantizer through torch.compile
+    compiled: bool = False  # set by SelfCompression(compile=...): fused torch.compile'd kernels on the CPU
 
     def forward(self, weight: Tensor) -> Tensor:
         served = SERVED.get(self)
         if served is not None and fresh(served, weight, self):
             return served[0]
-        if self.compiled:
-            try:
-                return _compiled_quantize()(weight, self.b, self.e)
-            except Exception as err:  # noqa: BLE001 - no compiler toolchain, unsupported device...: fall back, loudly
-                warnings.warn(
-                    f"SelfCompression(compile=True): torch.compile of the quantizer failed ({type(err).__name__}: "
-                    f"{err}); using the eager quantizer",
-                    stacklevel=2,
-                )
-                ChannelQuantizer.compiled = False
-                self.compiled = False
-        return quantize(weight, self.b, self.e)
+        return quantize(weight, self.b, self.e, fused=self.compiled)
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         """Device moves apply to ``b``/``e``; dtype casts to a lower precision do not: under
@@ -136,13 +123,6 @@ class ChannelQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"channels={self.b.numel()}"
-
-
-@functools.cache
-def _compiled_quantize():  # type: ignore[no-untyped-def]
-    """The quantizer compiled once per process (dynamic shapes: one graph for every layer of a rank); inductor fuses
-    its elementwise passes into one kernel forward and one backward."""
-    return torch.compile(quantize, dynamic=True)
 
 
 class BiasGate(nn.Module):

@@ -14,9 +14,12 @@ The forward pass is computed as ``s · r`` with ``s = 2^e`` and ``r`` an exact i
 from __future__ import annotations
 
 import math
+import threading
+import warnings
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 __all__ = ["quantize", "quantize_to_int", "bits_needed", "LN2"]
 
@@ -48,23 +51,91 @@ def quantize_to_int(weight: Tensor, b: Tensor, e: Tensor) -> tuple[Tensor, Tenso
     return r, s
 
 
-def _rowdot(a: Tensor, b: Tensor) -> Tensor:
-    """Per-output-channel dot products ``Σ_i a[c, i]·b[c, i]`` in one pass without a temporary (a batched matmul):
-    on the CPU a fresh weight-sized temporary costs more than the arithmetic (page faults)."""
-    c = a.shape[0]
-    return torch.bmm(a.flatten(1).unsqueeze(1), b.flatten(1).unsqueeze(2)).view(c)  # also with no channels left
+# Reused CPU workspaces for the backward's temporaries (one per thread and dtype, as large as the largest layer
+# seen, up to _WORKSPACE_MAX_BYTES). Written by hand because a fresh weight-sized CPU tensor costs its page faults
+# (cloning ResNet-50's weights: ≈ 30 ms, copying into existing memory: ≈ 11 ms) and the backward needs two such
+# temporaries per layer; PyTorch's CPU allocator does not cache. GPUs (caching allocator, asynchronous streams) and
+# larger layers get fresh tensors, and so does a traced graph (torch.compile fuses the temporaries away).
+_WORKSPACES = threading.local()
+_WORKSPACE_MAX_BYTES = 64 * 2**20
+
+
+def _workspace(like: Tensor, dtype: torch.dtype) -> Tensor:
+    """A tensor shaped like ``like`` to write a temporary into; its contents must not escape the caller."""
+    n = like.numel()
+    if like.device.type != "cpu" or n * dtype.itemsize > _WORKSPACE_MAX_BYTES or torch.compiler.is_compiling():
+        return torch.empty(like.shape, dtype=dtype, device=like.device)
+    pool = _WORKSPACES.__dict__.setdefault("pool", {})
+    buf = pool.get(dtype)
+    if buf is None or buf.numel() < n:
+        buf = pool[dtype] = torch.empty(n, dtype=dtype)
+    return buf[:n].view(like.shape)
+
+
+def _rowsum(t: Tensor) -> Tensor:
+    """Per-output-channel sums of ``t`` (shape ``(C, ...)``) as a fresh ``(C,)`` tensor, also with no channels left."""
+    return t.flatten(1).sum(1) if t.dim() > 1 else t.clone()
+
+
+# The fused path: the same arithmetic on 2-D views ``(C, N)``, compiled by torch.compile (inductor) into one C++
+# loop forward and one backward (with the per-channel sums), instead of eager's ≈ 10 weight-sized passes and two
+# temporaries. Measured on ResNet-50's 54 layers (2 CPU cores): ≈ 45 ms forward + backward against ≈ 150–200 ms.
+# Used for float32 CPU layers of at least _FUSE_MIN_NUMEL weights when ``fused=True`` and nothing else is compiling;
+# a failed compile (no C++ toolchain, …) warns once and leaves the eager path to every later call.
+_FUSE_MIN_NUMEL = 4096
+_FUSED: dict[str, object] = {}
+
+
+def _forward_math(w: Tensor, lo: Tensor, hi: Tensor, s: Tensor) -> Tensor:
+    return torch.round(torch.clamp(w, lo, hi) / s) * s
+
+
+def _backward_math(grad: Tensor, w: Tensor, out: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    d = torch.clamp(w, lo, hi) - w
+    grad_in = torch.where(d == 0, grad, 0.0)
+    return grad_in, (grad * torch.sign(d)).sum(1), (grad * out - grad_in * w).sum(1)
+
+
+def _fusable(weight: Tensor, b: Tensor) -> bool:
+    return (
+        not _FUSED.get("broken", False)
+        and weight.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and b.dtype == torch.float32
+        and weight.dim() > 1
+        and weight.numel() >= _FUSE_MIN_NUMEL
+        and not torch.compiler.is_compiling()
+    )
+
+
+def _run_fused(name: str, fn, *args: Tensor):  # type: ignore[no-untyped-def]
+    """``fn`` compiled (once per process, dynamic shapes), or ``None`` after warning when compiling fails."""
+    try:
+        compiled = _FUSED.get(name)
+        if compiled is None:
+            compiled = _FUSED[name] = torch.compile(fn, dynamic=True)
+        return compiled(*args)  # type: ignore[operator]
+    except Exception as err:  # noqa: BLE001 - no compiler toolchain, unsupported platform...: fall back, loudly
+        _FUSED["broken"] = True
+        warnings.warn(
+            f"SelfCompression(compile=...): torch.compile of the quantizer failed ({type(err).__name__}: {err}); "
+            "using the eager quantizer",
+            stacklevel=3,
+        )
+        return None
 
 
 class _QuantizeSTE(torch.autograd.Function):
     """Forward ``s·round(clamp(w, lo·s, hi·s)/s)`` (= ``s·round(clamp(w/s, lo, hi))``: ``s`` is a power of two, so the
-    scaling is exact): one weight-sized allocation and 4 passes. The backward allocates two weight-sized tensors (its
-    mask and the weight gradient) and reduces with batched dot products; nothing reads a value back to the host.
+    scaling is exact): one weight-sized allocation and 4 passes. The backward allocates one weight-sized tensor (the
+    weight gradient); its other temporaries live in reused workspaces on the CPU, and its per-channel reductions are
+    in-place products summed per row; nothing reads a value back to the host.
     Every tensor follows ``weight``/``b``; ``b``/``e`` may be float32 while ``weight`` is half precision (``*-true``
     precision): the arithmetic runs in the promoted dtype and the result is cast back to ``weight``'s dtype (exact for
     the bit depths a half-precision mantissa holds)."""
 
     @staticmethod
-    def forward(ctx, weight: Tensor, b: Tensor, e: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, weight: Tensor, b: Tensor, e: Tensor, fused: bool = False) -> Tensor:  # type: ignore[override]
         shape = (-1,) + (1,) * (weight.dim() - 1)
         alive = b > 0
         s = torch.exp2(e)
@@ -72,33 +143,51 @@ class _QuantizeSTE(torch.autograd.Function):
         # a 0-bit channel gets the range [0, 0], so its codes are +0 (the formula's [-0.5, -0.5] rounds to -0)
         lo, hi = torch.where(alive, -hs, 0.0).view(shape), torch.where(alive, hs - s, 0.0).view(shape)
         sv = s.view(shape)
-        out = torch.clamp(weight, lo, hi).div_(sv).round_().mul_(sv)
+        out = None
+        ctx.fused = fused and _fusable(weight, b)
+        if ctx.fused:
+            flat = (-1, 1)
+            out = _run_fused("forward", _forward_math, weight.flatten(1), lo.view(flat), hi.view(flat), s.view(flat))
+            ctx.fused = out is not None
+            out = out.view(weight.shape) if out is not None else None
+        if out is None:
+            out = torch.clamp(weight, lo, hi).div_(sv).round_().mul_(sv)
         ctx.save_for_backward(weight, out, lo, hi, hs, alive)
         return out if out.dtype == weight.dtype else out.to(weight.dtype)
 
     @staticmethod
+    @once_differentiable  # the STE's gradient is not itself differentiated (and the workspaces must not be recorded)
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         weight, out, lo, hi, hs, alive = ctx.saved_tensors
+        if ctx.fused and grad.dtype == torch.float32 and _fusable(weight, hs):
+            flat = (-1, 1)
+            args = (grad.flatten(1), weight.flatten(1), out.flatten(1), lo.view(flat), hi.view(flat))
+            res = _run_fused("backward", _backward_math, *args)
+            if res is not None:
+                grad_in, gs, ge = res
+                grad_w = grad_in.view(weight.shape) if ctx.needs_input_grad[0] else None
+                grad_b = gs.mul_(hs * alive).mul_(-LN2) if ctx.needs_input_grad[1] else None
+                grad_e = ge.mul_(LN2) if ctx.needs_input_grad[2] else None
+                return grad_w, grad_b, grad_e, None
         w = weight if weight.dtype == out.dtype else weight.to(out.dtype)  # half weights: compute in b/e's dtype
         if grad.dtype != out.dtype:
             grad = grad.to(out.dtype)
-        d = torch.clamp(w, lo, hi).sub_(w)  # < 0 above the range, > 0 below, 0 inside
-        grad_in = torch.where(d == 0, grad, 0.0)
+        d = torch.clamp(w, lo, hi, out=_workspace(w, w.dtype)).sub_(w)  # < 0 above the range, > 0 below, 0 inside
+        grad_in = torch.where(torch.eq(d, 0, out=_workspace(d, torch.bool)), grad, 0.0)
         grad_w = grad_in.to(weight.dtype) if ctx.needs_input_grad[0] else None
         grad_b = grad_e = None
-        rows = weight.dim() > 1
-        if ctx.needs_input_grad[2]:  # ln2·Σ g·(q − w·[inside])
-            ge = _rowdot(grad, out) - _rowdot(grad_in, w) if rows else grad * out - grad_in * w
-            grad_e = ge * LN2
         if ctx.needs_input_grad[1]:  # ln2·s·2^(b−1)·Σ g·(+1 above, −1 below), 0 for b ≤ 0
-            d.sign_()
-            gs = _rowdot(grad, d) if rows else grad * d
-            grad_b = gs * (hs * alive) * -LN2
-        return grad_w, grad_b, grad_e
+            grad_b = _rowsum(d.sign_().mul_(grad)).mul_(hs * alive).mul_(-LN2)
+        if ctx.needs_input_grad[2]:  # ln2·Σ g·(q − w·[inside]), summed as −ln2·Σ (g_in·w − g·q)
+            grad_e = _rowsum(torch.mul(grad_in, w, out=d).addcmul_(grad, out, value=-1.0)).mul_(-LN2)
+        return grad_w, grad_b, grad_e, None
 
 
-def quantize(weight: Tensor, b: Tensor, e: Tensor) -> Tensor:
+def quantize(weight: Tensor, b: Tensor, e: Tensor, fused: bool = False) -> Tensor:
     """Quantize ``weight`` (shape ``(C, ...)``) with per-output-channel bit depth ``b`` and exponent ``e`` (``(C,)``).
+
+    ``fused=True`` runs large float32 CPU layers through torch.compile'd kernels (same values; the gradients' sums in
+    another order); the first such call compiles (seconds).
 
     Example:
         >>> w = torch.tensor([[0.30, -0.70], [0.05, 0.02]])
@@ -111,7 +200,7 @@ def quantize(weight: Tensor, b: Tensor, e: Tensor) -> Tensor:
             f"`b` and `e` must have shape ({weight.shape[0]},) to match the output channels of `weight` "
             f"{tuple(weight.shape)}, got {tuple(b.shape)} and {tuple(e.shape)}"
         )
-    return _QuantizeSTE.apply(weight, b, e)
+    return _QuantizeSTE.apply(weight, b, e, fused)
 
 
 def bits_needed(codes: Tensor) -> Tensor:
