@@ -46,7 +46,7 @@ class CompressionMixin:
             self.log_dict(  # type: ignore[attr-defined]
                 {
                     "compression/task_loss": task_loss.detach(),
-                    "compression/q_penalty": compressor.gamma * terms.q.detach(),
+                    "compression/q_penalty": compressor.gamma * compressor.gamma_scale * terms.q.detach(),
                     "compression/l1_penalty": compressor.alpha * terms.l1.detach(),
                     "compression/q": terms.q.detach(),
                 },

@@ -5,6 +5,7 @@ CASES = [
     ("SelfCompression: negative size penalty", "SelfCompression(gamma=-1.0)"),
     ("SelfCompression: bit-depth learning rate of zero", "SelfCompression(bits_lr=0)"),
     ("SelfCompression: freeze after more than the whole run", "SelfCompression(freeze_bits_after=1.5)"),
+    ("SelfCompression: a warm-up longer than the run", "SelfCompression(gamma_warmup=2)"),
     ("SelfCompression: negative removal interval", "SelfCompression(remove_every_n_steps=-5)"),
     ("SelfCompression: export path of the wrong type", "SelfCompression(export_path=3)"),
     ("SelfCompression: unknown keep_channels choice", "SelfCompression(keep_channels='yes')"),

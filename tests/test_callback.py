@@ -188,6 +188,30 @@ def test_penalty_gradient_is_added_once_per_optimizer_step_whatever_the_accumula
             torch.testing.assert_close(g, expected, rtol=1e-6, atol=0)  # γ·n_l/N0, not accumulate× that
 
 
+def test_gamma_warmup_ramps_the_penalty_linearly_from_zero(tmp_path):
+    """``gamma_warmup=0.5`` over 8 steps: the penalty gradient at optimizer step k is γ·min(1, k/4)·n_l/N0 (so none
+    at the first step), and the mixin's loss term uses the same ramp."""
+    pl.seed_everything(0)
+    model = _NoTaskGradient("lenet")
+    sc = SelfCompression(
+        gamma=0.7, gamma_warmup=0.5, remove_every_n_steps=0, log_every_n_steps=0, freeze_bits_after=1.0
+    )
+    capture = _CaptureBitGradients(sc)
+    trainer = _trainer(tmp_path, [sc, capture], max_epochs=1, limit_train_batches=8)
+    trainer.fit(model, DigitsDataModule())
+    assert len(capture.grads) == 8
+    n0 = sc.compressor.initial_weights
+    for k, grads in enumerate(capture.grads):
+        for layer, g in zip(sc.compressor.layers, grads):
+            alive = (layer.quantizer.b.detach() > 0).float()
+            expected = 0.7 * min(1.0, k / 4) * layer.original[0].numel() / n0 * alive
+            torch.testing.assert_close(g, expected, rtol=1e-6, atol=0)
+    compressor = sc.compressor
+    compressor.gamma_scale = 0.25
+    terms = compressor.penalty()
+    torch.testing.assert_close(terms.total, 0.7 * 0.25 * terms.q)
+
+
 def test_gradient_accumulation_and_multiple_fits(tmp_path):
     pl.seed_everything(0)
     model = ImageClassifier("resnet", width=8)

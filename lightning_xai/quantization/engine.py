@@ -72,6 +72,7 @@ class SelfCompressor:
         compile_pattern(include, "include")
         compile_pattern(exclude, "exclude")
         self.gamma = float(gamma)
+        self.gamma_scale = 1.0  # the callback's γ warm-up: the penalty uses γ·gamma_scale (a Python float, no sync)
         self.alpha = float(alpha)
         self.init_bits = float(init_bits)
         self.include = include
@@ -174,10 +175,10 @@ class SelfCompressor:
             l1 = torch.stack([layer.original.abs().sum() for layer in layers]).sum() / n0
         else:
             l1 = torch.zeros((), device=q.device, dtype=q.dtype)
-        return PenaltyTerms(q=q, l1=l1, total=self.gamma * q + self.alpha * l1)
+        return PenaltyTerms(q=q, l1=l1, total=self.gamma * self.gamma_scale * q + self.alpha * l1)
 
     def add_penalty_gradients(self, scale: float = 1.0, bits: bool = True) -> None:
-        """Add ``scale · ∇(γ·Q + α·L1)`` to the ``.grad`` of ``b`` (and of the weights if ``alpha > 0``).
+        """Add ``scale · ∇(γ·gamma_scale·Q + α·L1)`` to the ``.grad`` of ``b`` (and of the weights if ``alpha > 0``).
 
         Used by the callback, which cannot change the user's loss. The penalty depends on parameters only, so its
         gradient is exact without a second backward through the network (and DDP hooks are not triggered). It is
@@ -186,13 +187,14 @@ class SelfCompressor:
         bit depths are frozen, the weights still feel α). A handful of ops for the whole model (one
         concatenation, one split, foreach updates), none of which reads a value back to the host.
         """
+        gamma = self.gamma * self.gamma_scale
         with torch.no_grad():
-            if self.gamma and bits:
+            if gamma and bits:
                 trained = [layer for layer in self.layers if layer.quantizer.b.requires_grad]
                 bits = [layer.quantizer.b for layer in trained]
                 if bits:
                     flat = torch.cat(bits)
-                    grads = ((flat > 0) * self._channel_weights(trained)) * (scale * self.gamma)
+                    grads = ((flat > 0) * self._channel_weights(trained)) * (scale * gamma)
                     _add_grads(bits, list(grads.split([b.shape[0] for b in bits])))
             if self.alpha:
                 weights = [layer.original for layer in self.layers if layer.original.requires_grad]
