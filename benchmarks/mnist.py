@@ -6,8 +6,8 @@ Per model and seed (every method starts from the same seed; test accuracy on the
 validation split is carved from the training set):
 
 * training-time compression, ``--epochs`` each: float; ``SelfCompression`` with the **defaults** and with the
-  recommended settings (``RECOMMENDED``); DiffQ (2 penalties); PyTorch int8 QAT (FX, x86); Brevitas 4-bit weights; Lightning's
-  ``ModelPruning`` (global L1, 90 % and 97 %).
+  recommended settings (``RECOMMENDED``); DiffQ (2 penalties); PyTorch int8 QAT (FX, x86); Brevitas 4-bit
+  weights; Lightning's ``ModelPruning`` (global L1, 90 % and 97 %).
 * the safety loop, from the trained float model for ``--compress-epochs``: ``SelfCompression + PreservationGuard``
   against unguarded ``SelfCompression`` at several γ (interpolated to the guard's packed size) and against the guard
   with a random preservation set of the same size.
