@@ -420,3 +420,27 @@ def test_restored_channels_are_relieved_of_the_size_penalty():
     assert float(grad[3]) == float(grad[7]) == 0.0
     assert bool((grad[[0, 1, 2, 4, 5, 6]] > 0).all())
     assert sc.compressor.layers[1].quantizer.relief.tolist()[3] == 0.0  # in the state dict: survives a resume
+
+
+def test_each_restoration_multiplies_the_restored_channels_penalty_by_restored_penalty():
+    """``restored_penalty=0.5``: a channel restored once feels half the size penalty, restored twice a quarter (so the
+    guard converges without freezing a channel at its restored precision for good); untouched channels feel it all."""
+    net = ImageClassifier("lenet")
+    sc = SelfCompression(gamma=0.1)
+    sc.compressor.install(net)
+    guard = PreservationGuard(cooldown_steps=0, restored_penalty=0.5)
+    guard.snapshot = guard._current(net)
+    layer = quantized_layers(net)[1]
+    guard.threshold = 0.5
+    guard._data = (torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3]))
+    kill_channels(layer, [3, 7])
+    guard._restore(_Trainer(sc), net, 0.1)
+    kill_channels(layer, [3])
+    guard._restore(_Trainer(sc), net, 0.1)
+    assert layer.quantizer.relief.tolist()[:8] == [1.0, 1.0, 1.0, 0.25, 1.0, 1.0, 1.0, 0.5]
+    for q in quantized_layers(net):
+        q.quantizer.b.grad = None
+    sc.compressor.add_penalty_gradients()
+    grad = layer.quantizer.b.grad
+    torch.testing.assert_close(grad[3], 0.25 * grad[0])
+    torch.testing.assert_close(grad[7], 0.5 * grad[0])

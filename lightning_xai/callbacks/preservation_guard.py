@@ -79,8 +79,9 @@ class PreservationGuard(Callback):
         uncertainty: ``entropy``, ``margin`` or ``least_confidence``.
         indices: use these training-set indices instead of selecting.
         seed: selection and batch seed.
-        restored_penalty: weight of the size penalty on channels after they were restored, relative to the others
-            (0: they keep the restored precision; 1: full pressure again, the behaviour that oscillates).
+        restored_penalty: factor on a channel's size penalty at each restoration of that channel (after k
+            restorations it feels ``restored_penalty**k`` of the others' pressure; 0: a restored channel keeps its
+            restored precision for good; 1: full pressure again, the behaviour that oscillates).
         max_candidates: at most this many training samples (class-balanced, seeded) are scored to select the set;
             ``None`` scores all. The set has ``fraction`` of the training set, capped at the pool's size.
         eval_batch_size: batch size of the preservation-accuracy checks.
@@ -397,7 +398,7 @@ class PreservationGuard(Callback):
                     q.e.copy_(torch.where(mask, e_snap, q.e))
                     # relieve the size penalty of the restored channels, so they are not driven back to the
                     # precision that hurt (without it the guard restores the same channels again and again)
-                    q.relief.masked_fill_(mask, self.restored_penalty)
+                    q.relief.copy_(torch.where(mask, q.relief * self.restored_penalty, q.relief))
                 if opt is not None:
                     for p in (q.b, q.e):
                         for v in opt.state.get(p, {}).values():
