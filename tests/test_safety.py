@@ -406,7 +406,7 @@ def test_restored_channels_are_relieved_of_the_size_penalty():
     net = ImageClassifier("lenet")
     sc = SelfCompression(gamma=0.1)
     sc.compressor.install(net)
-    guard = PreservationGuard(cooldown_steps=0)
+    guard = PreservationGuard(cooldown_steps=0, restored_penalty=0.0)
     guard.snapshot = guard._current(net)
     layer = quantized_layers(net)[1]
     kill_channels(layer, [3, 7])

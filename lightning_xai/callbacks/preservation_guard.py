@@ -81,7 +81,10 @@ class PreservationGuard(Callback):
         seed: selection and batch seed.
         restored_penalty: factor on a channel's size penalty at each restoration of that channel (after k
             restorations it feels ``restored_penalty**k`` of the others' pressure; 0: a restored channel keeps its
-            restored precision for good; 1: full pressure again, the behaviour that oscillates).
+            restored precision for good; 1: full pressure again, the behaviour that oscillates). The default 0.5
+            converges (≤ 3 restorations per run on full MNIST) without freezing compression: with 0, a restoration
+            in the first steps, when every channel has lost a little, relieved all of them and the run ended at
+            8 bits (LeNet-300-100, 4.5×); with 0.5 the same run ended at 80×.
         max_candidates: at most this many training samples (class-balanced, seeded) are scored to select the set;
             ``None`` scores all. The set has ``fraction`` of the training set, capped at the pool's size.
         eval_batch_size: batch size of the preservation-accuracy checks.
@@ -106,7 +109,7 @@ class PreservationGuard(Callback):
         indices: list[int] | None = None,
         seed: int = 0,
         rollback_at_end: bool = True,
-        restored_penalty: float = 0.0,
+        restored_penalty: float = 0.5,
         max_candidates: int | None = 20_000,
         eval_batch_size: int = 512,
         target_layer: str | None = None,
