@@ -46,7 +46,10 @@ def log_scalars(trainer: Any, metrics: Mapping[str, float], step: int) -> None:
 
 @rank_zero_only
 def log_histogram(trainer: Any, tag: str, values: torch.Tensor, step: int) -> None:
-    """Histogram of ``values`` under ``tag`` (TensorBoard only)."""
+    """Histogram of ``values`` under ``tag`` (TensorBoard only; nothing for an empty tensor, e.g. a layer whose
+    channels were all removed — TensorBoard cannot bin zero values)."""
+    if values.numel() == 0:
+        return
     writers = tensorboard_writers(trainer)
     if not writers and getattr(trainer, "loggers", None):
         _warn_once("histogram", "lightning_xai: histograms are only written to TensorBoard loggers; skipping them")

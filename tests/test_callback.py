@@ -76,6 +76,23 @@ def test_tensorboard_gets_histograms(tmp_path):
     assert "compression/bits/net.features.0.weight" in acc.Tags()["histograms"]
 
 
+def test_a_layer_with_no_channels_left_is_skipped_in_the_histograms(tmp_path):
+    """A layer whose channels were all removed has no bit depths to bin; TensorBoard raises on an empty histogram,
+    so it is skipped (the other layers' histograms are written)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lightning_xai.logging import log_histogram
+
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    trainer = _trainer(tmp_path, [], max_epochs=1, logger=logger)
+    log_histogram(trainer, "compression/bits/empty", torch.zeros(0), 3)
+    log_histogram(trainer, "compression/bits/full", torch.tensor([2.0, 5.0]), 3)
+    logger.experiment.flush()
+    acc = EventAccumulator(str(tmp_path / "tb" / "version_0"), size_guidance={"histograms": 0})
+    acc.Reload()
+    assert acc.Tags()["histograms"] == ["compression/bits/full"]
+
+
 def test_penalty_pushes_bits_down_only_with_gamma(tmp_path):
     def run(gamma):
         pl.seed_everything(0)
