@@ -28,10 +28,6 @@ ALLOWED = {
     ("quantization/export.py", "read_compressed"): "a file is read into CPU tensors",
     ("quantization/mixed.py", "_layer_tensors"): "the packed file is assembled on the host",
     ("callbacks/lrp_compression.py", "__init__"): "argument validation with a dummy relevance",
-    (
-        "quantization/ste.py",
-        "_workspace",
-    ): "the reused workspace is for CPU tensors only (others get device=like.device)",
 }
 
 

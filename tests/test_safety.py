@@ -400,23 +400,33 @@ def test_the_baseline_follows_each_removal():
         assert int(order.category[unit.index][1]) == CRITICAL, mode  # B kept: judged against the network without A
 
 
-def test_restored_channels_are_relieved_of_the_size_penalty():
-    """After a restoration the size penalty no longer pushes the restored channels back down (it did, and the guard
-    restored the same channels again and again); the others keep the full pressure."""
+def _guarded_lenet(restored_penalty: float):
+    """A LeNet under SelfCompression and a guard whose healthy snapshot is the 8-bit start (no training)."""
     net = ImageClassifier("lenet")
     sc = SelfCompression(gamma=0.1)
     sc.compressor.install(net)
-    guard = PreservationGuard(cooldown_steps=0, restored_penalty=0.0)
+    guard = PreservationGuard(cooldown_steps=0, restored_penalty=restored_penalty)
     guard.snapshot = guard._current(net)
-    layer = quantized_layers(net)[1]
-    kill_channels(layer, [3, 7])
     guard.threshold = 0.5
     guard._data = (torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3]))
-    guard._restore(_Trainer(sc), net, 0.1)
+    return net, sc, guard, quantized_layers(net)[1]
+
+
+def _penalty_gradient(net, sc, layer):
+    """The size penalty's gradient on ``layer``'s bit depths alone."""
     for q in quantized_layers(net):
         q.quantizer.b.grad = None
     sc.compressor.add_penalty_gradients()
-    grad = layer.quantizer.b.grad
+    return layer.quantizer.b.grad
+
+
+def test_restored_channels_are_relieved_of_the_size_penalty():
+    """After a restoration the size penalty no longer pushes the restored channels back down (it did, and the guard
+    restored the same channels again and again); the others keep the full pressure."""
+    net, sc, guard, layer = _guarded_lenet(restored_penalty=0.0)
+    kill_channels(layer, [3, 7])
+    guard._restore(_Trainer(sc), net, 0.1)
+    grad = _penalty_gradient(net, sc, layer)
     assert float(grad[3]) == float(grad[7]) == 0.0
     assert bool((grad[[0, 1, 2, 4, 5, 6]] > 0).all())
     assert sc.compressor.layers[1].quantizer.relief.tolist()[3] == 0.0  # in the state dict: survives a resume
@@ -425,22 +435,12 @@ def test_restored_channels_are_relieved_of_the_size_penalty():
 def test_each_restoration_multiplies_the_restored_channels_penalty_by_restored_penalty():
     """``restored_penalty=0.5``: a channel restored once feels half the size penalty, restored twice a quarter (so the
     guard converges without freezing a channel at its restored precision for good); untouched channels feel it all."""
-    net = ImageClassifier("lenet")
-    sc = SelfCompression(gamma=0.1)
-    sc.compressor.install(net)
-    guard = PreservationGuard(cooldown_steps=0, restored_penalty=0.5)
-    guard.snapshot = guard._current(net)
-    layer = quantized_layers(net)[1]
-    guard.threshold = 0.5
-    guard._data = (torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3]))
+    net, sc, guard, layer = _guarded_lenet(restored_penalty=0.5)
     kill_channels(layer, [3, 7])
     guard._restore(_Trainer(sc), net, 0.1)
     kill_channels(layer, [3])
     guard._restore(_Trainer(sc), net, 0.1)
     assert layer.quantizer.relief.tolist()[:8] == [1.0, 1.0, 1.0, 0.25, 1.0, 1.0, 1.0, 0.5]
-    for q in quantized_layers(net):
-        q.quantizer.b.grad = None
-    sc.compressor.add_penalty_gradients()
-    grad = layer.quantizer.b.grad
+    grad = _penalty_gradient(net, sc, layer)
     torch.testing.assert_close(grad[3], 0.25 * grad[0])
     torch.testing.assert_close(grad[7], 0.5 * grad[0])

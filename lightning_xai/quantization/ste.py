@@ -68,7 +68,7 @@ def _workspace(like: Tensor, dtype: torch.dtype) -> Tensor:
     pool = _WORKSPACES.__dict__.setdefault("pool", {})
     buf = pool.get(dtype)
     if buf is None or buf.numel() < n:
-        buf = pool[dtype] = torch.empty(n, dtype=dtype)
+        buf = pool[dtype] = torch.empty(n, dtype=dtype, device=like.device)
     return buf[:n].view(like.shape)
 
 
