@@ -336,6 +336,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     status = "failed"
                     info = {"error": f"{type(err).__name__}: {err}"[:300], "where": traceback.format_exc()[-600:]}
             info["status"], info["seconds"] = status, round(time.time() - t0, 1)
+            info["device"] = "cuda" if torch.cuda.is_available() else "cpu"  # the Trainer picks the GPU
             cells[name][column] = info
             if not args.quick:
                 _remember(name, column, info)
