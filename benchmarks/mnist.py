@@ -46,14 +46,15 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_MNIST = ROOT.parent / "shared" / "data"
 MODELS = ("lenet5caffe", "lenet300100")
-# The recommended SelfCompression settings per model. lenet300100: γ = 0.05 ramped in over the first half of the
-# steps (`gamma_warmup=0.5`): side runs on seeds 0-2 (6 epochs, one thread) gave 97.40 % at 57x against 97.18 % at
-# 50x for the previous recommendation (γ = 0.03, no warm-up; 0.1 in the first full run lost 1.07 points), better on
-# both axes on every seed. They were judged on test accuracy, so the table's numbers carry that selection.
-# lenet5caffe: γ = 0.1 (no warm-up; not re-tuned).
+# The recommended SelfCompression settings per model. lenet300100: γ = 0.03 and an L1 term α = 30 on the weights,
+# both ramped in over the first half of the steps (`gamma_warmup=0.5`). α pays since the export entropy-codes its codes
+# (weights pushed to a zero code cost almost nothing there). Side runs on seeds 0-2 (6 epochs, one thread): 97.50 %
+# (validation 97.20 %) at 97x, against γ = 0.05 with warm-up and no α (the previous recommendation): 97.40 % at 57x;
+# α without its ramp: 97.34 % (validation 97.03 %) at 98x; γ = 0.05 with α = 30: 97.26 % at 110x. Chosen on those
+# seeds (test and validation agreed), so the full run adds held-out seeds 3-5. lenet5caffe: γ = 0.1 (not re-tuned).
 RECOMMENDED: dict[str, dict[str, float]] = {
     "lenet5caffe": {"gamma": 0.1},
-    "lenet300100": {"gamma": 0.05, "gamma_warmup": 0.5},
+    "lenet300100": {"gamma": 0.03, "gamma_warmup": 0.5, "alpha": 30.0},
 }
 GUARD_GAMMA = {"lenet5caffe": 0.5, "lenet300100": 0.5}
 # unguarded γ around the guarded one, to compare at equal packed size; γ = 0 (8-bit quantization-aware fine-tuning, no
@@ -468,9 +469,8 @@ def worker(model_name: str, seed: int, args: argparse.Namespace) -> dict:
     res["sc_recommended"] = _self_compression(
         model_name, dm, args.epochs, seed, freeze_bits_after=0.8, **RECOMMENDED[model_name]
     )
-    guard_kwargs = dict(
+    guard_kwargs = dict(  # λ is the guard's default (0.1): 0.5 cost ≈ 0.2 points at equal size on LeNet-300-100
         fraction=args.guard_fraction,
-        lam=0.5,
         check_every_n_steps=args.check_every,
         max_drop=0.005,
         cooldown_steps=args.check_every,
@@ -491,22 +491,46 @@ def worker(model_name: str, seed: int, args: argparse.Namespace) -> dict:
         _guarded(model_name, float_state, dm, args.compress_epochs, seed, g, None) for g in args.sweep
     ]
 
-    if (why := _available("diffq")) is None:
+    reused = _reused_peers(args.reuse_peers, model_name, seed, res["float"]["acc"])
+    if reused:
+        res.update(reused)
+        res["peers_reused_from"] = str(Path(args.reuse_peers) / f"{model_name}.{seed}.json")
+    elif (why := _available("diffq")) is None:
         for p in args.diffq_penalties:
             res[f"diffq_{p:g}"] = _diffq(model_name, dm, args.epochs, p, seed)
     else:
         res["skipped"]["diffq"] = why
-    res["qat_int8"] = _qat_int8(model_name, dm, args.epochs, seed)
-    if (why := _available("brevitas")) is None:
-        res["brevitas_w4"] = _brevitas_w4(model_name, dm, args.epochs, seed)
-    else:
-        res["skipped"]["brevitas"] = why
-    for target in (0.9, 0.97):
-        res[f"model_pruning_{round(target * 100)}"] = _model_pruning(model_name, dm, args.epochs, target, seed)
+    if not reused:
+        res["qat_int8"] = _qat_int8(model_name, dm, args.epochs, seed)
+        if (why := _available("brevitas")) is None:
+            res["brevitas_w4"] = _brevitas_w4(model_name, dm, args.epochs, seed)
+        else:
+            res["skipped"]["brevitas"] = why
+        for target in (0.9, 0.97):
+            res[f"model_pruning_{round(target * 100)}"] = _model_pruning(model_name, dm, args.epochs, target, seed)
 
     res["fit_end_pruning"] = _fit_end_pruning(float_model, dm, seed, args.per_class, args.curve_points)
     res["lrp"] = _lrp_equal_size(float_model, dm, seed, args.per_class)
     return res
+
+
+# The trained peers (DiffQ, QAT, Brevitas, ModelPruning) use none of the library's compression code, so a re-run that
+# changes only the library's methods may take their results from an earlier run's worker output, on one condition
+# checked here: the float model of the same seed trains to the same test accuracy to the last digit (same data split,
+# model, initialisation and Trainer). Anything else and the peers are trained again.
+PEERS = ("diffq_", "qat_int8", "brevitas_w4", "model_pruning_")
+
+
+def _reused_peers(folder: str | None, model_name: str, seed: int, float_acc: float) -> dict:
+    path = Path(folder) / f"{model_name}.{seed}.json" if folder else None
+    if path is None or not path.is_file():
+        return {}
+    old = json.loads(path.read_text())
+    if old.get("float", {}).get("acc") != float_acc:
+        print(f"--reuse-peers: {path} has float accuracy {old.get('float', {}).get('acc')} != {float_acc}; "
+              "training the peers again", file=sys.stderr)  # fmt: skip
+        return {}
+    return {k: v for k, v in old.items() if k.startswith(PEERS)} | {"skipped": old.get("skipped", {})}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -735,6 +759,13 @@ def main(argv: list[str] | None = None) -> dict:
         help="aggregate the worker outputs (<model>.<seed>.json) already in DIR instead of training (for a run whose "
         "workers were started by hand or whose coordinator was stopped)",
     )
+    parser.add_argument(
+        "--reuse-peers",
+        default=None,
+        metavar="DIR",
+        help="take the trained peers' results from the worker outputs (<model>.<seed>.json) in DIR where that seed's "
+        "float model reproduces its test accuracy exactly (re-runs after a change to the library's own methods)",
+    )
     args = parser.parse_args(argv)
     args.data_dir = _data_dir(args.data_dir)
     args.seeds = args.seeds or (1 if args.quick else 3)
@@ -763,16 +794,20 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"--from-runs {args.from_runs}: no worker output for {missing}")
         runs = [json.loads(f.read_text()) for f in files]
         pending = []
-    base = [
-        sys.executable,
-        __file__,
-        "--data-dir",
-        args.data_dir,
-        "--epochs",
-        str(args.epochs),
-        "--compress-epochs",
-        str(args.compress_epochs),
-    ] + (["--quick"] if args.quick else [])
+    base = (
+        [
+            sys.executable,
+            __file__,
+            "--data-dir",
+            args.data_dir,
+            "--epochs",
+            str(args.epochs),
+            "--compress-epochs",
+            str(args.compress_epochs),
+        ]
+        + (["--quick"] if args.quick else [])
+        + (["--reuse-peers", args.reuse_peers] if args.reuse_peers else [])
+    )
     env = dict(
         os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     )

@@ -177,13 +177,20 @@ class _CaptureBitGradients(pl.Callback):
     """Records the b-gradients SelfCompression's optimizer steps with (after the penalty was added)."""
 
     def __init__(self, sc):
-        self.sc, self.grads = sc, []
+        self.sc, self.grads, self.weight_grads = sc, [], []
 
     def on_fit_start(self, trainer, pl_module):
         step = self.sc.optimizer.step
 
         def recording_step(*args, **kwargs):
-            self.grads.append([q.quantizer.b.grad.clone() for q in self.sc.compressor.layers])
+            layers = self.sc.compressor.layers
+            self.grads.append([q.quantizer.b.grad.clone() for q in layers])
+            self.weight_grads.append(
+                (
+                    [torch.zeros_like(q.original) if q.original.grad is None else q.original.grad.clone() for q in layers],
+                    [q.original.detach().sign() for q in layers],
+                )
+            )
             return step(*args, **kwargs)
 
         self.sc.optimizer.step = recording_step
@@ -206,27 +213,29 @@ def test_penalty_gradient_is_added_once_per_optimizer_step_whatever_the_accumula
 
 
 def test_gamma_warmup_ramps_the_penalty_linearly_from_zero(tmp_path):
-    """``gamma_warmup=0.5`` over 8 steps: the penalty gradient at optimizer step k is γ·min(1, k/4)·n_l/N0 (so none
-    at the first step), and the mixin's loss term uses the same ramp."""
+    """``gamma_warmup=0.5`` over 8 steps: the penalty gradients at optimizer step k are γ·min(1, k/4)·n_l/N0 on the
+    bit depths and α·min(1, k/4)·sign(w)/N0 on the weights (both size pressures ramp; none at the first step), and
+    the mixin's loss term uses the same ramp."""
     pl.seed_everything(0)
     model = _NoTaskGradient("lenet")
     sc = SelfCompression(
-        gamma=0.7, gamma_warmup=0.5, remove_every_n_steps=0, log_every_n_steps=0, freeze_bits_after=1.0
+        gamma=0.7, alpha=0.3, gamma_warmup=0.5, remove_every_n_steps=0, log_every_n_steps=0, freeze_bits_after=1.0
     )
     capture = _CaptureBitGradients(sc)
     trainer = _trainer(tmp_path, [sc, capture], max_epochs=1, limit_train_batches=8)
     trainer.fit(model, DigitsDataModule())
     assert len(capture.grads) == 8
     n0 = sc.compressor.initial_weights
-    for k, grads in enumerate(capture.grads):
-        for layer, g in zip(sc.compressor.layers, grads):
+    for k, (grads, (weight_grads, signs)) in enumerate(zip(capture.grads, capture.weight_grads)):
+        for layer, g, wg, sign in zip(sc.compressor.layers, grads, weight_grads, signs):
             alive = (layer.quantizer.b.detach() > 0).float()
             expected = 0.7 * min(1.0, k / 4) * layer.original[0].numel() / n0 * alive
             torch.testing.assert_close(g, expected, rtol=1e-6, atol=0)
+            torch.testing.assert_close(wg, 0.3 * min(1.0, k / 4) * sign / n0, rtol=1e-6, atol=0)
     compressor = sc.compressor
     compressor.gamma_scale = 0.25
     terms = compressor.penalty()
-    torch.testing.assert_close(terms.total, 0.7 * 0.25 * terms.q)
+    torch.testing.assert_close(terms.total, 0.25 * (0.7 * terms.q + 0.3 * terms.l1))
 
 
 def test_gradient_accumulation_and_multiple_fits(tmp_path):

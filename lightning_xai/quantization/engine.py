@@ -175,7 +175,7 @@ class SelfCompressor:
             l1 = torch.stack([layer.original.abs().sum() for layer in layers]).sum() / n0
         else:
             l1 = torch.zeros((), device=q.device, dtype=q.dtype)
-        return PenaltyTerms(q=q, l1=l1, total=self.gamma * self.gamma_scale * q + self.alpha * l1)
+        return PenaltyTerms(q=q, l1=l1, total=self.gamma_scale * (self.gamma * q + self.alpha * l1))
 
     def add_penalty_gradients(self, scale: float = 1.0, bits: bool = True) -> None:
         """Add ``scale · ∇(γ·gamma_scale·Q + α·L1)`` to the ``.grad`` of ``b`` (and of the weights if ``alpha > 0``).
@@ -196,11 +196,12 @@ class SelfCompressor:
                     flat = torch.cat(bits)
                     grads = ((flat > 0) * self._channel_weights(trained)) * (scale * gamma)
                     _add_grads(bits, list(grads.split([b.shape[0] for b in bits])))
-            if self.alpha:
+            alpha = self.alpha * self.gamma_scale
+            if alpha:
                 weights = [layer.original for layer in self.layers if layer.original.requires_grad]
                 if weights:
                     signs = torch._foreach_sign(weights)
-                    torch._foreach_mul_(signs, scale * self.alpha / max(self.initial_weights, 1))
+                    torch._foreach_mul_(signs, scale * alpha / max(self.initial_weights, 1))
                     _add_grads(weights, signs)
 
     # -- reporting ------------------------------------------------------------------------------------------
