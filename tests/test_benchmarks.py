@@ -118,3 +118,22 @@ def test_mnist_peer_sizes_take_lzma_only_when_it_is_smaller():
     noise = os.urandom(5_000)
     assert mnist._best(noise) == len(noise)  # incompressible: the file as is
     assert mnist._best(bytes(5_000)) < 200  # zeros: the compressed size
+
+
+def test_mnist_reuses_peers_only_where_the_float_model_reproduces(tmp_path):
+    """``--reuse-peers``: the trained peers' entries (and their skip notes) come from an earlier worker output only
+    when that seed's float model has the same test accuracy to the last digit; ours, never."""
+    import json
+
+    mnist = load_benchmark("mnist")
+    old = {
+        "float": {"acc": 0.9766}, "sc_default": {"acc": 0.9}, "sc_guard": {"acc": 0.9}, "fit_end_pruning": {},
+        "diffq_1": {"acc": 0.98}, "qat_int8": {"acc": 0.97}, "brevitas_w4": {"acc": 0.96},
+        "model_pruning_97": {"acc": 0.95}, "skipped": {"x": "y"},
+    }  # fmt: skip
+    (tmp_path / "lenet300100.0.json").write_text(json.dumps(old))
+    reused = mnist._reused_peers(str(tmp_path), "lenet300100", 0, 0.9766)
+    assert set(reused) == {"diffq_1", "qat_int8", "brevitas_w4", "model_pruning_97", "skipped"}
+    assert mnist._reused_peers(str(tmp_path), "lenet300100", 0, 0.9765) == {}  # float differs: train them again
+    assert mnist._reused_peers(str(tmp_path), "lenet300100", 1, 0.9766) == {}  # no output for that seed
+    assert mnist._reused_peers(None, "lenet300100", 0, 0.9766) == {}
