@@ -21,7 +21,11 @@ their scales (safetensors; Brevitas' own exports store int8); unstructured spars
 (safetensors). Ratios are against the float32 ``state_dict`` as safetensors. Peers that are not installed
 (``pip install -e ".[bench]"``) are skipped with a note in the JSON.
 
-Workers (one per model and seed) run in parallel (``--jobs``, one thread each). The last line printed is one JSON
+Full run: 6 epochs (the safety loop 3), 3 seeds. Workers (one per model and seed) run in parallel (``--jobs``, one
+thread each), the LeNet-5-Caffe ones first: each needs ≈ 27 CPU minutes for the library's methods and ≈ 27 more for
+the peers (up to 67 on a loaded machine), a LeNet-300-100 one ≈ 8, so the whole run takes ≈ 1 h 50 min on 2 idle
+cores. ``--reuse-peers DIR`` takes the trained peers from an earlier run's worker outputs where the float model
+reproduces exactly. The last line printed is one JSON
 object; the full run rewrites its BENCHMARKS.md section and ``docs/mnist_size_accuracy.png``.
 """
 
@@ -458,7 +462,7 @@ def worker(model_name: str, seed: int, args: argparse.Namespace) -> dict:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     dm = MNISTDataModule(args.data_dir, batch_size=128, seed=seed, limit=args.limit)
     dm.setup()
-    res: dict[str, Any] = {"model": model_name, "seed": seed, "skipped": {}}
+    res: dict[str, Any] = {"model": model_name, "seed": seed, "skipped": {}, "peer_sizing": PEER_SIZING}
     pl.seed_everything(seed, verbose=False)
     float_model = ImageClassifier(model_name, input_shape=(1, 28, 28))
     seconds = _fit(float_model, dm, args.epochs)
@@ -519,6 +523,8 @@ def worker(model_name: str, seed: int, args: argparse.Namespace) -> dict:
 # checked here: the float model of the same seed trains to the same test accuracy to the last digit (same data split,
 # model, initialisation and Trainer). Anything else and the peers are trained again.
 PEERS = ("diffq_", "qat_int8", "brevitas_w4", "model_pruning_")
+# how the peers' files are sized (`_best`); an earlier run that sized them otherwise cannot lend its peers
+PEER_SIZING = "file or its LZMA compression, whichever is smaller"
 
 
 def _reused_peers(folder: str | None, model_name: str, seed: int, float_acc: float) -> dict:
@@ -526,11 +532,16 @@ def _reused_peers(folder: str | None, model_name: str, seed: int, float_acc: flo
     if path is None or not path.is_file():
         return {}
     old = json.loads(path.read_text())
+    if old.get("peer_sizing") != PEER_SIZING:
+        print(f"--reuse-peers: {path} sized the peers' files otherwise; training the peers again", file=sys.stderr)
+        return {}
     if old.get("float", {}).get("acc") != float_acc:
         print(f"--reuse-peers: {path} has float accuracy {old.get('float', {}).get('acc')} != {float_acc}; "
               "training the peers again", file=sys.stderr)  # fmt: skip
         return {}
-    return {k: v for k, v in old.items() if k.startswith(PEERS)} | {"skipped": old.get("skipped", {})}
+    # their training times stay relative to the float model of their own run (the machine's load differs between runs)
+    peers = {k: v | {"float_seconds": old["float"]["seconds"]} for k, v in old.items() if k.startswith(PEERS)}
+    return peers | {"skipped": old.get("skipped", {})}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -573,7 +584,9 @@ def aggregate(runs: list[dict]) -> dict:
                 "bytes": statistics.fmean(sizes),
                 "ratio": statistics.fmean(f / s for f, s in zip(floats, sizes)),
                 "size_pct": 100 * statistics.fmean(s / f for f, s in zip(floats, sizes)),
-                "time_ratio": statistics.fmean(r[m]["seconds"] / r["float"]["seconds"] for r in rs),
+                "time_ratio": statistics.fmean(
+                    r[m]["seconds"] / r[m].get("float_seconds", r["float"]["seconds"]) for r in rs
+                ),
                 "per_seed": [round(a, 2) for a in accs],
             }
         sweep = {}
@@ -769,8 +782,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     args.data_dir = _data_dir(args.data_dir)
     args.seeds = args.seeds or (1 if args.quick else 3)
-    args.epochs = args.epochs or (2 if args.quick else 8)
-    args.compress_epochs = args.compress_epochs or (1 if args.quick else 4)
+    args.epochs = args.epochs or (2 if args.quick else 6)
+    args.compress_epochs = args.compress_epochs or (1 if args.quick else 3)
     args.limit = 2500 if args.quick else None
     args.threads = 1
     args.per_class = 16 if args.quick else 64

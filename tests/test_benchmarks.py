@@ -122,18 +122,23 @@ def test_mnist_peer_sizes_take_lzma_only_when_it_is_smaller():
 
 def test_mnist_reuses_peers_only_where_the_float_model_reproduces(tmp_path):
     """``--reuse-peers``: the trained peers' entries (and their skip notes) come from an earlier worker output only
-    when that seed's float model has the same test accuracy to the last digit; ours, never."""
+    when it sized the peers' files the same way and that seed's float model has the same test accuracy to the last
+    digit; ours, never."""
     import json
 
     mnist = load_benchmark("mnist")
     old = {
-        "float": {"acc": 0.9766}, "sc_default": {"acc": 0.9}, "sc_guard": {"acc": 0.9}, "fit_end_pruning": {},
+        "float": {"acc": 0.9766, "seconds": 20.0}, "sc_default": {"acc": 0.9}, "sc_guard": {"acc": 0.9},
+        "fit_end_pruning": {},
         "diffq_1": {"acc": 0.98}, "qat_int8": {"acc": 0.97}, "brevitas_w4": {"acc": 0.96},
-        "model_pruning_97": {"acc": 0.95}, "skipped": {"x": "y"},
+        "model_pruning_97": {"acc": 0.95}, "skipped": {"x": "y"}, "peer_sizing": mnist.PEER_SIZING,
     }  # fmt: skip
     (tmp_path / "lenet300100.0.json").write_text(json.dumps(old))
+    (tmp_path / "lenet300100.2.json").write_text(json.dumps({k: v for k, v in old.items() if k != "peer_sizing"}))
     reused = mnist._reused_peers(str(tmp_path), "lenet300100", 0, 0.9766)
     assert set(reused) == {"diffq_1", "qat_int8", "brevitas_w4", "model_pruning_97", "skipped"}
+    assert reused["qat_int8"] == {"acc": 0.97, "float_seconds": 20.0}  # time ratios stay within their own run
     assert mnist._reused_peers(str(tmp_path), "lenet300100", 0, 0.9765) == {}  # float differs: train them again
     assert mnist._reused_peers(str(tmp_path), "lenet300100", 1, 0.9766) == {}  # no output for that seed
     assert mnist._reused_peers(None, "lenet300100", 0, 0.9766) == {}
+    assert mnist._reused_peers(str(tmp_path), "lenet300100", 2, 0.9766) == {}  # peers' files sized another way
