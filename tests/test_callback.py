@@ -185,12 +185,9 @@ class _CaptureBitGradients(pl.Callback):
         def recording_step(*args, **kwargs):
             layers = self.sc.compressor.layers
             self.grads.append([q.quantizer.b.grad.clone() for q in layers])
-            self.weight_grads.append(
-                (
-                    [torch.zeros_like(q.original) if q.original.grad is None else q.original.grad.clone() for q in layers],
-                    [q.original.detach().sign() for q in layers],
-                )
-            )
+            weight_grads = [torch.zeros_like(q.original) if q.original.grad is None else q.original.grad.clone()
+                            for q in layers]  # fmt: skip
+            self.weight_grads.append((weight_grads, [q.original.detach().sign() for q in layers]))
             return step(*args, **kwargs)
 
         self.sc.optimizer.step = recording_step
