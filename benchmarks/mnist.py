@@ -499,12 +499,12 @@ def worker(model_name: str, seed: int, args: argparse.Namespace) -> dict:
     if reused:
         res.update(reused)
         res["peers_reused_from"] = str(Path(args.reuse_peers) / f"{model_name}.{seed}.json")
-    elif (why := _available("diffq")) is None:
-        for p in args.diffq_penalties:
-            res[f"diffq_{p:g}"] = _diffq(model_name, dm, args.epochs, p, seed)
     else:
-        res["skipped"]["diffq"] = why
-    if not reused:
+        if (why := _available("diffq")) is None:
+            for p in args.diffq_penalties:
+                res[f"diffq_{p:g}"] = _diffq(model_name, dm, args.epochs, p, seed)
+        else:
+            res["skipped"]["diffq"] = why
         res["qat_int8"] = _qat_int8(model_name, dm, args.epochs, seed)
         if (why := _available("brevitas")) is None:
             res["brevitas_w4"] = _brevitas_w4(model_name, dm, args.epochs, seed)
@@ -519,9 +519,9 @@ def worker(model_name: str, seed: int, args: argparse.Namespace) -> dict:
 
 
 # The trained peers (DiffQ, QAT, Brevitas, ModelPruning) use none of the library's compression code, so a re-run that
-# changes only the library's methods may take their results from an earlier run's worker output, on one condition
-# checked here: the float model of the same seed trains to the same test accuracy to the last digit (same data split,
-# model, initialisation and Trainer). Anything else and the peers are trained again.
+# changes only the library's methods may take their results from an earlier run's worker output, on two conditions
+# checked here: that run sized the peers' files the same way, and the float model of the same seed trains to the same
+# test accuracy to the last digit (same data split, model, initialisation and Trainer). Otherwise they are trained.
 PEERS = ("diffq_", "qat_int8", "brevitas_w4", "model_pruning_")
 # how the peers' files are sized (`_best`); an earlier run that sized them otherwise cannot lend its peers
 PEER_SIZING = "file or its LZMA compression, whichever is smaller"

@@ -47,7 +47,7 @@ class CompressionMixin:
                 {
                     "compression/task_loss": task_loss.detach(),
                     "compression/q_penalty": compressor.gamma * compressor.gamma_scale * terms.q.detach(),
-                    "compression/l1_penalty": compressor.alpha * terms.l1.detach(),
+                    "compression/l1_penalty": compressor.alpha * compressor.gamma_scale * terms.l1.detach(),
                     "compression/q": terms.q.detach(),
                 },
                 on_step=True,

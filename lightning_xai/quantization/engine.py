@@ -166,7 +166,8 @@ class SelfCompressor:
 
     # -- objective ------------------------------------------------------------------------------------------
     def penalty(self) -> PenaltyTerms:
-        """``γ·Q + α·L1`` as differentiable tensors (one concatenation over all layers, not a loop of small ops)."""
+        """``gamma_scale·(γ·Q + α·L1)`` as differentiable tensors (one concatenation over all layers, not a loop of
+        small ops); ``gamma_scale`` is the callback's warm-up ramp (1 without one)."""
         layers = self.layers
         bits = [layer.quantizer.b for layer in layers]
         q = (torch.cat(bits).clamp(min=0) * self._channel_weights(layers)).sum()
@@ -178,7 +179,7 @@ class SelfCompressor:
         return PenaltyTerms(q=q, l1=l1, total=self.gamma_scale * (self.gamma * q + self.alpha * l1))
 
     def add_penalty_gradients(self, scale: float = 1.0, bits: bool = True) -> None:
-        """Add ``scale · ∇(γ·gamma_scale·Q + α·L1)`` to the ``.grad`` of ``b`` (and of the weights if ``alpha > 0``).
+        """Add ``scale · gamma_scale · ∇(γ·Q + α·L1)`` to the ``.grad`` of ``b`` (and of the weights if ``alpha > 0``).
 
         Used by the callback, which cannot change the user's loss. The penalty depends on parameters only, so its
         gradient is exact without a second backward through the network (and DDP hooks are not triggered). It is
