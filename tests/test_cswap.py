@@ -268,6 +268,33 @@ def test_fast_mode_makes_the_same_decisions_as_the_reference():
     assert cbp_fast.order == cbp_ref.order
 
 
+def test_chains_of_cumulative_cuts_decide_like_the_reference_in_far_fewer_forwards():
+    """Untrained, two samples per class (the coverage matrix's setting): nearly every neuron is removed, so the fast
+    engine judges them in chains of cumulative cuts; the decisions must still be the reference's, one by one."""
+    net = _random_bn(SmallResNet(1, 2, width=8))
+    torch.manual_seed(3)
+    x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 0, 1, 1])
+    units, _ = find_units(net, x[:2])
+    fast, ref = _both_engines(net, units, x, y)
+    assert fast.non_critical > 0.8 * fast.neurons_evaluated  # the regime the chains are for
+    assert ref.forwards > fast.neurons_evaluated  # the reference: one forward per neuron (plus baselines)
+    assert fast.forwards < fast.neurons_evaluated / 3  # one forward per neuron before the chains
+
+
+def test_classify_neurons_takes_one_before_row_per_neuron():
+    s = torch.tensor([0.9, 0.8, 0.7, 0.9, 0.6, 0.8])
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    stars = torch.stack([s * 0.5, s * 1.2 + torch.tensor([0, 0.01, 0, 0.02, 0, 0.01])])
+    befores = torch.stack([s, stars[0]])  # neuron 1 judged after neuron 0's removal
+    v = classify_neurons(befores, stars, labels)
+    for i in range(2):
+        one = classify_neurons(befores[i], stars[i : i + 1], labels)
+        assert int(v.category[i]) == int(one.category[0]) and float(v.xi[i]) == float(one.xi[0])
+    torch.testing.assert_close(v.xi[1], ((stars[1] - stars[0]) / stars[0]).double().mean())
+    with pytest.raises(ValueError, match="expected \\(M,\\) or \\(N, M\\)"):
+        classify_neurons(befores[:1], stars, labels)
+
+
 def test_the_causal_analysis_runs_without_tf32_and_restores_the_settings():
     """On a GPU the engines agree exactly only in full fp32 (cuDNN's default TF32 moved 244 of 2,880 ResNet-18
     neurons into another category between them on an H200): the analysis turns TF32 off and restores it."""

@@ -101,6 +101,8 @@ def classify_neurons(
 ) -> NeuronVerdicts:
     """Definition 2 for ``N`` neurons: ``sigma`` ``(M,)`` unperturbed scores, ``sigma_star`` ``(N, M)`` with each
     neuron cut, ``labels`` ``(M,)``. Classes with fewer than two samples are skipped (they cannot be tested).
+    ``sigma`` may also be ``(N, M)``: one "before" row per neuron (C-SWAP's chains of cumulative cuts, where neuron
+    ``j`` is judged on the network with the neurons before it already removed).
 
     Per-sample changes within ``rtol`` of ``σ`` count as no change: float32 rounding (a different batch size or
     summation order) must not turn a neuron without effect into a "significant" one, and two correct implementations
@@ -115,10 +117,17 @@ def classify_neurons(
     """
     validate_number("alpha", alpha, low=0.0, low_open=True, high=1.0)
     validate_number("rtol", rtol, low=0.0)
-    if sigma_star.dim() != 2 or sigma_star.shape[1] != sigma.shape[0] or labels.shape[0] != sigma.shape[0]:
+    m = sigma.shape[-1]
+    if (
+        sigma_star.dim() != 2
+        or sigma_star.shape[1] != m
+        or labels.shape[0] != m
+        or (sigma.dim() == 2 and sigma.shape != sigma_star.shape)
+        or sigma.dim() not in (1, 2)
+    ):
         raise ValueError(
-            f"shapes disagree: `sigma` {tuple(sigma.shape)}, `sigma_star` {tuple(sigma_star.shape)} "
-            f"(expected (N, {sigma.shape[0]})), `labels` {tuple(labels.shape)}"
+            f"shapes disagree: `sigma` {tuple(sigma.shape)} (expected (M,) or (N, M)), `sigma_star` "
+            f"{tuple(sigma_star.shape)} (expected (N, {m})), `labels` {tuple(labels.shape)} (expected ({m},))"
         )
     sigma, sigma_star = sigma.double(), sigma_star.double()
     sigma_star = torch.where((sigma_star - sigma).abs() <= rtol * sigma.abs(), sigma.expand_as(sigma_star), sigma_star)

@@ -20,9 +20,12 @@ while a unit is analysed nothing upstream of its consumers changes, so those val
 suffix runs; the consumers' outputs are updated by subtracting the cut channel's contribution (exact for Conv/Linear
 layers, which are linear in their input) instead of recomputing them; several interventions share one batched
 forward; neurons whose channel is zero on every analysis sample need no forward at all. C-SWAP's decisions are
-sequential (a removal changes the network), so batched interventions are speculative: results past the first
-removal in a batch are discarded and recomputed. Both engines therefore take the same decisions; the only numerical
-difference is float32 rounding, which :func:`classify_neurons` absorbs with its ``rtol``.
+sequential (a removal changes the network), so batched interventions are speculative: after a critical neuron the
+next batch cuts each neuron alone (valid up to the first removal), after a removal it is a chain of cumulative cuts
+(valid up to the first critical neuron); rows past the first broken bet are discarded and recomputed. On an untrained
+network nearly every neuron is removed, and the chains turn one forward per neuron into one per batch. Both engines
+therefore take the same decisions; the only numerical difference is float32 rounding, which
+:func:`classify_neurons` absorbs with its ``rtol``.
 """
 
 from __future__ import annotations
@@ -171,13 +174,27 @@ class _Engine:
                 self.masker.restore(unit.index, [c])
         return torch.stack(rows)
 
+    def chain_scores(self, unit: PrunableUnit, channels: Sequence[int]) -> Tensor:
+        """``(len(channels), M)``: row ``k`` is σ with ``channels[: k + 1]`` of ``unit`` cut together (on top of the
+        current cuts) — the network C-SWAP would have if it removed each of them in turn."""
+        rows = []
+        try:
+            for c in channels:
+                self.masker.remove(unit.index, [c])
+                rows.append(self.baseline())
+        finally:
+            self.masker.restore(unit.index, list(channels))
+        return torch.stack(rows)
+
 
 class _FastEngine(_Engine):
     """Cached prefix, delta updates at the unit's first consumers, batched interventions."""
 
-    def __init__(self, *args: Any, max_elements: int = 1 << 18, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, max_elements: int | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.max_elements = max_elements  # activation elements per suffix slice: small enough to stay in cache
+        # activation elements per suffix slice: on a CPU small enough to stay in cache; a GPU is launch-bound on
+        # these small batches, so it takes 16x more rows per forward (16 MB per fp32 activation)
+        self.max_elements = max_elements or (1 << 22 if self.inputs.is_cuda else 1 << 18)
         self.max_batch = self.batch_size
         self.gm = symbolic_trace(self.model)
         self.gm.eval()
@@ -293,6 +310,11 @@ class _FastEngine(_Engine):
     def _contribution(self, node: torch.fx.Node, x: Tensor, idxs: Sequence[int]) -> Tensor:
         return channel_contribution(names_to(self.model, str(node.target)), x, idxs)
 
+    def _cut(self, node: torch.fx.Node, x: Tensor, y: Tensor, unit: PrunableUnit, channel: int) -> Tensor:
+        """Root ``node``'s output ``y`` with ``channel``'s contribution removed (``y`` itself if it has none there)."""
+        idx = unit.consumer_inputs(channel).get(str(node.target))
+        return y - self._contribution(node, x, idx) if idx else y
+
     def _zero_effect(self, unit: PrunableUnit, channel: int) -> bool:
         """True when cutting ``channel`` provably changes nothing: it is zero at every consumer input."""
         if len(self.roots) != len(unit.consumers):
@@ -338,13 +360,27 @@ class _FastEngine(_Engine):
                 rows[c] = r
         return torch.stack([rows[c] for c in channels])
 
+    def chain_scores(self, unit: PrunableUnit, channels: Sequence[int]) -> Tensor:
+        assert self._unit is unit, "begin_unit() must be called first"
+        rows = []
+        per_forward = self.per_forward
+        for start in range(0, len(channels), per_forward):
+            stop = min(len(channels), start + per_forward)
+            rows.append(self._suffix([channels[: k + 1] for k in range(start, stop)]))
+        return torch.cat(rows)
+
     def _suffix(self, chunks: Sequence[Sequence[int]]) -> Tensor:
         """σ for ``len(chunks)`` interventions (each a list of channels of the current unit), batched together and
         run over slices of the samples so that at most ``max_batch`` rows (set per unit from the widest activation of
-        the suffix) go through it at once."""
+        the suffix) go through it at once. Chunks that extend one another (a chain of cumulative cuts) share their
+        root updates: each channel's contribution is computed once and the cuts are running sums."""
         unit = self._unit
         assert unit is not None
         k = len(chunks)
+        chain = all(
+            len(chunks[i]) == len(chunks[i - 1]) + 1 and list(chunks[i][:-1]) == list(chunks[i - 1])
+            for i in range(1, k)
+        )
         m = self.inputs.shape[0]
         step = max(1, self.max_batch // k)
         pieces = []
@@ -359,13 +395,19 @@ class _FastEngine(_Engine):
                     env[node] = value
                 for node, (x, y) in self.roots.items():
                     outs = []
-                    for chans in chunks:
+                    if chain:
                         out = y[sl]
-                        for c in chans:
-                            idx = unit.consumer_inputs(c).get(str(node.target))
-                            if idx:
-                                out = out - self._contribution(node, x[sl], idx)
-                        outs.append(out)
+                        for c in chunks[0][:-1]:  # the chain's common start
+                            out = self._cut(node, x[sl], out, unit, c)
+                        for chans in chunks:
+                            out = self._cut(node, x[sl], out, unit, chans[-1])
+                            outs.append(out)
+                    else:
+                        for chans in chunks:
+                            out = y[sl]
+                            for c in chans:
+                                out = self._cut(node, x[sl], out, unit, c)
+                            outs.append(out)
                     env[node] = torch.cat(outs) if k > 1 else outs[0]
                 result = self._run(self.suffix, env, set())
                 labels = self.labels[sl].repeat(k)
@@ -485,19 +527,29 @@ def cswap_order(
         with masker.active():
             engine = _make_engine(mode, model, units, masker, inputs, labels, score_fn, batch_size)
             sigma = engine.baseline()
+            speculate, removal_rate = 4, 1.0
             for unit in units:  # from the output towards the input
                 engine.begin_unit(unit)
                 cats = torch.full((unit.size,), NEUTRAL, dtype=torch.int64)
                 xis = torch.zeros(unit.size, dtype=torch.float64)
                 queue = torch.argsort(unit.magnitude, stable=True).tolist()
-                speculate = 4
                 while queue:
-                    # speculative: results after the first removal in a batch are discarded (the network changed)
+                    # Speculative batches, two kinds. Independent: each neuron cut alone; valid up to the first
+                    # removal (later rows were measured without it). Chain: row k cuts the first k + 1 neurons
+                    # together, so neuron k is judged on the network with the ones before it removed; valid up to the
+                    # first critical neuron. Rows past that are discarded. The kind bets on the recent removal rate.
                     batch = queue[: min(speculate, engine.per_forward)]
-                    stars = engine.scores(unit, batch, sigma)
-                    verdicts = classify_neurons(sigma, stars, labels, alpha, rtol)
+                    chain = removal_rate >= 0.5
+                    if chain:
+                        stars = engine.chain_scores(unit, batch)
+                        before = torch.cat([sigma[None], stars[:-1]])
+                    else:
+                        stars, before = engine.scores(unit, batch, sigma), sigma
+                    verdicts = classify_neurons(before, stars, labels, alpha, rtol)
+                    decided = 0
                     for j, c in enumerate(batch):
                         queue.pop(0)
+                        decided += 1
                         result.neurons_evaluated += 1
                         if bar is not None:
                             bar.update(1)
@@ -505,17 +557,19 @@ def cswap_order(
                         is_critical = bool(verdicts.significant[j].any()) and xi <= 0
                         cats[c] = CRITICAL if is_critical else cat
                         xis[c] = xi
+                        removal_rate = 0.8 * removal_rate + 0.2 * (not is_critical)
                         if is_critical:
                             critical.append((xi, (unit.index, c)))
+                            if chain:
+                                break
                             continue
                         masker.remove(unit.index, [c])  # not critical: removed at once
                         engine.removed(unit, c)
                         result.order.append((unit.index, c))
                         sigma = stars[j]
-                        speculate = max(2, 2 * (j + 1))
-                        break
-                    else:
-                        speculate = min(64, speculate * 2)
+                        if not chain:
+                            break
+                    speculate = min(1 << 12, 2 * speculate) if decided == len(batch) else max(2, 2 * decided)
                 result.category[unit.index] = cats
                 result.xi[unit.index] = xis
     if bar is not None:

@@ -252,6 +252,7 @@ class ChannelMasker:
         self._trial: list[list[tuple[int, int]]] | None = None  # per chunk: (unit, channel) pairs
         self._masks: dict[str, Tensor | None] = {}
         self._idx_cache: dict[tuple[int, int], dict[str, Tensor]] = {}
+        self._trial_fills: dict[str, tuple[Tensor, Tensor] | None] = {}  # per consumer, for the current trial
         self._consumers = sorted({n for u in self.units for n in u.consumers})
         # index tensors are built once, on the device of the model's parameters (not moved per forward)
         self._device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -276,10 +277,12 @@ class ChannelMasker:
     def trial(self, chunks: Sequence[Sequence[tuple[int, int]]]) -> Iterator[None]:
         """Inside: the input batch is ``len(chunks)`` stacked copies; chunk ``k`` additionally cuts ``chunks[k]``."""
         self._trial = [list(c) for c in chunks]
+        self._trial_fills.clear()
         try:
             yield
         finally:
             self._trial = None
+            self._trial_fills.clear()
 
     # -- hooks
     def _inputs(self, unit: int, channel: int, name: str) -> Tensor | None:
@@ -290,6 +293,23 @@ class ChannelMasker:
                 for n, idxs in self.units[unit].consumer_inputs(channel).items()
             }
         return self._idx_cache[key].get(name)
+
+    def _fills(self, name: str) -> tuple[Tensor, Tensor] | None:
+        """The current trial's cuts at consumer ``name`` as one (chunk, channel) index pair, built once per trial: a
+        chain of ``K`` cumulative cuts has ``K(K+1)/2`` pairs, and one ``index_put_`` beats that many small fills."""
+        if name not in self._trial_fills:
+            assert self._trial is not None
+            rows: list[int] = []
+            idx: list[int] = []
+            for i, pairs in enumerate(self._trial):
+                for u, ch in pairs:
+                    found = self.units[u].consumer_inputs(ch).get(name, ())
+                    rows += [i] * len(found)
+                    idx += list(found)
+            self._trial_fills[name] = (
+                (torch.tensor(rows, device=self._device), torch.tensor(idx, device=self._device)) if rows else None
+            )
+        return self._trial_fills[name]
 
     def _persistent(self, name: str) -> Tensor | None:
         if name not in self._masks:
@@ -303,23 +323,17 @@ class ChannelMasker:
             x = args[0]
             dim = channel_dim if channel_dim >= 0 else x.dim() + channel_dim
             removed = self._persistent(name)
-            fills: list[tuple[int, Tensor]] = []
-            if self._trial is not None:
-                for i, pairs in enumerate(self._trial):
-                    for u, ch in pairs:
-                        idx = self._inputs(u, ch, name)
-                        if idx is not None:
-                            fills.append((i, idx))
-            if removed is None and not fills:
+            fills = self._fills(name) if self._trial is not None else None
+            if removed is None and fills is None:
                 return None
             out = x.clone()
             if removed is not None:
                 out.index_fill_(dim, removed.to(x.device), 0.0)
-            if fills:
+            if fills is not None:
                 assert self._trial is not None
                 chunks = out.view(len(self._trial), x.shape[0] // len(self._trial), *x.shape[1:])
-                for i, idx in fills:
-                    chunks[i].index_fill_(dim, idx.to(x.device), 0.0)
+                rows, idx = fills
+                chunks.movedim(dim + 1, 1)[rows.to(x.device), idx.to(x.device)] = 0.0  # a view: writes into out
             return (out,) + tuple(args[1:])
 
         return hook
