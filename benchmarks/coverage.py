@@ -441,9 +441,8 @@ def _write_docs(table: dict[str, Any], cells: dict[str, dict[str, dict[str, Any]
         "Every callback on models nobody here wrote (untrained torchvision models at 32×32, a small ViT, swin_t, "
         "Lightning's demo Transformer as a next-token classifier, a tabular MLP, the names CharTransformer); "
         "SelfCompression at γ=1. A cell is *ran*, *refused* (a clear error before the model changed) or *failed*; "
-        "*not run* means the session's CPU time ran out before the cell was reached (C-SWAP's causal analysis on the "
-        "large models: one suffix forward per neuron; convnext_tiny's and swin_t's did not finish within 158 s each "
-        "on an H200 either, `benchmarks/results/gpu_check_h200.jsonl`).\n\n"
+        "*not run* means no run of the cell is on record. Each cell is its last full-mode run, with its wall time "
+        "and device, in `benchmarks/results/coverage.jsonl`.\n\n"
         + table
         + "\nSelfCompression (γ = 1, 30 steps) in detail: 0-bit channels removed of all 0-bit channels (the rest sit "
         "in residual streams normalised by LayerNorm, in model outputs, or are the one channel a layer keeps), idle "
