@@ -334,3 +334,41 @@ def test_transformer_rejections_give_the_real_reason():
     reason = report.rejected["block.self_attn.out_proj"]
     assert "embedding width of its MultiheadAttention 'block.self_attn'" in reason
     assert "residual stream" in reason
+
+
+def _tiny_swin():
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(0)
+    net = SwinTransformer([4, 4], 8, [1, 1], [1, 1], [7, 7], num_classes=2).eval()
+    return net, torch.randn(2, 3, 8, 8)
+
+
+def test_dependency_tracing_that_does_not_end_is_refused_not_followed(monkeypatch):
+    """torch-pruning's traversal of a Swin's last residual stream (windows padded past the 2x2 feature map) grows
+    without end (it exhausted 24 GB on swin_t): find_units and the removal refuse that group with the reason, quickly,
+    and keep the others; the bound must not touch a legitimate group."""
+    from lightning_xai.pruning.units import find_units
+
+    net, x = _tiny_swin()
+    units, refused = find_units(net, x[:1])  # unbounded, this ran for minutes (and tens of GB on swin_t)
+    for name in ("features.3.0.mlp.3", "features.2.reduction"):
+        assert "does not terminate" in refused[name]
+    assert "normalises across the channels" in refused["features.1.0.mlp.3"]
+    assert {u.name for u in units} == {"features.1.0.mlp.0", "features.3.0.mlp.0"}  # the MLP hidden units remain
+    layers = {q.name: q for q in install_quantizers(net, None, None, 8.0)}
+    kill_channels(layers["features.3.0.mlp.3"], [0, 1])
+    kill_channels(layers["features.3.0.mlp.0"], [0, 1, 2])
+    y = _outputs(net, x)
+    report = remove_dead_channels(net, x)
+    assert "does not terminate" in report.rejected["features.3.0.mlp.3"]
+    assert report.removed == {"features.3.0.mlp.0": 3}
+    torch.testing.assert_close(_outputs(net, x), y, rtol=1e-4, atol=1e-5)
+    # a bound this low cuts a legitimate conv -> flatten -> linear group: the same refusal (the bound is what acts)
+    monkeypatch.setattr(surgery, "_MAX_GROUP_INDICES", 10)
+    flat = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    _, refused = find_units(flat, torch.randn(1, 1, 6, 6))
+    assert "does not terminate" in refused["0"]
+    monkeypatch.undo()
+    units, _ = find_units(flat, torch.randn(1, 1, 6, 6))
+    assert [u.name for u in units] == ["0"]

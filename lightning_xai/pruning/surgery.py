@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -246,6 +246,82 @@ class RemovalReport:
 
 def _is_depthwise(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.conv._ConvNd) and module.groups == module.in_channels == module.out_channels
+
+
+# torch-pruning's flatten mapping multiplies every index by the flattened size. Through Swin-T's window reshapes (a
+# cycle of view/permute ops around the last stage's residual stream) its traversal re-expands them without end and
+# exhausted 24 GB here (the same MemoryError is reported upstream, VainF/Torch-Pruning#525). A legitimate group never
+# needs more indices than a layer has input features, so a group passing this bound is abandoned with a reason.
+_MAX_GROUP_INDICES = 1 << 20
+# The other way it fails to end: the traversal cycles with new index lists of bounded size, adding dependencies
+# without end, each checked against all before it (a tiny Swin at 32x32 ran for minutes). A group touches each node
+# of the graph a few times at most, each with at most the widest layer's indices (torchvision's ViT-B/16: 504 items
+# ≈ 0.4 M indices, far below its bound of 4 × 236 nodes × 3,072), so the group's indices in all are bounded too.
+_NODE_VISITS = 4
+
+
+def _group_total_limit(DG: tp.DependencyGraph) -> int:
+    limit = getattr(DG, "_lx_total_limit", None)
+    if limit is None:
+        widths = [1]
+        for m in DG.module2node:
+            if isinstance(m, nn.Linear):
+                widths += [m.in_features, m.out_features]
+            elif isinstance(m, nn.modules.conv._ConvNd):
+                widths += [m.in_channels, m.out_channels]
+        limit = _NODE_VISITS * len(DG.module2node) * max(widths)
+        DG._lx_total_limit = limit
+    return limit
+
+
+class _IndexExplosion(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _bounded_index_mappings(total_limit: int, limit: int | None = None) -> Iterator[None]:
+    limit = _MAX_GROUP_INDICES if limit is None else limit
+    try:
+        from torch_pruning.dependency.group import Group
+        from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
+    except ImportError:  # pragma: no cover - other torch-pruning layouts: no bound (their own behaviour)
+        yield
+        return
+    original, add_dep = _FlattenIndexMapping.__call__, Group.add_dep
+
+    def bounded(self: Any, idxs: Any) -> Any:
+        grown = len(idxs) * (1 if self.reverse else int(getattr(self, "_stride", 1)))
+        if grown > limit:  # checked before the expansion: building 33 M index objects alone took a minute
+            raise _IndexExplosion(f"{grown:,} indices")
+        return original(self, idxs)
+
+    def bounded_add(self: Any, dep: Any, idxs: Any) -> None:
+        total = getattr(self, "_lx_total", 0) + len(idxs)
+        if total > total_limit:
+            raise _IndexExplosion(f"{total:,} indices over {len(self._group):,} coupled operations")
+        self._lx_total = total
+        add_dep(self, dep, idxs)
+
+    _FlattenIndexMapping.__call__ = bounded  # type: ignore[method-assign]
+    Group.add_dep = bounded_add  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        _FlattenIndexMapping.__call__ = original  # type: ignore[method-assign]
+        Group.add_dep = add_dep  # type: ignore[method-assign]
+
+
+def pruning_group(DG: tp.DependencyGraph, module: nn.Module, fn: Any, idxs: Sequence[int]) -> tuple[Any, str | None]:
+    """``DG.get_pruning_group`` with a bound on its index mappings: ``(group, None)``, or ``(None, reason)`` when the
+    traversal does not terminate (see ``_MAX_GROUP_INDICES``)."""
+    with _bounded_index_mappings(_group_total_limit(DG)):
+        try:
+            return DG.get_pruning_group(module, fn, list(idxs)), None
+        except _IndexExplosion as err:
+            return None, (
+                f"torch-pruning's dependency tracing of its channels does not terminate (index mappings through "
+                f"reshapes reach {err.args[0]}), so its coupled layers are unknown; left alone"
+            )
 
 
 def _group_cuts(
@@ -704,8 +780,8 @@ def remove_dead_channels(
                 if not idxs:
                     report.rejected[layer.name] = "all channels are dead; one is kept so the graph stays valid"
                     continue
-            group = DG.get_pruning_group(layer.module, fn, idxs)
-            cuts, reason = _group_cuts(group, DG, names, dead)
+            group, reason = pruning_group(DG, layer.module, fn, idxs)
+            cuts, reason = _group_cuts(group, DG, names, dead) if reason is None else ([], reason)
             if reason is not None:
                 report.rejected[layer.name] = reason
                 continue
@@ -763,7 +839,10 @@ def _idle_channels(
         if layer.module not in DG.module2node or not isinstance(layer.module, (nn.Linear, nn.modules.conv._ConvNd)):
             continue
         fn = tp.prune_linear_out_channels if isinstance(layer.module, nn.Linear) else tp.prune_conv_out_channels
-        cuts, reason = _group_cuts(DG.get_pruning_group(layer.module, fn, list(range(n))), DG, names, None)
+        group, reason = pruning_group(DG, layer.module, fn, range(n))
+        if reason is not None:
+            continue
+        cuts, reason = _group_cuts(group, DG, names, None)
         if reason is not None:
             continue
         consumers = {c.name for c in cuts if c.kind == "in"}

@@ -47,6 +47,7 @@ from lightning_xai.pruning.surgery import (
     effective_state_dict,
     execution_order,
     original_shapes,
+    pruning_group,
 )
 from lightning_xai.quantization.batched import per_layer_quantization
 from lightning_xai.quantization.export import _atomic_save, read_tagged
@@ -125,9 +126,11 @@ def find_units(
         with torch.enable_grad(), per_layer_quantization():  # tracing reads the autograd graph
             DG = tp.DependencyGraph().build_dependency(model, example_inputs=_tp_inputs(args, kwargs), verbose=False)
         ignored = [m for n, m in model.named_modules() if n in set(ignore)]
-        for group in DG.get_all_groups(ignored_layers=ignored, root_module_types=(nn.modules.conv._ConvNd, nn.Linear)):
-            root = group.items[0].dep.target.module
+        for root, group, reason in _all_groups(DG, ignored):
             root_name = names[root]
+            if reason is not None:
+                refused[root_name] = reason
+                continue
             if isinstance(root, nn.modules.conv._ConvNd) and root.groups != 1 and not _is_depthwise(root):
                 refused[root_name] = "grouped convolution"
                 continue
@@ -187,6 +190,31 @@ def find_units(
     for i, unit in enumerate(units):
         unit.index = i
     return units, refused
+
+
+def _all_groups(DG: tp.DependencyGraph, ignored: Sequence[nn.Module]) -> Iterator[tuple[nn.Module, Any, str | None]]:
+    """``DG.get_all_groups`` for Conv/Linear roots, one root at a time through :func:`pruning_group`, so that a root
+    whose traversal does not terminate is refused with its reason while the others go on (torch-pruning's generator
+    cannot resume after a failure). Yields ``(root, group, None)`` or ``(root, None, reason)``."""
+    visited: set[nn.Module] = set()
+    skip = set(ignored) | set(DG.IGNORED_LAYERS_IN_TRACING)
+    for module in list(DG.module2node):
+        if module in skip or module in visited or not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+            continue
+        pruner = DG.get_pruner_of_module(module)
+        if pruner is None or pruner.get_out_channels(module) is None:
+            continue
+        group, reason = pruning_group(DG, module, pruner.prune_out_channels, range(pruner.get_out_channels(module)))
+        if group is None:
+            yield module, None, reason
+            continue
+        prunable = True
+        for dep, _ in group:
+            if DG.is_out_channel_pruning_fn(dep.handler):
+                visited.add(dep.target.module)
+                prunable = prunable and dep.target.module not in skip
+        if prunable:
+            yield module, group, None
 
 
 def _head_units(
