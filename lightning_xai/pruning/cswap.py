@@ -20,10 +20,11 @@ while a unit is analysed nothing upstream of its consumers changes, so those val
 suffix runs; the consumers' outputs are updated by subtracting the cut channel's contribution (exact for Conv/Linear
 layers, which are linear in their input) instead of recomputing them; several interventions share one batched
 forward; neurons whose channel is zero on every analysis sample need no forward at all. C-SWAP's decisions are
-sequential (a removal changes the network), so batched interventions are speculative: after a critical neuron the
-next batch cuts each neuron alone (valid up to the first removal), after a removal it is a chain of cumulative cuts
-(valid up to the first critical neuron); rows past the first broken bet are discarded and recomputed. On an untrained
-network nearly every neuron is removed, and the chains turn one forward per neuron into one per batch. Both engines
+sequential (a removal changes the network), so batched interventions are speculative: while neurons are mostly
+kept, a batch cuts each neuron alone (valid up to the first removal); while they are mostly removed, it is a chain of
+cumulative cuts (valid up to the first critical neuron); rows past the first broken bet are discarded and recomputed.
+On an untrained network nearly every neuron is removed, and the chains turn one forward per neuron into one per
+batch. Both engines
 therefore take the same decisions; the only numerical difference is float32 rounding, which
 :func:`classify_neurons` absorbs with its ``rtol``.
 """
