@@ -57,8 +57,8 @@ from lightning_xai.quantization.export import load_compressed  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "benchmarks" / "results" / "coverage.jsonl"  # the last full-mode result of every cell
 MLP_FIRST = ("linear1", "mlp.0")  # the hidden (first) linear of transformer MLP blocks
-# two classes for the image rows: C-SWAP's analysis costs one suffix forward per neuron and analysis sample
-# (samples_per_class × classes), which on 2 CPU cores decides whether ConvNeXt-T and Swin-T take minutes or hours
+# two classes for the image rows: C-SWAP's analysis runs the suffix on every analysis sample (samples_per_class ×
+# classes) for every batch of neurons, which on 2 CPU cores decides whether ConvNeXt-T and Swin-T take minutes or hours
 IMAGE_CLASSES = 2
 CALLBACKS = ["self_compression", "guard", "cswap", "attr_zero", "attr_bypass", "lrp"]
 
