@@ -367,21 +367,17 @@ class _FastEngine(_Engine):
         per_forward = self.per_forward
         for start in range(0, len(channels), per_forward):
             stop = min(len(channels), start + per_forward)
-            rows.append(self._suffix([channels[: k + 1] for k in range(start, stop)]))
+            rows.append(self._suffix([channels[: k + 1] for k in range(start, stop)], chain=True))
         return torch.cat(rows)
 
-    def _suffix(self, chunks: Sequence[Sequence[int]]) -> Tensor:
+    def _suffix(self, chunks: Sequence[Sequence[int]], chain: bool = False) -> Tensor:
         """σ for ``len(chunks)`` interventions (each a list of channels of the current unit), batched together and
         run over slices of the samples so that at most ``max_batch`` rows (set per unit from the widest activation of
-        the suffix) go through it at once. Chunks that extend one another (a chain of cumulative cuts) share their
-        root updates: each channel's contribution is computed once and the cuts are running sums."""
+        the suffix) go through it at once. ``chain``: each chunk extends the one before by one channel (cumulative
+        cuts), so the root updates are running sums and each channel's contribution is computed once."""
         unit = self._unit
         assert unit is not None
         k = len(chunks)
-        chain = all(
-            len(chunks[i]) == len(chunks[i - 1]) + 1 and list(chunks[i][:-1]) == list(chunks[i - 1])
-            for i in range(1, k)
-        )
         m = self.inputs.shape[0]
         step = max(1, self.max_batch // k)
         pieces = []

@@ -261,17 +261,13 @@ _NODE_VISITS = 4
 
 
 def _group_total_limit(DG: tp.DependencyGraph) -> int:
-    limit = getattr(DG, "_lx_total_limit", None)
-    if limit is None:
-        widths = [1]
-        for m in DG.module2node:
-            if isinstance(m, nn.Linear):
-                widths += [m.in_features, m.out_features]
-            elif isinstance(m, nn.modules.conv._ConvNd):
-                widths += [m.in_channels, m.out_channels]
-        limit = _NODE_VISITS * len(DG.module2node) * max(widths)
-        DG._lx_total_limit = limit
-    return limit
+    widths = [1]
+    for m in DG.module2node:
+        if isinstance(m, nn.Linear):
+            widths += [m.in_features, m.out_features]
+        elif isinstance(m, nn.modules.conv._ConvNd):
+            widths += [m.in_channels, m.out_channels]
+    return _NODE_VISITS * len(DG.module2node) * max(widths)
 
 
 class _IndexExplosion(Exception):
