@@ -25,8 +25,10 @@ Full run: 6 epochs (the safety loop 3), 3 seeds. Workers (one per model and seed
 thread each), the LeNet-5-Caffe ones first: each needs ≈ 27 CPU minutes for the library's methods and ≈ 27 more for
 the peers (up to 67 on a loaded machine), a LeNet-300-100 one ≈ 8, so the whole run takes ≈ 1 h 50 min on 2 idle
 cores. ``--reuse-peers DIR`` takes the trained peers from an earlier run's worker outputs where the float model
-reproduces exactly. The last line printed is one JSON
-object; the full run rewrites its BENCHMARKS.md section and ``docs/mnist_size_accuracy.png``.
+reproduces exactly; ``--worker MODEL SEED --only GROUPS --merge-from DIR --out FILE`` re-runs some groups of methods
+of one worker and merges them into its earlier output (same condition; the output lists what was re-run).
+The last line printed is one JSON object; the full run rewrites its BENCHMARKS.md section and
+``docs/mnist_size_accuracy.png``.
 """
 
 from __future__ import annotations
@@ -468,38 +470,45 @@ def worker(model_name: str, seed: int, args: argparse.Namespace) -> dict:
     seconds = _fit(float_model, dm, args.epochs)
     res["float"] = {"acc": _test_acc(float_model, dm), "bytes": _float_bytes(float_model.net), "seconds": seconds}
     float_state = copy.deepcopy(float_model.state_dict())
+    run = _wanted(args.only)
 
-    res["sc_default"] = _self_compression(model_name, dm, args.epochs, seed)
-    res["sc_recommended"] = _self_compression(
-        model_name, dm, args.epochs, seed, freeze_bits_after=0.8, **RECOMMENDED[model_name]
-    )
+    if "sc_default" in run:
+        res["sc_default"] = _self_compression(model_name, dm, args.epochs, seed)
+    if "sc_recommended" in run:
+        res["sc_recommended"] = _self_compression(
+            model_name, dm, args.epochs, seed, freeze_bits_after=0.8, **RECOMMENDED[model_name]
+        )
     guard_kwargs = dict(  # λ is the guard's default (0.1): 0.5 cost ≈ 0.2 points at equal size on LeNet-300-100
         fraction=args.guard_fraction,
         check_every_n_steps=args.check_every,
         max_drop=0.005,
         cooldown_steps=args.check_every,
     )
-    guarded = _guarded(model_name, float_state, dm, args.compress_epochs, seed, GUARD_GAMMA[model_name], guard_kwargs)
-    res["sc_guard"] = guarded
-    res["sc_guard_random_set"] = _guarded(
-        model_name,
-        float_state,
-        dm,
-        args.compress_epochs,
-        seed,
-        GUARD_GAMMA[model_name],
-        guard_kwargs,
-        random_set_of=guarded["set_size"],
-    )
-    res["sc_unguarded_sweep"] = [
-        _guarded(model_name, float_state, dm, args.compress_epochs, seed, g, None) for g in args.sweep
-    ]
+    if "guard" in run:
+        guarded = _guarded(
+            model_name, float_state, dm, args.compress_epochs, seed, GUARD_GAMMA[model_name], guard_kwargs
+        )
+        res["sc_guard"] = guarded
+        res["sc_guard_random_set"] = _guarded(
+            model_name,
+            float_state,
+            dm,
+            args.compress_epochs,
+            seed,
+            GUARD_GAMMA[model_name],
+            guard_kwargs,
+            random_set_of=guarded["set_size"],
+        )
+    if "sweep" in run:
+        res["sc_unguarded_sweep"] = [
+            _guarded(model_name, float_state, dm, args.compress_epochs, seed, g, None) for g in args.sweep
+        ]
 
-    reused = _reused_peers(args.reuse_peers, model_name, seed, res["float"]["acc"])
+    reused = _reused_peers(args.reuse_peers, model_name, seed, res["float"]["acc"]) if "peers" in run else {}
     if reused:
         res.update(reused)
         res["peers_reused_from"] = str(Path(args.reuse_peers) / f"{model_name}.{seed}.json")
-    else:
+    elif "peers" in run:
         if (why := _available("diffq")) is None:
             for p in args.diffq_penalties:
                 res[f"diffq_{p:g}"] = _diffq(model_name, dm, args.epochs, p, seed)
@@ -513,8 +522,12 @@ def worker(model_name: str, seed: int, args: argparse.Namespace) -> dict:
         for target in (0.9, 0.97):
             res[f"model_pruning_{round(target * 100)}"] = _model_pruning(model_name, dm, args.epochs, target, seed)
 
-    res["fit_end_pruning"] = _fit_end_pruning(float_model, dm, seed, args.per_class, args.curve_points)
-    res["lrp"] = _lrp_equal_size(float_model, dm, seed, args.per_class)
+    if "fit_end" in run:
+        res["fit_end_pruning"] = _fit_end_pruning(float_model, dm, seed, args.per_class, args.curve_points)
+    if "lrp" in run:
+        res["lrp"] = _lrp_equal_size(float_model, dm, seed, args.per_class)
+    if args.merge_from:
+        res = _merged(args.merge_from, res, run)
     return res
 
 
@@ -542,6 +555,61 @@ def _reused_peers(folder: str | None, model_name: str, seed: int, float_acc: flo
     # their training times stay relative to the float model of their own run (the machine's load differs between runs)
     peers = {k: v | {"float_seconds": old["float"]["seconds"]} for k, v in old.items() if k.startswith(PEERS)}
     return peers | {"skipped": old.get("skipped", {})}
+
+
+# A worker may run only some groups of methods (``--only``) and merge them into an earlier run's output of the same
+# model and seed (``--merge-from``): the re-run entries replace the old ones, the rest is kept, and the output says
+# which entries were re-run, when and from which file. Refused unless that seed's float model trains to the same test
+# accuracy to the last digit (same data split, model, initialisation and Trainer), so both halves judge the same model.
+GROUPS = ("sc_default", "sc_recommended", "guard", "sweep", "peers", "fit_end", "lrp")
+_GROUP_KEYS = {
+    "sc_default": ("sc_default",),
+    "sc_recommended": ("sc_recommended",),
+    "guard": ("sc_guard", "sc_guard_random_set"),
+    "sweep": ("sc_unguarded_sweep",),
+    "peers": PEERS + ("peers_reused_from", "skipped", "peer_sizing"),
+    "fit_end": ("fit_end_pruning",),
+    "lrp": ("lrp",),
+}
+
+
+def _wanted(only: str | None) -> tuple[str, ...]:
+    if not only:
+        return GROUPS
+    names = tuple(n.strip() for n in only.split(",") if n.strip())
+    bad = [n for n in names if n not in GROUPS]
+    if bad or not names:
+        raise SystemExit(f"--only must name some of {', '.join(GROUPS)}; got {only!r}")
+    return names
+
+
+def _merged(folder: str, new: dict, groups: tuple[str, ...]) -> dict:
+    path = Path(folder) / f"{new['model']}.{new['seed']}.json"
+    if not path.is_file():
+        raise SystemExit(f"--merge-from: no earlier output {path}")
+    old = json.loads(path.read_text())
+    if old.get("float", {}).get("acc") != new["float"]["acc"]:
+        raise SystemExit(
+            f"--merge-from: {path} has float accuracy {old.get('float', {}).get('acc')}, this run "
+            f"{new['float']['acc']}: the two halves would judge different models"
+        )
+    out = {k: v for k, v in old.items() if not k.startswith(tuple(k2 for g in groups for k2 in _GROUP_KEYS[g]))}
+    for k, v in new.items():
+        if k in ("model", "seed", "float"):
+            continue
+        if isinstance(v, dict) and "seconds" in v:  # its time ratio against the float model of its own run
+            v = v | {"float_seconds": new["float"]["seconds"]}
+        out[k] = v
+    if "peers" not in groups:  # keep the old run's peer bookkeeping
+        out["skipped"] = old.get("skipped", {})
+        if "peer_sizing" in old:
+            out["peer_sizing"] = old["peer_sizing"]
+        else:
+            out.pop("peer_sizing", None)
+    out["rerun"] = old.get("rerun", []) + [
+        {"groups": list(groups), "date": time.strftime("%Y-%m-%d"), "merged_from": str(path)}
+    ]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -779,7 +847,23 @@ def main(argv: list[str] | None = None) -> dict:
         help="take the trained peers' results from the worker outputs (<model>.<seed>.json) in DIR where that seed's "
         "float model reproduces its test accuracy exactly (re-runs after a change to the library's own methods)",
     )
+    parser.add_argument(
+        "--only",
+        default=None,
+        metavar="GROUPS",
+        help=f"with --worker: run only these comma-separated groups of methods ({', '.join(GROUPS)}); the float "
+        "model is always trained",
+    )
+    parser.add_argument(
+        "--merge-from",
+        default=None,
+        metavar="DIR",
+        help="with --worker: merge the groups run into DIR/<model>.<seed>.json, an earlier output of the same seed "
+        "(refused unless its float model reproduces exactly), and write the result to --out",
+    )
     args = parser.parse_args(argv)
+    if (args.only or args.merge_from) and not args.worker:
+        parser.error("--only and --merge-from apply to one worker (--worker MODEL SEED --out FILE)")
     args.data_dir = _data_dir(args.data_dir)
     args.seeds = args.seeds or (1 if args.quick else 3)
     args.epochs = args.epochs or (2 if args.quick else 6)

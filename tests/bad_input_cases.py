@@ -6,6 +6,7 @@ CASES = [
     ("SelfCompression: bit-depth learning rate of zero", "SelfCompression(bits_lr=0)"),
     ("SelfCompression: freeze after more than the whole run", "SelfCompression(freeze_bits_after=1.5)"),
     ("SelfCompression: a warm-up longer than the run", "SelfCompression(gamma_warmup=2)"),
+    ("SelfCompression: size pressure starting after the bits freeze", "SelfCompression(gamma_delay=0.9)"),
     ("SelfCompression: negative removal interval", "SelfCompression(remove_every_n_steps=-5)"),
     ("SelfCompression: export path of the wrong type", "SelfCompression(export_path=3)"),
     ("SelfCompression: unknown keep_channels choice", "SelfCompression(keep_channels='yes')"),

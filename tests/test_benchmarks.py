@@ -142,3 +142,38 @@ def test_mnist_reuses_peers_only_where_the_float_model_reproduces(tmp_path):
     assert mnist._reused_peers(str(tmp_path), "lenet300100", 1, 0.9766) == {}  # no output for that seed
     assert mnist._reused_peers(None, "lenet300100", 0, 0.9766) == {}
     assert mnist._reused_peers(str(tmp_path), "lenet300100", 2, 0.9766) == {}  # peers' files sized another way
+
+
+def test_mnist_merges_a_partial_rerun_only_into_the_same_float_model(tmp_path):
+    """``--only`` + ``--merge-from``: the groups re-run replace their old entries (with their time ratio against the
+    new run's float model), everything else is the earlier run's, the output records the re-run; a run whose float
+    model does not reproduce is refused, and so is an unknown group."""
+    import json
+
+    import pytest
+
+    mnist = load_benchmark("mnist")
+    old = {
+        "model": "lenet5caffe", "seed": 1, "float": {"acc": 0.9888, "seconds": 80.0},
+        "sc_default": {"acc": 0.90, "seconds": 90.0}, "sc_recommended": {"acc": 0.91, "seconds": 95.0},
+        "sc_guard": {"acc": 0.92}, "sc_guard_random_set": {"acc": 0.93}, "qat_int8": {"acc": 0.97},
+        "skipped": {"diffq": "x"}, "fit_end_pruning": {"cswap": 1},
+    }  # fmt: skip
+    (tmp_path / "lenet5caffe.1.json").write_text(json.dumps(old))
+    new = {
+        "model": "lenet5caffe", "seed": 1, "skipped": {}, "peer_sizing": mnist.PEER_SIZING,
+        "float": {"acc": 0.9888, "seconds": 100.0}, "sc_recommended": {"acc": 0.95, "seconds": 120.0},
+    }  # fmt: skip
+    out = mnist._merged(str(tmp_path), new, ("sc_recommended",))
+    assert out["sc_recommended"] == {"acc": 0.95, "seconds": 120.0, "float_seconds": 100.0}
+    assert out["float"] == old["float"] and out["sc_default"] == old["sc_default"]
+    assert out["sc_guard"] == old["sc_guard"] and out["qat_int8"] == old["qat_int8"]
+    assert out["skipped"] == {"diffq": "x"} and "peer_sizing" not in out  # the old run's peers, its bookkeeping
+    assert out["rerun"][0]["groups"] == ["sc_recommended"]
+    both = mnist._merged(str(tmp_path), new | {"sc_guard": {"acc": 0.5, "seconds": 1.0}}, ("guard",))
+    assert "sc_guard_random_set" not in both and both["sc_guard"]["acc"] == 0.5  # a group is replaced whole
+    with pytest.raises(SystemExit, match="different models"):
+        mnist._merged(str(tmp_path), new | {"float": {"acc": 0.9887, "seconds": 1.0}}, ("sc_recommended",))
+    with pytest.raises(SystemExit, match="--only must name"):
+        mnist._wanted("sc_recommended,peer")
+    assert mnist._wanted(None) == mnist.GROUPS

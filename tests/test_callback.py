@@ -235,6 +235,35 @@ def test_gamma_warmup_ramps_the_penalty_linearly_from_zero(tmp_path):
     torch.testing.assert_close(terms.total, 0.25 * (0.7 * terms.q + 0.3 * terms.l1))
 
 
+def test_gamma_delay_holds_the_penalty_at_zero_then_ramps(tmp_path):
+    """``gamma_delay=0.25, gamma_warmup=0.25`` over 8 steps: no size pressure at steps 0-2, then γ·min(1, (k-2)/2),
+    full from step 4 on; a resumed fit picks the schedule up at its step."""
+    pl.seed_everything(0)
+    model = _NoTaskGradient("lenet")
+    sc = SelfCompression(
+        gamma=0.7,
+        gamma_delay=0.25,
+        gamma_warmup=0.25,
+        remove_every_n_steps=0,
+        log_every_n_steps=0,
+        freeze_bits_after=1.0,
+    )
+    capture = _CaptureBitGradients(sc)
+    trainer = _trainer(tmp_path, [sc, capture], max_epochs=1, limit_train_batches=8)
+    trainer.fit(model, DigitsDataModule())
+    assert len(capture.grads) == 8
+    n0 = sc.compressor.initial_weights
+    for k, grads in enumerate(capture.grads):
+        for layer, g in zip(sc.compressor.layers, grads):
+            alive = (layer.quantizer.b.detach() > 0).float()
+            expected = 0.7 * min(1.0, max(0.0, (k - 2) / 2)) * layer.original[0].numel() / n0 * alive
+            torch.testing.assert_close(g, expected, rtol=1e-6, atol=0)
+    sc._delay_steps, sc._warmup_steps = 2.0, 2.0
+    for step, scale in ((0, 0.0), (2, 0.0), (3, 0.5), (5, 1.0)):
+        sc._update_gamma_scale(step)
+        assert sc.compressor.gamma_scale == scale
+
+
 def test_gradient_accumulation_and_multiple_fits(tmp_path):
     pl.seed_everything(0)
     model = ImageClassifier("resnet", width=8)

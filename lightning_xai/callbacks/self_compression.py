@@ -71,6 +71,9 @@ class SelfCompression(Callback):
             its task at 8 bits, then compresses; on full MNIST (LeNet-300-100, 3 seeds) ``gamma_warmup=0.5,
             gamma=0.05`` gave 57× at 97.40 % where ``gamma=0.03`` without warm-up gave 49× at 97.38 %
             (BENCHMARKS.md, ``mnist``, which has the current numbers).
+        gamma_delay: fraction of the training steps before the size pressures start (0 until then; the warm-up ramp,
+            if any, begins there). The network first trains at ``init_bits`` as it would in float, then compresses
+            in the steps left before ``freeze_bits_after`` (which must come later).
         export_path: if given, the packed model is written there at fit end (rank zero); ``{log_dir}`` in it is the
             run's log folder (e.g. ``"{log_dir}/model.safetensors"``). The file is
             :func:`~lightning_xai.quantization.export.export_compressed`'s ``coding="auto"``: the codes entropy-coded
@@ -108,6 +111,7 @@ class SelfCompression(Callback):
         log_every_n_steps: int = 50,
         freeze_bits_after: float = 0.8,
         gamma_warmup: float = 0.0,
+        gamma_delay: float = 0.0,
         export_path: str | None = None,
         keep_channels: str = "cut",
         compile: bool | str = "auto",
@@ -122,6 +126,12 @@ class SelfCompression(Callback):
         validate_number("log_every_n_steps", log_every_n_steps, low=0, integer=True)
         validate_number("freeze_bits_after", freeze_bits_after, low=0.0, high=1.0)
         validate_number("gamma_warmup", gamma_warmup, low=0.0, high=1.0)
+        validate_number("gamma_delay", gamma_delay, low=0.0, high=1.0)
+        if gamma_delay > 0.0 and gamma_delay >= freeze_bits_after:
+            raise ValueError(
+                f"`gamma_delay` ({gamma_delay!r}) must be below `freeze_bits_after` ({freeze_bits_after!r}): the bit "
+                "depths would be frozen before the size pressure starts"
+            )
         validate_bool("remove_at_fit_end", remove_at_fit_end)
         export_path = validate_export_path("export_path", export_path)
         if not isinstance(keep_channels, str) or keep_channels not in KEEP_CHOICES:
@@ -139,6 +149,8 @@ class SelfCompression(Callback):
         self._freeze_step: float = float("inf")
         self.gamma_warmup = float(gamma_warmup)
         self._warmup_steps = 0.0
+        self.gamma_delay = float(gamma_delay)
+        self._delay_steps = 0.0
         self.export_path = export_path
         self.optimizer: torch.optim.Optimizer | None = None
         self.channels_removed = 0
@@ -225,6 +237,7 @@ class SelfCompression(Callback):
             self._apply_gates(pl_module)
         self._freeze_step = float("inf")
         self._warmup_steps = 0.0
+        self._delay_steps = 0.0
         self.compressor.gamma_scale = 1.0
         total = trainer.estimated_stepping_batches
         if self.freeze_bits_after < 1.0:
@@ -232,17 +245,23 @@ class SelfCompression(Callback):
                 self._freeze_step = self.freeze_bits_after * total
             else:
                 rank_zero_warn("SelfCompression: `freeze_bits_after` needs a finite training length; ignoring it")
-        if self.gamma_warmup > 0.0:
-            if math.isfinite(total):
-                self._warmup_steps = self.gamma_warmup * total
-                self._update_gamma_scale(trainer.global_step)  # a resumed fit continues the ramp where it was
-            else:
-                rank_zero_warn("SelfCompression: `gamma_warmup` needs a finite training length; ignoring it")
+        for name in ("gamma_delay", "gamma_warmup"):
+            if getattr(self, name) > 0.0 and not math.isfinite(total):
+                rank_zero_warn(f"SelfCompression: `{name}` needs a finite training length; ignoring it")
+        if math.isfinite(total):
+            self._delay_steps = self.gamma_delay * total
+            self._warmup_steps = self.gamma_warmup * total
+        self._update_gamma_scale(trainer.global_step)  # a resumed fit continues the schedule where it was
 
     def _update_gamma_scale(self, step: int) -> None:
-        """γ ramps linearly from 0 at step 0 to its full value at ``gamma_warmup`` of the training steps."""
-        if self._warmup_steps > 0.0:
-            self.compressor.gamma_scale = min(1.0, step / self._warmup_steps)
+        """γ (and α) are 0 for the first ``gamma_delay`` of the training steps, then ramp linearly to their full value
+        over the next ``gamma_warmup`` of them (a Python float: no device work)."""
+        if self._delay_steps > 0.0 or self._warmup_steps > 0.0:
+            past = step - self._delay_steps
+            if past < 0.0:
+                self.compressor.gamma_scale = 0.0
+            else:
+                self.compressor.gamma_scale = min(1.0, past / self._warmup_steps) if self._warmup_steps > 0.0 else 1.0
 
     @property
     def frozen(self) -> bool:
