@@ -58,7 +58,9 @@ MODELS = ("lenet5caffe", "lenet300100")
 # nothing). lenet5caffe: γ = 0.1. Side runs, 6 epochs, one thread, gaps to the float model of the same seed (seeds 0-2
 # chose, 3-5 held out): lenet300100 γ = 0.02, α = 10: 65x at -0.01 points (held out +0.01), against the previous
 # γ = 0.03, α = 30: 95x at -0.23 (held out -0.32), and γ = 0.03, α = 30 held at 0 for the first 30 % of the steps
-# (`gamma_delay=0.3`, ramp 0.3): 80x at -0.18 (held out -0.27). lenet5caffe γ = 0.1 with the ramp: 145x at -0.14 (held
+# (`gamma_delay=0.3`, ramp 0.3): 80x at -0.18 (held out -0.27); with the ramp, seeds 0-3: γ = 0.02, α = 20: 73x at
+# -0.08; α = 40: 88x at -0.23; γ = 0.03, α = 10 (seeds 0-2): 74x at -0.32. On this model the last 0.2 points cost
+# the step from ~65x to ~90x. lenet5caffe γ = 0.1 with the ramp: 145x at -0.14 (held
 # out -0.18), against no ramp: 170x at -0.17, and `gamma_delay=0.3` + ramp 0.3 (5 seeds): 122x at -0.08 (held out -0.22,
 # the widest spread: -0.34 to +0.26). Each side run is one worker: `--worker MODEL SEED --only sc_recommended
 # --sc-settings '{"gamma": 0.1, "gamma_delay": 0.3, "gamma_warmup": 0.3}' --out FILE`.
