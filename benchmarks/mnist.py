@@ -599,19 +599,13 @@ def _merged(folder: str, new: dict, groups: tuple[str, ...]) -> dict:
             f"--merge-from: {path} has float accuracy {old.get('float', {}).get('acc')}, this run "
             f"{new['float']['acc']}: the two halves would judge different models"
         )
-    out = {k: v for k, v in old.items() if not k.startswith(tuple(k2 for g in groups for k2 in _GROUP_KEYS[g]))}
+    keys = tuple(k for g in groups for k in _GROUP_KEYS[g])  # prefixes of the entries the groups own
+    out = {k: v for k, v in old.items() if not k.startswith(keys)}
     for k, v in new.items():
-        if k in ("model", "seed", "float"):
-            continue
-        if isinstance(v, dict) and "seconds" in v:  # its time ratio against the float model of its own run
-            v = v | {"float_seconds": new["float"]["seconds"]}
-        out[k] = v
-    if "peers" not in groups:  # keep the old run's peer bookkeeping
-        out["skipped"] = old.get("skipped", {})
-        if "peer_sizing" in old:
-            out["peer_sizing"] = old["peer_sizing"]
-        else:
-            out.pop("peer_sizing", None)
+        if k.startswith(keys):
+            if isinstance(v, dict) and "seconds" in v:  # its time ratio against the float model of its own run
+                v = v | {"float_seconds": new["float"]["seconds"]}
+            out[k] = v
     out["rerun"] = old.get("rerun", []) + [
         {"groups": list(groups), "date": time.strftime("%Y-%m-%d"), "merged_from": str(path)}
     ]
