@@ -62,8 +62,10 @@ MODELS = ("lenet5caffe", "lenet300100")
 # -0.08; α = 40: 88x at -0.23; γ = 0.03, α = 10 (seeds 0-2): 74x at -0.32. On this model the last 0.2 points cost
 # the step from ~65x to ~90x. lenet5caffe γ = 0.1 with the ramp: 145x at -0.14 (held
 # out -0.18), against no ramp: 170x at -0.17, and `gamma_delay=0.3` + ramp 0.3 (5 seeds): 122x at -0.08 (held out -0.22,
-# the widest spread: -0.34 to +0.26). Each side run is one worker: `--worker MODEL SEED --only sc_recommended
-# --sc-settings '{"gamma": 0.1, "gamma_delay": 0.3, "gamma_warmup": 0.3}' --out FILE`.
+# the widest spread: -0.34 to +0.26). The side runs were made by a script on the same code path; this worker
+# reproduces them to the byte (checked: the ramp on lenet5caffe seed 0, `gamma_delay` on lenet300100 seed 0). One:
+# `--worker MODEL SEED --only sc_recommended --sc-settings '{"gamma": 0.1, "gamma_delay": 0.3, "gamma_warmup": 0.3}'
+# --out FILE`.
 RECOMMENDED: dict[str, dict[str, float]] = {
     "lenet5caffe": {"gamma": 0.1, "gamma_warmup": 0.5},
     "lenet300100": {"gamma": 0.02, "gamma_warmup": 0.5, "alpha": 10.0},
