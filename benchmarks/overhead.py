@@ -12,8 +12,9 @@ steps (batch-norm detection, set building, warm-up) are skipped.
 * syncs: the ops that make the host wait for the device on CUDA — ``aten::_local_scalar_dense`` (``.item()``,
   ``float(t)``), ``aten::is_nonzero`` (``bool(t)``), ``aten::equal``, data-dependent shapes (``nonzero``,
   ``masked_select``) and device→host copies. On the CPU they are counted the same way (they would sync on CUDA).
-* time: median wall time of the measured steps, the three runs measured alternately in rounds (same process, same
-  threads); ``torch.cuda.synchronize()`` closes each step on CUDA.
+* time: median wall time of the measured steps, the runs measured alternately in rounds (same process, same
+  threads; 8 rounds in a full run, since a run's speed moves by up to ±20 % from one run to the next on a shared CPU);
+  each round's ratio and their quartiles are reported too; ``torch.cuda.synchronize()`` closes each step on CUDA.
 
 The callbacks run with their defaults: on the CPU ``compile="auto"`` fuses ResNet-50's quantizer with torch.compile
 (≥ 2 M weights; its first steps compile and are skipped) and leaves the LeNet's eager. Full runs also time and count
@@ -192,13 +193,26 @@ def measure(name: str, steps: int, rounds: int, device: str, sync_debug: bool, e
         extra.subtract(counts["plain"]["ops"])
         res[f"extra_ops_{v}"] = dict(extra.most_common(10))
     times: dict[str, list[float]] = {v: [] for v in variants}
+    per_round: dict[str, list[float]] = {v: [] for v in variants[1:]}
     for _ in range(rounds):  # alternate the variants so the machine's drifts hit all alike
+        medians = {}
         for v in variants:
             # a fused (compiled) quantizer compiles in its first steps: skip more of them
             steps_skip = skip + 3 if v in ("sc", "sc_guard") else skip
-            times[v] += _run(name, v, steps, steps_skip, device, False, sync_debug and v != "plain")["times"]
+            got = _run(name, v, steps, steps_skip, device, False, sync_debug and v != "plain")["times"]
+            times[v] += got
+            medians[v] = statistics.median(got)
+        for v in variants[1:]:
+            per_round[v].append(round(medians[v] / medians["plain"], 3))
     med = {v: statistics.median(t) for v, t in times.items()}
     res.update({f"step_ms_{v}": round(1e3 * m, 3) for v, m in med.items()})
+    # A run's step time is steady within the run but moves by up to ±20 % from one run (one Trainer, one model) to the
+    # next on a shared CPU, so the ratio of a single pair of runs is noise: keep each round's ratio and their quartiles.
+    for v, ratios in per_round.items():
+        res[f"step_time_ratio_{v}_per_round"] = ratios
+        if len(ratios) >= 2:
+            q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+            res[f"step_time_ratio_{v}_iqr"] = [round(q1, 3), round(q3, 3)]
     res["ops_ratio_sc"] = round(res["ops_per_step_sc"] / res["ops_per_step_plain"], 3)
     res["ops_ratio_sc_guard"] = round(res["ops_per_step_sc_guard"] / res["ops_per_step_plain"], 3)
     res["step_time_ratio_sc"] = round(med["sc"] / med["plain"], 3)
@@ -222,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.device == "cpu":
         torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     steps = args.steps or (4 if args.quick else 8)
-    rounds = args.rounds or (1 if args.quick else 3)
+    rounds = args.rounds or (1 if args.quick else 8)
     models = ("lenet",) if args.quick else ("resnet50", "lenet")
     result: dict[str, Any] = {"benchmark": "overhead", "mode": "quick" if args.quick else "full", "device": args.device}
     if args.device == "cuda":
