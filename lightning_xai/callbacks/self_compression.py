@@ -38,10 +38,11 @@ class SelfCompression(Callback):
     * ``on_fit_start``: takes ``b``/``e`` out of your optimizer(s) and trains them with their own Adam
       (``bits_lr``, ``bits_eps``; the settings of the self-compression paper by default). Your optimizer, its
       learning-rate schedulers and its settings keep driving the weights.
-    * every forward of your LightningModule (``self(x)``): all quantizers and gates run as one batched operation
-      (a handful of kernels for the whole model instead of ~25 per layer; bit-identical to the per-layer
-      quantizer, which a layer called outside that forward still uses). Under DDP the weight gradients then become
-      ready together at the end of the backward, so the all-reduce overlaps less with it.
+    * every forward of your LightningModule (``self(x)``) on an accelerator (GPU): all quantizers and gates run as
+      one batched operation (a handful of kernels for the whole model instead of ~25 per layer; bit-identical to
+      the per-layer quantizer, which a layer called outside that forward still uses). Under DDP the weight gradients
+      then become ready together at the end of the backward, so the all-reduce overlaps less with it. On the CPU
+      each layer quantizes itself (there the batching's concatenations cost more than they save; see ``compile``).
     * every optimizer step: adds the gradient of ``γ·Q + α·L1`` (exact; the penalty depends on parameters only) to
       the gradients your loss produced, then steps ``b``/``e``.
     * every ``remove_every_n_steps``: physically removes 0-bit channels (and the inputs of the layers that consume
