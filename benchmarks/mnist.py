@@ -487,9 +487,7 @@ def worker(model_name: str, seed: int, args: argparse.Namespace) -> dict:
         res["sc_default"] = _self_compression(model_name, dm, args.epochs, seed)
     if "sc_recommended" in run:
         settings = json.loads(args.sc_settings) if args.sc_settings else RECOMMENDED[model_name]
-        # freeze_bits_after is the callback's default (0.8), spelled out; --sc-settings may override it
-        kwargs = {"freeze_bits_after": 0.8, **settings}
-        res["sc_recommended"] = _self_compression(model_name, dm, args.epochs, seed, **kwargs)
+        res["sc_recommended"] = _self_compression(model_name, dm, args.epochs, seed, **settings)
         res["sc_recommended"]["settings"] = settings
     guard_kwargs = dict(  # λ is the guard's default (0.1): 0.5 cost ≈ 0.2 points at equal size on LeNet-300-100
         fraction=args.guard_fraction,
