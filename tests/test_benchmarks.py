@@ -176,4 +176,42 @@ def test_mnist_merges_a_partial_rerun_only_into_the_same_float_model(tmp_path):
         mnist._merged(str(tmp_path), new | {"float": {"acc": 0.9887, "seconds": 1.0}}, ("sc_recommended",))
     with pytest.raises(SystemExit, match="--only must name"):
         mnist._wanted("sc_recommended,peer")
-    assert mnist._wanted(None) == mnist.GROUPS
+    assert "peers" in mnist._wanted(None) and "diffq" not in mnist._wanted(None)  # the peers once, as one group
+
+
+def test_mnist_units_cover_every_group_once_and_combine_into_one_worker_output():
+    """The full run splits each model and seed into units of work (ours with the float model; the peers in two
+    units without one) and puts them back together: every group in exactly one unit, the float model's unit as the
+    base, the others' entries added, skip notes united; two units holding the same entry, or none with the float
+    model, are refused."""
+    import pytest
+
+    mnist = load_benchmark("mnist")
+    groups = [g for unit in mnist.UNITS for g in unit]
+    assert sorted(groups) == sorted(mnist.OURS + mnist.PEER_GROUPS)  # each once; "peers" is their union
+    assert mnist._peer_groups(("peers",)) == mnist.PEER_GROUPS
+    assert mnist._peer_groups(("sc_default", "qat_int8")) == ("qat_int8",)
+    ours = {
+        "model": "m", "seed": 2, "skipped": {}, "peer_sizing": mnist.PEER_SIZING,
+        "float": {"acc": 0.98, "seconds": 10.0}, "sc_default": {"acc": 0.97, "seconds": 12.0},
+    }  # fmt: skip
+    quant = {"model": "m", "seed": 2, "skipped": {"diffq": "not installed"}, "peer_sizing": mnist.PEER_SIZING,
+             "qat_int8": {"acc": 0.96, "seconds": 15.0}}  # fmt: skip
+    pruning = {"model": "m", "seed": 2, "skipped": {}, "model_pruning_90": {"acc": 0.95, "seconds": 11.0}}
+    out = mnist._combined([quant, ours, pruning])
+    assert out["float"] == ours["float"] and out["sc_default"] == ours["sc_default"]
+    assert out["qat_int8"] == quant["qat_int8"] and out["model_pruning_90"] == pruning["model_pruning_90"]
+    assert out["skipped"] == {"diffq": "not installed"} and out["seed"] == 2
+    guard = {"acc": 0.9, "bytes": 1000, "seconds": 1.0, "restorations": 1, "restorations_second_half": 0}
+    methods = ("cswap", "lamp", "taylor", "omp", "random")
+    fit_end = {m: {"acc_at_50": 0.5, "sauce": 50.0, "seconds": 0.1} for m in methods}
+    rest = {"sc_guard": guard, "sc_guard_random_set": guard, "sc_unguarded_sweep": [], "fit_end_pruning": fit_end,
+            "lrp": {}}  # fmt: skip
+    out["float"]["bytes"] = out["sc_default"]["bytes"] = out["qat_int8"]["bytes"] = 1000
+    out["model_pruning_90"]["bytes"] = 1000
+    table = mnist.aggregate([out | rest])["m"]["table"]
+    assert table["qat_int8"]["time_ratio"] == pytest.approx(1.5)  # against the float model of its own seed
+    with pytest.raises(SystemExit, match="both hold"):
+        mnist._combined([ours, quant, quant])
+    with pytest.raises(SystemExit, match="float model"):
+        mnist._combined([quant, pruning])
