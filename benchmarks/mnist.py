@@ -21,10 +21,11 @@ their scales (safetensors; Brevitas' own exports store int8); unstructured spars
 (safetensors). Ratios are against the float32 ``state_dict`` as safetensors. Peers that are not installed
 (``pip install -e ".[bench]"``) are skipped with a note in the JSON.
 
-Full run: 6 epochs (the safety loop 3), 3 seeds. Workers (one per model and seed) run in parallel (``--jobs``, one
-thread each), the LeNet-5-Caffe ones first: each needs ≈ 27 CPU minutes for the library's methods and ≈ 27 more for
-the peers (up to 67 on a loaded machine), a LeNet-300-100 one ≈ 8, so the whole run takes ≈ 1 h 50 min on 2 idle
-cores. ``--reuse-peers DIR`` takes the trained peers from an earlier run's worker outputs where the float model
+Full run: 6 epochs (the safety loop 3), 3 seeds. Workers run in parallel (``--jobs``, one thread each), one per model,
+seed and unit of work (``UNITS``: ours with the float model; DiffQ + QAT; Brevitas + ``ModelPruning``), the
+LeNet-5-Caffe ones first (≈ 13, 10.5 and 9.5 minutes; LeNet-300-100's 1–5), the convolutional models in
+channels_last (``_fit``): the whole run took 64 minutes on 2 idle cores (2026-11-28; ≈ 1 h 50 before the units and
+the layout). ``--reuse-peers DIR`` takes the trained peers from an earlier run's worker outputs where the float model
 reproduces exactly; ``--worker MODEL SEED --only GROUPS --merge-from DIR --out FILE`` re-runs some groups of methods
 of one worker and merges them into its earlier output (same condition; the output lists what was re-run).
 The last line printed is one JSON object; the full run rewrites its BENCHMARKS.md section and
@@ -66,9 +67,10 @@ MODELS = ("lenet5caffe", "lenet300100")
 # reproduces them to the byte (checked: the ramp on lenet5caffe seed 0, `gamma_delay` on lenet300100 seed 0). One:
 # `--worker MODEL SEED --only sc_recommended --sc-settings '{"gamma": 0.1, "gamma_delay": 0.3, "gamma_warmup": 0.3}'
 # --out FILE`.
-# Replicated on a second 2-core machine (2026-11-28; floats do not reproduce across machines): lenet300100's
-# recommendation gave 61x at -0.28 there (6 seeds; the table's machine: 65x at -0.01), and no setting tried there
-# between 60x and 90x did better than -0.21 (BENCHMARKS.md, mnist notes; results/mnist_replication.jsonl).
+# (Those side runs were on the machine of the table before 2026-11-28.) On a second 2-core machine (floats do not
+# reproduce across machines): lenet300100's recommendation gave 61x at -0.28 (6 seeds), no setting tried there
+# between 60x and 90x did better than -0.21, and the full run there (today's BENCHMARKS.md table, 3 seeds) gave 60x
+# at -0.21; lenet5caffe's 139x at -0.05 (6 seeds) and 146x at +0.15 (table) (results/mnist_replication.jsonl).
 RECOMMENDED: dict[str, dict[str, float]] = {
     "lenet5caffe": {"gamma": 0.1, "gamma_warmup": 0.5},
     "lenet300100": {"gamma": 0.02, "gamma_warmup": 0.5, "alpha": 10.0},
