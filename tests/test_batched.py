@@ -255,3 +255,59 @@ def test_compiled_layers_keep_their_compiled_path_on_the_cpu():
     plain = _model(LeNet)
     _ALIVE[-1]._batched.quantize_all()
     assert all(SERVED.get(layer.quantizer) is not None for layer in quantized_layers(plain))
+
+
+@pytest.mark.parametrize("batch", [False, True], ids=["per_layer", "batched"])
+def test_channels_last_models_quantize_in_their_layout(monkeypatch, batch):
+    """A channels_last model (the usual layout for AMP on GPUs) gets the same quantized outputs and gradients as the
+    contiguous one, and its quantized weights and weight gradients stay channels_last, so its convolutions convert
+    neither (per-layer path and the GPU's batched path, both on the CPU here)."""
+
+    def channels_last(t):
+        return t.is_contiguous(memory_format=torch.channels_last)
+
+    monkeypatch.setattr(batched, "BATCH_ON_CPU", batch)
+    ref, net = _model(SmallResNet), _model(SmallResNet)
+    net.to(memory_format=torch.channels_last)
+    x = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    out, grads = _grads(net, x.contiguous(memory_format=torch.channels_last), per_layer=False)
+    out_ref, grads_ref = _grads(ref, x, per_layer=False)
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == grads_ref.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-5, msg=name)
+    convs = [layer for layer in quantized_layers(net) if layer.original.dim() == 4]
+    assert len(convs) > 3
+    cl_grads = [name for name, g in grads.items() if g.dim() == 4]
+    lost = [n for n in cl_grads if not channels_last(grads[n])]
+    assert cl_grads and not lost, f"weight gradients lost the layout: {lost}"
+    if batch:
+        served = [SERVED.get(layer.quantizer) for layer in convs]
+        assert all(s is not None for s in served)
+        assert all(channels_last(s[0]) for s in served), "the batch served contiguous weights"
+    assert all(channels_last(layer.original) for layer in convs)
+    weights = [getattr(layer.module, layer.tensor) for layer in convs]  # the per-layer quantizer, outside a forward
+    assert all(channels_last(w) for w in weights), "the per-layer quantizer returned contiguous weights"
+
+
+def test_a_channels_last_model_trains_removes_exports_and_reloads_exactly(tmp_path, monkeypatch):
+    """SelfCompression end to end on a channels_last model (default CPU path): channels removed during training, the
+    packed file reloads into a fresh (contiguous) model with the same outputs."""
+    from helpers import quiet_trainer
+
+    from lightning_xai import DigitsDataModule, SelfCompression, load_compressed
+    from lightning_xai.models import ImageClassifier
+
+    monkeypatch.setattr(batched, "BATCH_ON_CPU", False)
+    torch.manual_seed(0)
+    model = ImageClassifier(SmallResNet(1, 10, width=8)).to(memory_format=torch.channels_last)
+    export = tmp_path / "sc.safetensors"
+    sc = SelfCompression(gamma=0.5, remove_every_n_steps=10, log_every_n_steps=0, export_path=str(export))
+    quiet_trainer(tmp_path, [sc], max_epochs=2).fit(model, DigitsDataModule())
+    assert sc.channels_removed > 0
+    fresh = load_compressed(export, ImageClassifier(SmallResNet(1, 10, width=8)))
+    x = torch.randn(4, 1, 8, 8)
+    model.eval()
+    fresh.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x), rtol=1e-5, atol=1e-5)

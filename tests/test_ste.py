@@ -234,6 +234,30 @@ def test_fused_cpu_kernels_match_the_naive_loops_and_the_eager_path(shape, monke
         torch.testing.assert_close(got, t.grad, rtol=1e-5, atol=1e-6)
 
 
+def test_fused_kernels_keep_a_channels_last_weight_in_its_layout(monkeypatch):
+    """A channels_last weight goes through the fused kernels in its own layout (a view, no copy): its quantized
+    weight and its gradient come back channels_last, with the values of the contiguous weight's eager path."""
+    from lightning_xai.quantization import ste
+
+    calls = []
+    run = ste._run_fused
+    monkeypatch.setattr(ste, "_run_fused", lambda name, *a: calls.append(name) or run(name, *a))
+    w, b, e, g = _float32_case((8, 16, 6, 6), 1)
+    cl = w.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    q = quantize(cl, b, e, fused=True)
+    (q * g).sum().backward()
+    assert calls == ["forward", "backward"] and not ste._FUSED.get("broken")
+    assert q.is_contiguous(memory_format=torch.channels_last) and not q.is_contiguous()
+    assert cl.grad.is_contiguous(memory_format=torch.channels_last)
+    fused = [t.grad.clone() for t in (cl, b, e)]
+    b.grad = e.grad = None
+    ref = quantize(w, b, e)
+    (ref * g).sum().backward()
+    assert torch.equal(ref, q)
+    for got, t in zip(fused, (w, b, e)):
+        torch.testing.assert_close(got, t.grad, rtol=1e-5, atol=1e-6)
+
+
 def test_layers_sharing_the_backward_workspace_keep_their_own_gradients():
     """The eager backward writes its temporaries into one reused CPU workspace: two layers quantized in one graph
     get the same gradients as each alone (a gradient that were a view of the workspace would be overwritten)."""

@@ -43,6 +43,8 @@ class SelfCompression(Callback):
       the per-layer quantizer, which a layer called outside that forward still uses). Under DDP the weight gradients
       then become ready together at the end of the backward, so the all-reduce overlaps less with it. On the CPU
       each layer quantizes itself (there the batching's concatenations cost more than they save; see ``compile``).
+      Either way a ``channels_last`` model keeps its layout: quantized weights and their gradients come back
+      ``channels_last``, so the convolutions convert neither.
     * every optimizer step: adds the gradient of ``γ·Q + α·L1`` (exact; the penalty depends on parameters only) to
       the gradients your loss produced, then steps ``b``/``e``.
     * every ``remove_every_n_steps``: physically removes 0-bit channels (and the inputs of the layers that consume

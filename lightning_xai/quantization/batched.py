@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from lightning_xai.quantization.install import paired_gates
 from lightning_xai.quantization.quantizer import SERVED, Serving
-from lightning_xai.quantization.ste import LN2
+from lightning_xai.quantization.ste import LN2, channels_last, rows, unrows
 
 __all__ = ["BatchedQuantization", "batched_quantize", "per_layer_quantization"]
 
@@ -90,7 +90,10 @@ class _BatchedQuantizeSTE(torch.autograd.Function):
         weights, bits, exps = tensors[:n], tensors[n : 2 * n], tensors[2 * n :]
         b, e = torch.cat(bits), torch.cat(exps)
         dtype = torch.promote_types(weights[0].dtype, b.dtype)
-        w = torch.cat([t.reshape(-1) for t in weights])
+        # channels_last weights are read, and their quantized weights written, in that layout (each channel's values
+        # stay one segment): a convolution given both in one layout converts neither
+        layouts = ctx.layouts = tuple(channels_last(t) for t in weights)
+        w = torch.cat([(rows(t, cl) if cl else t).reshape(-1) for t, cl in zip(weights, layouts)])
         if w.dtype != dtype:
             w = w.to(dtype)
         alive = b > 0
@@ -106,7 +109,7 @@ class _BatchedQuantizeSTE(torch.autograd.Function):
         ctx.save_for_backward(w, out, ranges, hs, alive)
         if out.dtype != weights[0].dtype:
             out = out.to(weights[0].dtype)
-        return tuple(o.view(shape) for o, shape in zip(out.split(meta.numels), meta.shapes))
+        return tuple(unrows(o, shape, cl) for o, shape, cl in zip(out.split(meta.numels), meta.shapes, layouts))
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
@@ -114,7 +117,7 @@ class _BatchedQuantizeSTE(torch.autograd.Function):
         n = len(meta.shapes)
         w, out, ranges, hs, alive = ctx.saved_tensors
         ctx.serving.done = True  # the graph of these outputs is spent: they are not served again
-        g = torch.cat([t.reshape(-1) for t in grads])
+        g = torch.cat([(rows(t, cl) if cl else t).reshape(-1) for t, cl in zip(grads, ctx.layouts)])  # weights' order
         if g.dtype != out.dtype:
             g = g.to(out.dtype)
         lo, hi, _ = ranges.index_select(0, meta.segment).unbind(1)
@@ -126,7 +129,7 @@ class _BatchedQuantizeSTE(torch.autograd.Function):
         grad_w: list[Tensor | None] = [None] * n
         if need_w:
             gw = grad_in if grad_in.dtype == ctx.weight_dtype else grad_in.to(ctx.weight_dtype)
-            grad_w = [t.view(shape) for t, shape in zip(gw.split(meta.numels), meta.shapes)]
+            grad_w = [unrows(t, shape, cl) for t, shape, cl in zip(gw.split(meta.numels), meta.shapes, ctx.layouts)]
         grad_b: list[Tensor | None] = [None] * n
         grad_e: list[Tensor | None] = [None] * n
         if need_b or need_e:

@@ -31,6 +31,27 @@ def _expand(t: Tensor, like: Tensor) -> Tensor:
     return t.reshape((-1,) + (1,) * (like.dim() - 1))
 
 
+def channels_last(t: Tensor) -> bool:
+    """Whether ``t`` is a 4-D tensor in the channels_last layout (and not also plain contiguous, as when H = W = 1)."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def rows(t: Tensor, cl: bool) -> Tensor:
+    """``t`` as ``(C, N)``: one row per output channel. With ``cl`` (the weight is channels_last) each row lists the
+    channel's values in that layout's order, ``(H, W, C_in)``, which is a view of a channels_last ``t`` (a copy of any
+    other); the per-channel quantizer does not care about the order inside a row, only that every tensor of one call
+    uses the same one."""
+    return t.permute(0, 2, 3, 1).flatten(1) if cl else t.flatten(1)
+
+
+def unrows(t: Tensor, shape: torch.Size, cl: bool) -> Tensor:
+    """The inverse of :func:`rows` for a tensor ``t`` holding ``shape.numel()`` values in that order: a channels_last
+    view of shape ``shape`` with ``cl``, a contiguous one without."""
+    if cl:
+        return t.view(shape[0], shape[2], shape[3], shape[1]).permute(0, 3, 1, 2)
+    return t.view(shape)
+
+
 def _bounds(b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     half = torch.exp2(b.clamp(min=0.0) - 1.0)
     return -half, half - 1.0, half
@@ -61,15 +82,16 @@ _WORKSPACE_MAX_BYTES = 64 * 2**20
 
 
 def _workspace(like: Tensor, dtype: torch.dtype) -> Tensor:
-    """A tensor shaped like ``like`` to write a temporary into; its contents must not escape the caller."""
+    """A tensor shaped like ``like`` (and, channels_last or not, laid out like it) to write a temporary into; its
+    contents must not escape the caller."""
     n = like.numel()
     if like.device.type != "cpu" or n * dtype.itemsize > _WORKSPACE_MAX_BYTES or torch.compiler.is_compiling():
-        return torch.empty(like.shape, dtype=dtype, device=like.device)
+        return torch.empty_like(like, dtype=dtype)
     pool = _WORKSPACES.__dict__.setdefault("pool", {})
     buf = pool.get(dtype)
     if buf is None or buf.numel() < n:
         buf = pool[dtype] = torch.empty(n, dtype=dtype, device=like.device)
-    return buf[:n].view(like.shape)
+    return unrows(buf[:n], like.shape, channels_last(like))
 
 
 def _rowsum(t: Tensor) -> Tensor:
@@ -146,11 +168,12 @@ class _QuantizeSTE(torch.autograd.Function):
         sv = s.view(shape)
         out = None
         ctx.fused = fused and _fusable(weight, b)
+        ctx.cl = cl = channels_last(weight)  # the fused kernels read and write a channels_last weight in its layout
         if ctx.fused:
             flat = (-1, 1)
-            out = _run_fused("forward", _forward_math, weight.flatten(1), lo.view(flat), hi.view(flat), s.view(flat))
+            out = _run_fused("forward", _forward_math, rows(weight, cl), lo.view(flat), hi.view(flat), s.view(flat))
             ctx.fused = out is not None
-            out = out.view(weight.shape) if out is not None else None
+            out = unrows(out, weight.shape, cl) if out is not None else None
         if out is None:
             out = torch.clamp(weight, lo, hi).div_(sv).round_().mul_(sv)
         ctx.save_for_backward(weight, out, lo, hi, hs, alive)
@@ -161,12 +184,12 @@ class _QuantizeSTE(torch.autograd.Function):
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         weight, out, lo, hi, hs, alive = ctx.saved_tensors
         if ctx.fused and grad.dtype == torch.float32 and _fusable(weight, hs):
-            flat = (-1, 1)
-            args = (grad.flatten(1), weight.flatten(1), out.flatten(1), lo.view(flat), hi.view(flat))
+            flat, cl = (-1, 1), ctx.cl
+            args = (rows(grad, cl), rows(weight, cl), rows(out, cl), lo.view(flat), hi.view(flat))
             res = _run_fused("backward", _backward_math, *args)
             if res is not None:
                 grad_in, gs, ge = res
-                grad_w = grad_in.view(weight.shape) if ctx.needs_input_grad[0] else None
+                grad_w = unrows(grad_in, weight.shape, cl) if ctx.needs_input_grad[0] else None
                 grad_b = gs.mul_(hs * alive).mul_(-LN2) if ctx.needs_input_grad[1] else None
                 grad_e = ge.mul_(LN2) if ctx.needs_input_grad[2] else None
                 return grad_w, grad_b, grad_e, None
