@@ -4,7 +4,8 @@
 
 1. ResNet-50, AMP (``precision="16-mixed"``), batch 128 of synthetic 224×224 images: median step time of plain
    training vs ``SelfCompression`` vs ``SelfCompression + PreservationGuard`` (steps that neither log nor remove),
-   the three runs alternated in rounds; each step closed by ``torch.cuda.synchronize()``.
+   the three runs alternated in rounds; each step closed by ``torch.cuda.synchronize()``. Then plain vs
+   ``SelfCompression`` once more with the model and its inputs in channels_last.
 2. C-SWAP's analysis of a torchvision ResNet-18 (32×32 inputs, 10 classes, 16 samples a class): the fast engine vs the
    reference engine — seconds, neurons/s, and whether they take the same decisions (how many neurons' categories
    differ when they do not); on CUDA once with PyTorch's defaults (cuDNN may use TF32) and once in full fp32.
@@ -36,14 +37,33 @@ from lightning_xai.pruning.cswap import cswap_order  # noqa: E402
 from lightning_xai.pruning.units import find_units  # noqa: E402
 
 
-def _step_times(variant: str, device: str, precision: str, batch: int, side: int, steps: int, skip: int) -> list:
+class _ChannelsLast(torch.nn.Module):
+    """The input in the channels_last layout (the model's parameters are converted with ``model.to``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last)
+
+
+def _step_times(
+    variant: str,
+    device: str,
+    precision: str,
+    batch: int,
+    side: int,
+    steps: int,
+    skip: int,
+    channels_last: bool = False,
+) -> list:
     import torchvision
 
     pl.seed_everything(0, verbose=False)
     g = torch.Generator().manual_seed(0)
     n = batch * 4
     data = TensorDataset(torch.randn(n, 3, side, side, generator=g), torch.randint(0, 10, (n,), generator=g))
-    model = ImageClassifier(torchvision.models.resnet50(num_classes=10), lr=1e-3)
+    net = torchvision.models.resnet50(num_classes=10)
+    if channels_last:
+        net = torch.nn.Sequential(_ChannelsLast(), net).to(memory_format=torch.channels_last)
+    model = ImageClassifier(net, lr=1e-3)
     callbacks: list[pl.Callback] = []
     if variant != "plain":
         callbacks.append(SelfCompression(gamma=0.05, log_every_n_steps=0, remove_every_n_steps=0))
@@ -68,22 +88,23 @@ def _step_times(variant: str, device: str, precision: str, batch: int, side: int
     return shared.get("times", [])
 
 
-def resnet50_amp(device: str, quick: bool) -> dict[str, Any]:
+def resnet50_amp(device: str, quick: bool, channels_last: bool = False) -> dict[str, Any]:
     batch, side = (8, 64) if quick else (128, 224)
     steps, rounds, skip = (2, 1, 2) if quick else (10, 2, 5)
     precision = "16-mixed" if device == "cuda" else "bf16-mixed"
-    times: dict[str, list[float]] = {"plain": [], "sc": [], "sc_guard": []}
+    variants = ("plain", "sc") if channels_last else ("plain", "sc", "sc_guard")
+    times: dict[str, list[float]] = {v: [] for v in variants}
     for _ in range(rounds):
         for variant in times:
-            times[variant] += _step_times(variant, device, precision, batch, side, steps, skip)
+            times[variant] += _step_times(variant, device, precision, batch, side, steps, skip, channels_last)
     med = {v: statistics.median(t) for v, t in times.items()}
     return {
         "precision": precision,
         "batch": batch,
         "image_side": side,
+        "channels_last": channels_last,
         **{f"step_ms_{v}": round(1e3 * m, 2) for v, m in med.items()},
-        "step_time_ratio_sc": round(med["sc"] / med["plain"], 3),
-        "step_time_ratio_sc_guard": round(med["sc_guard"] / med["plain"], 3),
+        **{f"step_time_ratio_{v}": round(med[v] / med["plain"], 3) for v in variants[1:]},
     }
 
 
@@ -147,7 +168,12 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict[str, Any] = {"benchmark": "gpu_timing", "device": args.device, "quick": args.quick}
     if args.device == "cuda":
         result["gpu"] = torch.cuda.get_device_name()
-    parts = [("resnet50_amp", resnet50_amp), ("cswap_resnet18", cswap_resnet18)]
+    parts = [
+        ("resnet50_amp", resnet50_amp),
+        # the layout AMP users train in: SelfCompression keeps it (quantized weights and gradients stay channels_last)
+        ("resnet50_amp_channels_last", lambda device, quick: resnet50_amp(device, quick, channels_last=True)),
+        ("cswap_resnet18", cswap_resnet18),
+    ]
     if args.device == "cuda":  # the engines once more without TF32, to tell rounding from a logic difference
         parts.append(("cswap_resnet18_fp32", lambda device, quick: cswap_resnet18(device, quick, tf32=False)))
     for part, fn in parts:

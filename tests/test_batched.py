@@ -292,7 +292,8 @@ def test_channels_last_models_quantize_in_their_layout(monkeypatch, batch):
 
 def test_a_channels_last_model_trains_removes_exports_and_reloads_exactly(tmp_path, monkeypatch):
     """SelfCompression end to end on a channels_last model (default CPU path): channels removed during training, the
-    packed file reloads into a fresh (contiguous) model with the same outputs."""
+    layers still channels_last after the removals, the packed file reloads into a fresh (contiguous) model with the
+    same outputs."""
     from helpers import quiet_trainer
 
     from lightning_xai import DigitsDataModule, SelfCompression, load_compressed
@@ -305,6 +306,8 @@ def test_a_channels_last_model_trains_removes_exports_and_reloads_exactly(tmp_pa
     sc = SelfCompression(gamma=0.5, remove_every_n_steps=10, log_every_n_steps=0, export_path=str(export))
     quiet_trainer(tmp_path, [sc], max_epochs=2).fit(model, DigitsDataModule())
     assert sc.channels_removed > 0
+    convs = [q.original for q in quantized_layers(model) if q.original.dim() == 4]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)  # removals keep it
     fresh = load_compressed(export, ImageClassifier(SmallResNet(1, 10, width=8)))
     x = torch.randn(4, 1, 8, 8)
     model.eval()

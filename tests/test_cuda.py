@@ -94,6 +94,38 @@ def test_true_half_precision_keeps_quantizer_parameters_float32():
     assert all(q.quantizer.b.dtype == q.quantizer.e.dtype == torch.float32 for q in quantized_layers(model))
 
 
+def test_a_channels_last_model_keeps_its_layout_under_amp():
+    """The usual AMP set-up on GPUs: the model in channels_last. The batched quantizer serves channels_last weights
+    (checked inside a forward), gradients keep the layout, and the compressed file reloads to the same outputs."""
+    from lightning_xai.quantization.quantizer import SERVED
+
+    pl.seed_everything(0)
+    tmp = Path(tempfile.mkdtemp())
+    model = ImageClassifier("resnet", width=8).to(memory_format=torch.channels_last)
+    sc = SelfCompression(gamma=0.5, remove_every_n_steps=10, log_every_n_steps=0, export_path=str(tmp / "sc.st"))
+    seen = []
+
+    class Probe(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            for q in quantized_layers(pl_module):
+                served = SERVED.get(q.quantizer)
+                if q.original.dim() == 4 and served is not None:
+                    seen.append(
+                        (served[0].is_contiguous(memory_format=torch.channels_last), q.original.grad is None
+                         or q.original.grad.is_contiguous(memory_format=torch.channels_last))
+                    )  # fmt: skip
+
+    _trainer("16-mixed", [sc, Probe()]).fit(model, DigitsDataModule())
+    assert seen and all(w and g for w, g in seen), [(i, s) for i, s in enumerate(seen) if not all(s)][:5]
+    assert sc.channels_removed > 0
+    fresh = load_compressed(tmp / "sc.st", ImageClassifier("resnet", width=8))
+    x = torch.randn(4, 1, 8, 8)
+    model.cpu().eval()
+    fresh.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 def test_training_steps_do_not_synchronise_under_sync_debug_mode():
     """The overhead benchmark's probe turns ``set_sync_debug_mode("error")`` on for the measured steps: any
     synchronising call inside SelfCompression's or the guard's per-step work would raise."""

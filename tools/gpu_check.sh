@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU check (one call on a CUDA machine, ≤ 7 minutes): ResNet-50 AMP step times and C-SWAP's engines on ResNet-18
+# GPU check (one call on a CUDA machine, ≤ 8 minutes): ResNet-50 AMP step times (also channels_last) and C-SWAP's
+# engines on ResNet-18
 # first (alone on the GPU, so the timings are clean), then the CUDA tests, then the overhead benchmark on CUDA with
 # set_sync_debug_mode("error") around the measured steps. Every part has its own time limit and writes its whole log
 # as it goes, so a part that runs long loses only itself.
@@ -14,7 +15,7 @@ mkdir -p "$out"
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true
 "$py" -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())" | tee "$out/torch.txt"
 status=0
-timeout 190 "$py" benchmarks/gpu_timing.py --device cuda 2>&1 | tee "$out/gpu_timing.log" | grep '^{' || status=1
+timeout 240 "$py" benchmarks/gpu_timing.py --device cuda 2>&1 | tee "$out/gpu_timing.log" | grep '^{' || status=1
 # the tests in parallel where pytest-xdist is installed: they are small models, launch-bound, and independent
 par=$("$py" -c "import xdist" 2>/dev/null && echo "-n 4" || true)
 # shellcheck disable=SC2086

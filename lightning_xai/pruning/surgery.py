@@ -32,6 +32,7 @@ from lightning_xai.pruning.heads import (
 from lightning_xai.quantization.batched import per_layer_quantization
 from lightning_xai.quantization.install import BN_TYPES, QuantizedLayer, quantized_layers
 from lightning_xai.quantization.quantizer import ChannelQuantizer
+from lightning_xai.quantization.ste import channels_last
 
 __all__ = [
     "resize_to_state_dict",
@@ -552,9 +553,12 @@ class _Edit:
     origin: tuple | None = None  # the slot's origin record before this edit (restored on rollback)
 
     def slice(self, value: Tensor) -> Tensor:
+        """``value`` without the removed indices: a fresh tensor, channels_last when ``value`` is (``index_select``
+        returns contiguous tensors; a channels_last model must keep its layout through removals)."""
+        cl = channels_last(value)
         for dim, keep in self.keeps:
             value = value.index_select(dim, keep.to(value.device))
-        return value.clone()
+        return value.clone(memory_format=torch.channels_last) if cl else value.clone()
 
 
 def apply_cuts(
