@@ -292,8 +292,8 @@ def test_channels_last_models_quantize_in_their_layout(monkeypatch, batch):
 
 def test_a_channels_last_model_trains_removes_exports_and_reloads_exactly(tmp_path, monkeypatch):
     """SelfCompression end to end on a channels_last model (default CPU path): channels removed during training, the
-    layers still channels_last after the removals, the packed file reloads into a fresh (contiguous) model with the
-    same outputs."""
+    layers still channels_last after the removals, the packed file reloads into a fresh model (contiguous, or
+    channels_last, which it keeps) with the same outputs."""
     from helpers import quiet_trainer
 
     from lightning_xai import DigitsDataModule, SelfCompression, load_compressed
@@ -309,8 +309,12 @@ def test_a_channels_last_model_trains_removes_exports_and_reloads_exactly(tmp_pa
     convs = [q.original for q in quantized_layers(model) if q.original.dim() == 4]
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)  # removals keep it
     fresh = load_compressed(export, ImageClassifier(SmallResNet(1, 10, width=8)))
+    cl = load_compressed(export, ImageClassifier(SmallResNet(1, 10, width=8)).to(memory_format=torch.channels_last))
+    reloaded = [p for p in cl.parameters() if p.dim() == 4]
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in reloaded)  # a reload keeps it too
     x = torch.randn(4, 1, 8, 8)
-    model.eval()
-    fresh.eval()
+    for net in (model, fresh, cl):
+        net.eval()
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), model(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cl(x), model(x), rtol=1e-5, atol=1e-5)

@@ -191,7 +191,8 @@ def resize_to_state_dict(model: nn.Module, state_dict: dict[str, Tensor]) -> lis
         current = owner._parameters.get(attr, owner._buffers.get(attr))
         if current is None or current.shape == value.shape:
             continue
-        fresh = torch.empty(value.shape, dtype=current.dtype, device=current.device)
+        layout = torch.channels_last if channels_last(current) else torch.contiguous_format  # the model's, kept
+        fresh = torch.empty(value.shape, dtype=current.dtype, device=current.device, memory_format=layout)
         _set_tensor(owner, attr, fresh, current)
         resized.append(key)
         # the layer that owns the tensor: for "conv.parametrizations.weight.original" (or ".0.b") that is "conv"
