@@ -490,7 +490,7 @@ def worker(model_name: str, seed: int, args: argparse.Namespace) -> dict:
     peer_groups = _peer_groups(run)
     # the peers train from scratch and need no float model, unless their results are to be reused or merged (both
     # check that the float model reproduces)
-    if set(run) - set(GROUPS[len(OURS) :]) or args.reuse_peers or args.merge_from:
+    if set(run) & set(OURS) or args.reuse_peers or args.merge_from:
         pl.seed_everything(seed, verbose=False)
         float_model = ImageClassifier(model_name, input_shape=(1, 28, 28))
         seconds = _fit(float_model, dm, args.epochs)
@@ -624,8 +624,8 @@ def _peer_groups(run: tuple[str, ...]) -> tuple[str, ...]:
 
 
 # The full run's units of work: one worker per model, seed and unit, so that two cores stay busy to the end (one
-# worker per model and seed left one core idle for the last LeNet-5-Caffe worker's ≈ 25 minutes). The peers' units
-# train no float model (they need none); the coordinator puts a seed's units back together (`_combined`).
+# worker per model and seed left one core idle for most of the last LeNet-5-Caffe worker's ≈ 55 minutes). The peers'
+# units train no float model (they need none); the coordinator puts a seed's units back together (`_combined`).
 UNITS = (OURS, ("diffq", "qat_int8"), ("brevitas_w4", "model_pruning"))
 
 
@@ -952,7 +952,7 @@ def main(argv: list[str] | None = None) -> dict:
     models = args.models.split(",")
     # units of work, the long ones first (LeNet-5-Caffe's before LeNet-300-100's; ours before the peers'): with
     # --reuse-peers one per model and seed (reused peers cost nothing), else one per model, seed and `UNITS` entry
-    units = ((None,),) if args.reuse_peers else UNITS
+    units = (OURS + ("peers",),) if args.reuse_peers else UNITS
     jobs = [(m, s, k) for m in models for k in range(len(units)) for s in range(args.seeds)]
     pending, running, runs = list(jobs), [], []
     parts: dict[tuple[str, int], list[dict]] = {}
@@ -987,9 +987,8 @@ def main(argv: list[str] | None = None) -> dict:
         while pending and len(running) < args.jobs:
             m, s, k = pending.pop(0)
             name = f"unit{k}-{m}.{s}"  # not <model>.<seed>.json: that is the combined output (--from-runs reads it)
-            only = [] if units[k] == (None,) else ["--only", ",".join(units[k])]
             proc = subprocess.Popen(
-                base + ["--worker", m, str(s), "--out", str(tmp / f"{name}.json")] + only,
+                base + ["--worker", m, str(s), "--out", str(tmp / f"{name}.json"), "--only", ",".join(units[k])],
                 env=env,
                 stdout=subprocess.DEVNULL,
                 stderr=open(tmp / f"{name}.log", "w"),
