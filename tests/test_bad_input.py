@@ -2,6 +2,7 @@
 
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -240,3 +241,27 @@ def test_documented_error(title, code):
     expected = _documented()[code]
     assert f"{kind}: {message}" == expected
     assert "`" in message or "LRP" in message or "offline" in message.lower() or "not" in message, message
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: lightning_xai.SelfCompression(),
+        lambda: lightning_xai.PreservationGuard(),
+        lambda: lightning_xai.CSWAPPruning(),
+        lambda: lightning_xai.AttributionPruning(),
+        lambda: lightning_xai.LRPCompression(),
+    ],
+    ids=["SelfCompression", "PreservationGuard", "CSWAPPruning", "AttributionPruning", "LRPCompression"],
+)
+def test_every_callback_refuses_a_sharded_strategy_before_touching_the_model(make):
+    """FSDP (like DeepSpeed) shards the parameters and restores callback state after ``on_fit_start``: every callback
+    names itself and the strategy at ``setup``, and the model is left exactly as it was (no quantizer, no hook)."""
+    callback = make()
+    model = ImageClassifier("lenet")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"{type(callback).__name__} does not support `strategy`=FSDPStrategy"):
+        callback.setup(SimpleNamespace(strategy=FSDPStrategy(), callbacks=[callback]), model, "fit")
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
