@@ -329,3 +329,61 @@ def test_the_defaults_compress_digits_without_collapse(tmp_path):
     assert all(bool((layer.quantizer.b > 0).any()) for layer in cb.compressor.layers)
     assert acc >= float_acc - 0.05 and acc > 0.85, (acc, float_acc)
     assert (tmp_path / "defaults.safetensors").stat().st_size < 0.3 * 4 * 89930
+
+
+EMAWeightAveraging = getattr(pl.callbacks, "EMAWeightAveraging", None)  # Lightning >= 2.5
+
+
+def _averaging(trainer):
+    return next(cb for cb in trainer.callbacks if isinstance(cb, EMAWeightAveraging))
+
+
+class _AverageAtTrainEnd(pl.Callback):
+    """Records the model's tensors at ``on_train_end``, after the averaging callback (listed before it) copied the
+    averaged weights back and before ``SelfCompression``'s fit-end removal."""
+
+    def on_train_end(self, trainer, pl_module):
+        self.state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        self.average = {
+            k: v.detach().clone() for k, v in _averaging(trainer)._average_model.module.state_dict().items()
+        }
+
+
+@pytest.mark.skipif(EMAWeightAveraging is None, reason="Lightning < 2.5 has no EMAWeightAveraging")
+@pytest.mark.parametrize("net", ["lenet", "resnet"])  # resnet: batch norms, whose gates SelfCompression adds later
+def test_lightning_weight_averaging_after_self_compression_trains_and_exports_the_averaged_model(tmp_path, net):
+    """Lightning's EMA keeps a copy of the model and copies it back by position when training ends: removal during
+    training (every 5 steps here) would change the model's shapes under it, so it waits for fit end, and the export
+    holds the averaged weights."""
+    pl.seed_everything(0)
+    model = ImageClassifier(net)
+    path = tmp_path / "m.safetensors"
+    cb = SelfCompression(gamma=0.5, remove_every_n_steps=5, log_every_n_steps=0, export_path=str(path))
+    probe = _AverageAtTrainEnd()
+    ema = EMAWeightAveraging(decay=0.9, update_starting_at_step=46)  # from the bit depths' freeze (0.8 of 57 steps)
+    _trainer(tmp_path, [cb, ema, probe], max_epochs=3).fit(model, DigitsDataModule())
+    assert probe.state.keys() == probe.average.keys()
+    for k, v in probe.average.items():  # the model trained on, replaced by its average
+        assert torch.equal(probe.state[k], v), k
+    assert cb.channels_removed > 0 and any(
+        v.shape != model.state_dict()[k].shape for k, v in probe.state.items() if k in model.state_dict()
+    )
+    model.eval()
+    x = torch.rand(16, 1, 8, 8)
+    reloaded = load_compressed(path, ImageClassifier(net).net).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), model(x), rtol=0, atol=1e-5)
+
+
+def test_weight_averaging_listed_before_self_compression_is_refused_before_the_model_changes(tmp_path):
+    """Its setup would copy the model before the quantizers exist, so its average would not match the model (found
+    failing when training ended, after the whole run): refused at setup, naming the order to use."""
+    model = ImageClassifier("lenet")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    swa = pl.callbacks.StochasticWeightAveraging(swa_lrs=1e-3)
+    with pytest.raises(
+        ValueError, match=r"lists StochasticWeightAveraging before SelfCompression.*Put SelfCompression first"
+    ):
+        _trainer(tmp_path, [swa, SelfCompression()], max_epochs=1, limit_train_batches=2).fit(model, DigitsDataModule())
+    assert list(model.state_dict()) == list(before)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["refuse_sharded_strategies", "resolve_export_path", "refuse_duplicates"]
+__all__ = ["refuse_sharded_strategies", "resolve_export_path", "refuse_duplicates", "weight_averaging_after"]
 
 _SHARDED = ("FSDP", "DeepSpeed", "ModelParallel")
 
@@ -44,3 +44,33 @@ def refuse_sharded_strategies(trainer: Any, who: str) -> None:
             f"{who} does not support `strategy`={name}: it shards the parameters, which {who} must see whole "
             "(and it restores callback state after on_fit_start). Use strategy='ddp' (or a single device)."
         )
+
+
+def _averaging_types() -> tuple[type, ...]:
+    """Lightning's callbacks that keep an averaged copy of the model (``WeightAveraging`` and its
+    ``EMAWeightAveraging`` exist from Lightning 2.5; ``StochasticWeightAveraging`` in every supported version)."""
+    from lightning.pytorch import callbacks
+
+    names = ("WeightAveraging", "StochasticWeightAveraging")
+    return tuple(t for t in (getattr(callbacks, n, None) for n in names) if isinstance(t, type))
+
+
+def weight_averaging_after(trainer: Any, callback: Any, who: str) -> bool:
+    """Whether the Trainer has a weight-averaging callback; raise when one comes before ``callback``.
+
+    Those callbacks deep-copy the model in their ``setup`` and later copy the averaged tensors back by position. One
+    that sets up before ``callback`` copies the model before ``callback`` installs its quantizers, so the average
+    and the model hold different tensors (it fails, or copies into the wrong ones, when training ends); one after it
+    copies the quantized model, which works as long as no tensor changes shape while it trains.
+    """
+    found = [cb for cb in getattr(trainer, "callbacks", []) if isinstance(cb, _averaging_types())]
+    if not found:
+        return False
+    callbacks = list(trainer.callbacks)
+    if any(callbacks.index(cb) < callbacks.index(callback) for cb in found):
+        name = type(found[0]).__name__
+        raise ValueError(
+            f"`callbacks` lists {name} before {who}: it copies the model in its setup, before {who} changes it, so "
+            f"its averaged copy would not match the model. Put {who} first, e.g. `callbacks=[{who}(...), {name}(...)]`"
+        )
+    return True

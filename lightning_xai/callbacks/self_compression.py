@@ -12,7 +12,12 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_xai._validation import validate_bool, validate_export_path, validate_number
-from lightning_xai.callbacks._checks import refuse_duplicates, refuse_sharded_strategies, resolve_export_path
+from lightning_xai.callbacks._checks import (
+    refuse_duplicates,
+    refuse_sharded_strategies,
+    resolve_export_path,
+    weight_averaging_after,
+)
 from lightning_xai.callbacks._data import from_rank_zero, on_training_device
 from lightning_xai.callbacks._resize import plain_weights_for_spawn, register_resize_hook, save_plain_checkpoint
 from lightning_xai.figures import bits_heatmap_figure
@@ -49,7 +54,9 @@ class SelfCompression(Callback):
       the gradients your loss produced, then steps ``b``/``e``.
     * every ``remove_every_n_steps``: physically removes 0-bit channels (and the inputs of the layers that consume
       them, batch norms and residual partners), carrying optimizer state along; the outputs are checked unchanged.
-      Under multi-process strategies removal waits for ``on_fit_end`` (the channels output zero meanwhile).
+      Under multi-process strategies removal waits for ``on_fit_end`` (the channels output zero meanwhile), and so it
+      does with Lightning's ``EMAWeightAveraging`` / ``WeightAveraging`` / ``StochasticWeightAveraging``, whose copy of
+      the model must keep its shapes (list them after this callback; the export then holds the averaged weights).
     * every ``log_every_n_steps``: logs ``compression/bits_total``, ``compression/bits_ratio``,
       ``compression/size_ratio``, ``compression/channels_alive``, per-layer channels and bit histograms.
 
@@ -170,6 +177,7 @@ class SelfCompression(Callback):
         self._hooks: list[Any] = []
         self._recorder: BatchNormFollowerRecorder | None = None
         self._last_periodic = -1
+        self._averaging = False  # a weight-averaging callback follows (set at setup): removal waits for fit end
         self._warned_inputs = False
         self._unremovable: dict[str, str] = {}
 
@@ -183,6 +191,14 @@ class SelfCompression(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         refuse_sharded_strategies(trainer, "SelfCompression")
         refuse_duplicates(trainer, self)
+        # a weight-averaging callback's copy of the model must keep its shapes: removal then waits for fit end, which
+        # comes after that callback copied the averaged weights back (so the export holds the averaged model)
+        self._averaging = weight_averaging_after(trainer, self, "SelfCompression")
+        if self._averaging and self.remove_every_n_steps and stage == "fit":
+            rank_zero_info(
+                "SelfCompression: a weight-averaging callback keeps a copy of the model, so 0-bit channels are removed "
+                "at fit end only (they output zero meanwhile)"
+            )
         self.compressor.install(pl_module)
         if isinstance(pl_module, CompressionMixin):
             pl_module._lxai_compressor = self.compressor
@@ -362,7 +378,7 @@ class SelfCompression(Callback):
         logging = self.log_every_n_steps and step % self.log_every_n_steps == 0
         if removal or logging:
             self._warn_dead_layers(step)
-        if removal and trainer.world_size == 1:
+        if removal and trainer.world_size == 1 and not self._averaging:
             self._remove(trainer, pl_module)
         if logging:
             self.log_state(trainer, step, figure=step % (10 * self.log_every_n_steps) == 0)
