@@ -350,18 +350,31 @@ class _AverageAtTrainEnd(pl.Callback):
 
 
 @pytest.mark.skipif(EMAWeightAveraging is None, reason="Lightning < 2.5 has no EMAWeightAveraging")
-@pytest.mark.parametrize("net", ["lenet", "resnet"])  # resnet: batch norms, whose gates SelfCompression adds later
-def test_lightning_weight_averaging_after_self_compression_trains_and_exports_the_averaged_model(tmp_path, net):
+# resnet: batch norms, whose gates SelfCompression adds later; each γ removes channels without breaking the model
+@pytest.mark.parametrize("net,gamma", [("lenet", 0.1), ("resnet", 0.5)])
+def test_lightning_weight_averaging_after_self_compression_trains_and_exports_the_averaged_model(tmp_path, net, gamma):
     """Lightning's EMA keeps a copy of the model and copies it back by position when training ends: removal during
     training (every 5 steps here) would change the model's shapes under it, so it waits for fit end, and the export
-    holds the averaged weights."""
+    holds the averaged weights. After the fit-end removal its copy is the shrunk model, so ``trainer.validate``
+    (where it swaps its copy in) works."""
     pl.seed_everything(0)
     model = ImageClassifier(net)
     path = tmp_path / "m.safetensors"
-    cb = SelfCompression(gamma=0.5, remove_every_n_steps=5, log_every_n_steps=0, export_path=str(path))
+    cb = SelfCompression(gamma=gamma, remove_every_n_steps=5, log_every_n_steps=0, export_path=str(path))
     probe = _AverageAtTrainEnd()
     ema = EMAWeightAveraging(decay=0.9, update_starting_at_step=46)  # from the bit depths' freeze (0.8 of 57 steps)
-    _trainer(tmp_path, [cb, ema, probe], max_epochs=3).fit(model, DigitsDataModule())
+    dm = DigitsDataModule()
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=3,
+        callbacks=[cb, ema, probe],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        deterministic=True,
+    )
+    trainer.fit(model, dm)
     assert probe.state.keys() == probe.average.keys()
     for k, v in probe.average.items():  # the model trained on, replaced by its average
         assert torch.equal(probe.state[k], v), k
@@ -372,7 +385,14 @@ def test_lightning_weight_averaging_after_self_compression_trains_and_exports_th
     x = torch.rand(16, 1, 8, 8)
     reloaded = load_compressed(path, ImageClassifier(net).net).eval()
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(x), model(x), rtol=0, atol=1e-5)
+        expected = model(x)
+        torch.testing.assert_close(reloaded(x), expected, rtol=0, atol=1e-5)
+    # the averaging callback swaps its copy in for validation, by position: it was given the shrunk model's
+    (metrics,) = trainer.validate(model, dm, verbose=False)
+    assert metrics["val/acc"] > 0.5  # a working model
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)  # validation swapped back what it swapped in
 
 
 def test_weight_averaging_listed_before_self_compression_is_refused_before_the_model_changes(tmp_path):

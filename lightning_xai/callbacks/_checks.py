@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
-__all__ = ["refuse_sharded_strategies", "resolve_export_path", "refuse_duplicates", "weight_averaging_after"]
+from lightning.pytorch.utilities import rank_zero_warn
+
+__all__ = [
+    "refuse_sharded_strategies",
+    "resolve_export_path",
+    "refuse_duplicates",
+    "weight_averaging_after",
+    "refresh_averaged_copies",
+]
 
 _SHARDED = ("FSDP", "DeepSpeed", "ModelParallel")
 
@@ -74,3 +83,27 @@ def weight_averaging_after(trainer: Any, callback: Any, who: str) -> bool:
             f"its averaged copy would not match the model. Put {who} first, e.g. `callbacks=[{who}(...), {name}(...)]`"
         )
     return True
+
+
+def refresh_averaged_copies(trainer: Any, pl_module: Any, who: str) -> None:
+    """After ``who`` changed the model's shapes at fit end, give the weight-averaging callbacks a copy of the model
+    as it now is (it already holds their average: they copied it back when training ended), so that a later
+    ``trainer.validate`` — where they swap their copy in by position — or checkpoint finds matching tensors.
+
+    Written by hand because Lightning offers no public way to do it: the copy lives in their ``_average_model``
+    attribute (an ``AveragedModel`` around the module for ``WeightAveraging``, the module itself for
+    ``StochasticWeightAveraging``); where that is not found, a warning says what will fail.
+    """
+    for cb in getattr(trainer, "callbacks", []):
+        if not isinstance(cb, _averaging_types()):
+            continue
+        held = getattr(cb, "_average_model", None)
+        if held is not None and isinstance(getattr(held, "module", None), type(pl_module)):
+            held.module = copy.deepcopy(pl_module)
+        elif held is not None and isinstance(held, type(pl_module)):
+            cb._average_model = copy.deepcopy(pl_module)
+        else:
+            rank_zero_warn(
+                f"{who} changed the model's shapes at fit end and could not update {type(cb).__name__}'s averaged "
+                "copy: a later `trainer.validate` with this Trainer would fail; use a new Trainer for it"
+            )

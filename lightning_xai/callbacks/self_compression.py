@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from lightning_xai._validation import validate_bool, validate_export_path, validate_number
 from lightning_xai.callbacks._checks import (
+    refresh_averaged_copies,
     refuse_duplicates,
     refuse_sharded_strategies,
     resolve_export_path,
@@ -497,8 +498,11 @@ class SelfCompression(Callback):
         self._report_skipped(trainer)
         self._warn_dead_layers(trainer.global_step)
         if self.remove_at_fit_end:
+            removed = self.channels_removed
             with on_training_device(trainer, pl_module):  # Lightning moved the model to the CPU before this hook
                 self._remove(trainer, pl_module)
+            if self._averaging and self.channels_removed != removed:
+                refresh_averaged_copies(trainer, pl_module, "SelfCompression")
         metrics = self.log_state(trainer, trainer.global_step, figure=True)
         log_text(trainer, "compression/summary", self._summary(metrics), trainer.global_step)
         if self.export_path is not None and trainer.global_step == 0:
