@@ -407,3 +407,40 @@ def test_weight_averaging_listed_before_self_compression_is_refused_before_the_m
         _trainer(tmp_path, [swa, SelfCompression()], max_epochs=1, limit_train_batches=2).fit(model, DigitsDataModule())
     assert list(model.state_dict()) == list(before)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+@pytest.mark.skipif(EMAWeightAveraging is None, reason="Lightning < 2.5 has no EMAWeightAveraging")
+@pytest.mark.parametrize("name", ["CSWAPPruning", "AttributionPruning", "LRPCompression"])
+def test_fit_end_compression_hands_weight_averaging_the_compressed_model(tmp_path, name):
+    """The fit-end callbacks change the model after the averaging callback copied its average back; its copy is then
+    stale, and it swaps that copy in for every later ``trainer.validate``: C-SWAP's removed channels fail on shapes,
+    zeroed layers or quantized weights would silently validate the uncompressed model. Each hands it the result."""
+    from lightning_xai.callbacks import AttributionPruning, CSWAPPruning, LRPCompression
+    from lightning_xai.models.nets import SmallResNet
+
+    make = {
+        "CSWAPPruning": lambda: CSWAPPruning(target_ratio=0.3, samples_per_class=4, curves=("cswap",)),
+        "AttributionPruning": lambda: AttributionPruning(),
+        "LRPCompression": lambda: LRPCompression(prune=0.3),
+    }
+    torch.manual_seed(0)
+    dm = DigitsDataModule(batch_size=64, seed=0)
+    model = ImageClassifier(SmallResNet(1, 10, width=4))
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=1,
+        callbacks=[make[name](), EMAWeightAveraging(decay=0.9)],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(model, dm)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    held = _averaging(trainer)._average_model.module.state_dict()
+    assert held.keys() == state.keys()
+    assert all(torch.equal(held[k], v) for k, v in state.items())
+    trainer.validate(model, dm, verbose=False)  # swaps the copy in and back
+    after = model.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())

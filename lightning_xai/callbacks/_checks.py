@@ -86,9 +86,10 @@ def weight_averaging_after(trainer: Any, callback: Any, who: str) -> bool:
 
 
 def refresh_averaged_copies(trainer: Any, pl_module: Any, who: str) -> None:
-    """After ``who`` changed the model's shapes at fit end, give the weight-averaging callbacks a copy of the model
-    as it now is (it already holds their average: they copied it back when training ended), so that a later
-    ``trainer.validate`` — where they swap their copy in by position — or checkpoint finds matching tensors.
+    """After ``who`` changed the model at fit end (removed channels or layers, pruned or quantized weights), give the
+    weight-averaging callbacks a copy of the model as it now is (it already holds their average: they copied it back
+    when training ended). They swap their copy in by position for every later ``trainer.validate`` and save it in
+    checkpoints: a stale copy fails on changed shapes, or, worse, silently validates the unpruned model.
 
     Written by hand because Lightning offers no public way to do it: the copy lives in their ``_average_model``
     attribute (an ``AveragedModel`` around the module for ``WeightAveraging``, the module itself for
@@ -104,6 +105,6 @@ def refresh_averaged_copies(trainer: Any, pl_module: Any, who: str) -> None:
             cb._average_model = copy.deepcopy(pl_module)
         else:
             rank_zero_warn(
-                f"{who} changed the model's shapes at fit end and could not update {type(cb).__name__}'s averaged "
-                "copy: a later `trainer.validate` with this Trainer would fail; use a new Trainer for it"
+                f"{who} changed the model at fit end and could not update {type(cb).__name__}'s averaged copy: a "
+                "later `trainer.validate` with this Trainer would swap that stale copy in; use a new Trainer for it"
             )

@@ -22,6 +22,7 @@ from lightning_xai.attribution.layers import (
     TaylorScorer,
     classification_loss,
 )
+from lightning_xai.callbacks._checks import refresh_averaged_copies
 from lightning_xai.callbacks._data import dataset_tensors, from_rank_zero, on_training_device, split_dataset
 from lightning_xai.callbacks._resize import ResizeOnLoad
 from lightning_xai.evaluation import accuracy, latency_ratio
@@ -119,6 +120,8 @@ class AttributionPruning(ResizeOnLoad):
             return
         with on_training_device(trainer, pl_module):  # Lightning moved the model to the CPU before this hook
             self._fit_end(trainer, pl_module)
+        if self.pruned:
+            refresh_averaged_copies(trainer, pl_module, "AttributionPruning")
 
     def _fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         vx, vy = dataset_tensors(split_dataset(trainer, "val", "AttributionPruning"))

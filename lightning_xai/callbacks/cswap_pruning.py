@@ -16,7 +16,7 @@ from lightning_xai._validation import (
     validate_names,
     validate_number,
 )
-from lightning_xai.callbacks._checks import resolve_export_path
+from lightning_xai.callbacks._checks import refresh_averaged_copies, resolve_export_path
 from lightning_xai.callbacks._data import dataset_tensors, from_rank_zero, on_training_device, split_dataset
 from lightning_xai.callbacks._resize import ResizeOnLoad, plain_weights_for_spawn
 from lightning_xai.evaluation import accuracy, count_macs, latency_ratio, measure_latency
@@ -145,6 +145,8 @@ class CSWAPPruning(ResizeOnLoad):
             return
         with on_training_device(trainer, pl_module):  # Lightning moved the model to the CPU before this hook
             self._fit_end(trainer, pl_module)
+        if self.plan is not None:
+            refresh_averaged_copies(trainer, pl_module, "CSWAPPruning")
 
     def _fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         analysis = split_dataset(trainer, self.analysis_split, "CSWAPPruning")

@@ -11,7 +11,12 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_xai._validation import validate_export_path, validate_number
 from lightning_xai.attribution.lrp import Composite, Epsilon, weight_relevance
-from lightning_xai.callbacks._checks import refuse_duplicates, refuse_sharded_strategies, resolve_export_path
+from lightning_xai.callbacks._checks import (
+    refresh_averaged_copies,
+    refuse_duplicates,
+    refuse_sharded_strategies,
+    resolve_export_path,
+)
 from lightning_xai.callbacks._data import dataset_tensors, from_rank_zero, on_training_device, split_dataset
 from lightning_xai.evaluation import accuracy
 from lightning_xai.logging import flush, log_histogram, log_scalars, log_text
@@ -102,6 +107,8 @@ class LRPCompression(pl.Callback):
             return
         with on_training_device(trainer, pl_module):  # Lightning moved the model to the CPU before this hook
             self._fit_end(trainer, pl_module)
+        if self.done:
+            refresh_averaged_copies(trainer, pl_module, "LRPCompression")
 
     def _fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         x, y = class_balanced_samples(
