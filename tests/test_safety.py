@@ -231,6 +231,36 @@ def test_forced_end_of_training_rollback(rollback, tmp_path):
         assert guard.last_accuracy < guard.threshold  # the wrecked model is what you get
 
 
+_EMA = getattr(pl.callbacks, "EMAWeightAveraging", None)  # Lightning >= 2.5
+
+
+@pytest.mark.skipif(_EMA is None, reason="Lightning < 2.5 has no EMAWeightAveraging")
+def test_a_rollback_after_weight_averaging_is_what_the_averaging_callback_holds_afterwards(tmp_path):
+    """The averaging callback copies its average into the model when training ends; the guard, listed after it,
+    judges that model and rolls it back, then hands the callback the rolled-back model (which it swaps in for every
+    later ``trainer.validate``)."""
+    model = _trained()
+    guard = PreservationGuard(fraction=0.1, lam=0.0, check_every_n_steps=5, max_drop=0.05)
+    ema = _EMA(decay=0.9)
+    wreck = _Wreck(guard)
+    quiet_trainer(tmp_path, [ema, wreck, guard], max_epochs=1).fit(model, DigitsDataModule())
+    assert guard.rolled_back
+    state, held = model.state_dict(), ema._average_model.module.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in wreck.healthy.items())
+    assert all(torch.equal(held[k], state[k]) for k in state)
+
+
+def test_weight_averaging_listed_after_the_guard_is_refused(tmp_path):
+    """It would copy its average into the model after the guard's train-end check, replacing what the guard judged
+    (or rolled back): refused at setup, naming the order to use."""
+    swa = pl.callbacks.StochasticWeightAveraging(swa_lrs=1e-3)
+    guard = PreservationGuard(fraction=0.1)
+    with pytest.raises(
+        ValueError, match=r"lists StochasticWeightAveraging after PreservationGuard.*Put PreservationGuard after"
+    ):
+        quiet_trainer(tmp_path, [guard, swa], max_epochs=1).fit(ImageClassifier("lenet"), DigitsDataModule())
+
+
 def test_freeze_bits_after_half_of_the_steps_stops_b_and_e():
     seen = []
 

@@ -12,6 +12,7 @@ __all__ = [
     "resolve_export_path",
     "refuse_duplicates",
     "weight_averaging_after",
+    "weight_averaging_before",
     "refresh_averaged_copies",
 ]
 
@@ -64,13 +65,15 @@ def _averaging_types() -> tuple[type, ...]:
     return tuple(t for t in (getattr(callbacks, n, None) for n in names) if isinstance(t, type))
 
 
-def weight_averaging_after(trainer: Any, callback: Any, who: str) -> bool:
+def weight_averaging_after(
+    trainer: Any, callback: Any, who: str, before_it: str = "its setup copies the model"
+) -> bool:
     """Whether the Trainer has a weight-averaging callback; raise when one comes before ``callback``.
 
     Those callbacks deep-copy the model in their ``setup`` and later copy the averaged tensors back by position. One
-    that sets up before ``callback`` copies the model before ``callback`` installs its quantizers, so the average
-    and the model hold different tensors (it fails, or copies into the wrong ones, when training ends); one after it
-    copies the quantized model, which works as long as no tensor changes shape while it trains.
+    that sets up before ``SelfCompression`` copies the model before the quantizers exist, so the average and the
+    model hold different tensors (it fails, or copies into the wrong ones, when training ends); one after it copies
+    the quantized model, which works as long as no tensor changes shape while it trains. ``before_it`` says why.
     """
     found = [cb for cb in getattr(trainer, "callbacks", []) if isinstance(cb, _averaging_types())]
     if not found:
@@ -79,8 +82,24 @@ def weight_averaging_after(trainer: Any, callback: Any, who: str) -> bool:
     if any(callbacks.index(cb) < callbacks.index(callback) for cb in found):
         name = type(found[0]).__name__
         raise ValueError(
-            f"`callbacks` lists {name} before {who}: it copies the model in its setup, before {who} changes it, so "
-            f"its averaged copy would not match the model. Put {who} first, e.g. `callbacks=[{who}(...), {name}(...)]`"
+            f"`callbacks` lists {name} before {who}: {before_it}. Put {who} first, e.g. "
+            f"`callbacks=[{who}(...), {name}(...)]`"
+        )
+    return True
+
+
+def weight_averaging_before(trainer: Any, callback: Any, who: str, after_it: str) -> bool:
+    """Whether the Trainer has a weight-averaging callback; raise when one comes after ``callback`` (``after_it``
+    says why that order fails)."""
+    found = [cb for cb in getattr(trainer, "callbacks", []) if isinstance(cb, _averaging_types())]
+    if not found:
+        return False
+    callbacks = list(trainer.callbacks)
+    if any(callbacks.index(cb) > callbacks.index(callback) for cb in found):
+        name = type(found[0]).__name__
+        raise ValueError(
+            f"`callbacks` lists {name} after {who}: {after_it}. Put {who} after it, e.g. "
+            f"`callbacks=[..., {name}(...), {who}(...)]`"
         )
     return True
 

@@ -14,7 +14,12 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_xai._validation import check_layer_names, validate_number
-from lightning_xai.callbacks._checks import refuse_duplicates, refuse_sharded_strategies
+from lightning_xai.callbacks._checks import (
+    refresh_averaged_copies,
+    refuse_duplicates,
+    refuse_sharded_strategies,
+    weight_averaging_before,
+)
 from lightning_xai.callbacks._data import dataset_inputs, dataset_labels, from_rank_zero, split_dataset
 from lightning_xai.evaluation import accuracy
 from lightning_xai.figures import gradcam_figure
@@ -251,6 +256,13 @@ class PreservationGuard(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         refuse_sharded_strategies(trainer, "PreservationGuard")
         refuse_duplicates(trainer, self)
+        weight_averaging_before(  # its train-end check must judge (and may roll back) the model the averaging leaves
+            trainer,
+            self,
+            "PreservationGuard",
+            "that callback copies its average into the model when training ends, after the guard's last check, "
+            "so it would replace the model the guard judged (or rolled back)",
+        )
         if self.target_layer is not None:
             check_layer_names("target_layer", [self.target_layer], pl_module)
 
@@ -342,6 +354,7 @@ class PreservationGuard(Callback):
                 }
             )
             log_scalars(trainer, {"preservation/rollback": 1.0, "preservation/accuracy": after}, trainer.global_step)
+            refresh_averaged_copies(trainer, pl_module, "PreservationGuard")
             rank_zero_warn(
                 f"PreservationGuard: accuracy {acc:.4f} stayed below {self.threshold:.4f} after restoring bits; "
                 f"the model was rolled back to its last healthy state (accuracy {after:.4f})"

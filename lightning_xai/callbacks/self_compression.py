@@ -194,7 +194,13 @@ class SelfCompression(Callback):
         refuse_duplicates(trainer, self)
         # a weight-averaging callback's copy of the model must keep its shapes: removal then waits for fit end, which
         # comes after that callback copied the averaged weights back (so the export holds the averaged model)
-        self._averaging = weight_averaging_after(trainer, self, "SelfCompression")
+        self._averaging = weight_averaging_after(
+            trainer,
+            self,
+            "SelfCompression",
+            "it copies the model in its setup, before SelfCompression installs its quantizers, so its averaged copy "
+            "would not match the model",
+        )
         if self._averaging and self.remove_every_n_steps and stage == "fit":
             rank_zero_info(
                 "SelfCompression: a weight-averaging callback keeps a copy of the model, so 0-bit channels are removed "
