@@ -402,7 +402,7 @@ def test_weight_averaging_listed_before_self_compression_is_refused_before_the_m
     before = {k: v.clone() for k, v in model.state_dict().items()}
     swa = pl.callbacks.StochasticWeightAveraging(swa_lrs=1e-3)
     with pytest.raises(
-        ValueError, match=r"lists StochasticWeightAveraging before SelfCompression.*Put SelfCompression first"
+        ValueError, match=r"lists StochasticWeightAveraging before SelfCompression.*Put SelfCompression before it"
     ):
         _trainer(tmp_path, [swa, SelfCompression()], max_epochs=1, limit_train_batches=2).fit(model, DigitsDataModule())
     assert list(model.state_dict()) == list(before)

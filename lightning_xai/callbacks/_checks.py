@@ -11,8 +11,7 @@ __all__ = [
     "refuse_sharded_strategies",
     "resolve_export_path",
     "refuse_duplicates",
-    "weight_averaging_after",
-    "weight_averaging_before",
+    "weight_averaging_order",
     "refresh_averaged_copies",
 ]
 
@@ -65,41 +64,30 @@ def _averaging_types() -> tuple[type, ...]:
     return tuple(t for t in (getattr(callbacks, n, None) for n in names) if isinstance(t, type))
 
 
-def weight_averaging_after(
-    trainer: Any, callback: Any, who: str, before_it: str = "its setup copies the model"
-) -> bool:
-    """Whether the Trainer has a weight-averaging callback; raise when one comes before ``callback``.
+def weight_averaging_order(trainer: Any, callback: Any, who: str, *, averaging_first: bool, why: str) -> bool:
+    """Whether the Trainer has a weight-averaging callback; raise (``why`` says why) when one sits on the wrong side
+    of ``callback``: after it when ``averaging_first``, before it otherwise.
 
-    Those callbacks deep-copy the model in their ``setup`` and later copy the averaged tensors back by position. One
-    that sets up before ``SelfCompression`` copies the model before the quantizers exist, so the average and the
-    model hold different tensors (it fails, or copies into the wrong ones, when training ends); one after it copies
-    the quantized model, which works as long as no tensor changes shape while it trains. ``before_it`` says why.
+    Those callbacks deep-copy the model in their ``setup`` and copy the averaged tensors back by position when
+    training ends, so ``SelfCompression`` (which installs its quantizers at setup) must come before them and
+    ``PreservationGuard`` (which judges, and may roll back, the model at train end) after them.
     """
     found = [cb for cb in getattr(trainer, "callbacks", []) if isinstance(cb, _averaging_types())]
     if not found:
         return False
     callbacks = list(trainer.callbacks)
-    if any(callbacks.index(cb) < callbacks.index(callback) for cb in found):
-        name = type(found[0]).__name__
-        raise ValueError(
-            f"`callbacks` lists {name} before {who}: {before_it}. Put {who} first, e.g. "
-            f"`callbacks=[{who}(...), {name}(...)]`"
+    mine = callbacks.index(callback)
+    wrong = [cb for cb in found if (callbacks.index(cb) > mine) == averaging_first]
+    if wrong:
+        name = type(wrong[0]).__name__
+        side, fix = (
+            ("after", f"[..., {name}(...), {who}(...)]")
+            if averaging_first
+            else ("before", f"[{who}(...), {name}(...)]")
         )
-    return True
-
-
-def weight_averaging_before(trainer: Any, callback: Any, who: str, after_it: str) -> bool:
-    """Whether the Trainer has a weight-averaging callback; raise when one comes after ``callback`` (``after_it``
-    says why that order fails)."""
-    found = [cb for cb in getattr(trainer, "callbacks", []) if isinstance(cb, _averaging_types())]
-    if not found:
-        return False
-    callbacks = list(trainer.callbacks)
-    if any(callbacks.index(cb) > callbacks.index(callback) for cb in found):
-        name = type(found[0]).__name__
         raise ValueError(
-            f"`callbacks` lists {name} after {who}: {after_it}. Put {who} after it, e.g. "
-            f"`callbacks=[..., {name}(...), {who}(...)]`"
+            f"`callbacks` lists {name} {side} {who}: {why}. Put {who} {'after' if averaging_first else 'before'} it, "
+            f"e.g. `callbacks={fix}`"
         )
     return True
 

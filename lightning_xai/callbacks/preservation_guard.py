@@ -18,7 +18,7 @@ from lightning_xai.callbacks._checks import (
     refresh_averaged_copies,
     refuse_duplicates,
     refuse_sharded_strategies,
-    weight_averaging_before,
+    weight_averaging_order,
 )
 from lightning_xai.callbacks._data import dataset_inputs, dataset_labels, from_rank_zero, split_dataset
 from lightning_xai.evaluation import accuracy
@@ -256,11 +256,12 @@ class PreservationGuard(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         refuse_sharded_strategies(trainer, "PreservationGuard")
         refuse_duplicates(trainer, self)
-        weight_averaging_before(  # its train-end check must judge (and may roll back) the model the averaging leaves
+        weight_averaging_order(  # its train-end check must judge (and may roll back) the model the averaging leaves
             trainer,
             self,
             "PreservationGuard",
-            "that callback copies its average into the model when training ends, after the guard's last check, "
+            averaging_first=True,
+            why="that callback copies its average into the model when training ends, after the guard's last check, "
             "so it would replace the model the guard judged (or rolled back)",
         )
         if self.target_layer is not None:

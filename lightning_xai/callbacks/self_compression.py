@@ -17,7 +17,7 @@ from lightning_xai.callbacks._checks import (
     refuse_duplicates,
     refuse_sharded_strategies,
     resolve_export_path,
-    weight_averaging_after,
+    weight_averaging_order,
 )
 from lightning_xai.callbacks._data import from_rank_zero, on_training_device
 from lightning_xai.callbacks._resize import plain_weights_for_spawn, register_resize_hook, save_plain_checkpoint
@@ -194,12 +194,13 @@ class SelfCompression(Callback):
         refuse_duplicates(trainer, self)
         # a weight-averaging callback's copy of the model must keep its shapes: removal then waits for fit end, which
         # comes after that callback copied the averaged weights back (so the export holds the averaged model)
-        self._averaging = weight_averaging_after(
+        self._averaging = weight_averaging_order(
             trainer,
             self,
             "SelfCompression",
-            "it copies the model in its setup, before SelfCompression installs its quantizers, so its averaged copy "
-            "would not match the model",
+            averaging_first=False,
+            why="it copies the model in its setup, before SelfCompression installs its quantizers, so its averaged "
+            "copy would not match the model",
         )
         if self._averaging and self.remove_every_n_steps and stage == "fit":
             rank_zero_info(
