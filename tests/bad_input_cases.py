@@ -71,6 +71,8 @@ CASES = [
     ("SelfCompression: two of them in one Trainer", "_fit([SelfCompression(), SelfCompression()])"),
     ("SelfCompression: layer patterns that select nothing", "_fit([SelfCompression(include='^nope$')])"),
     ("SelfCompression: a sharded strategy", "_setup(SelfCompression(), strategy=FSDPStrategy())"),
+    ("SelfCompression: listed after a weight-averaging callback", "_after_averaging(SelfCompression())"),
+    ("PreservationGuard: listed before a weight-averaging callback", "_before_averaging(PreservationGuard())"),
     ("SelfCompression: export of a model whose training diverged", "export_compressed(_nan_model(), _file())"),
     ("export: an unknown coding", "export_compressed(_quantized_lenet(), _file(), coding='zip')"),
     ("CSWAPPruning: export path of the wrong type", "CSWAPPruning(export_path=5)"),

@@ -92,6 +92,22 @@ def _setup(callback, strategy):
     callback.setup(SimpleNamespace(strategy=strategy, callbacks=[callback]), ImageClassifier("lenet"), "fit")
 
 
+def _after_averaging(callback):
+    """``callback``'s setup in a Trainer whose callbacks list Lightning's ``StochasticWeightAveraging`` first."""
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+
+    averaging = StochasticWeightAveraging(swa_lrs=1e-3)
+    callback.setup(SimpleNamespace(strategy=None, callbacks=[averaging, callback]), ImageClassifier("lenet"), "fit")
+
+
+def _before_averaging(callback):
+    """``callback``'s setup in a Trainer whose callbacks list ``StochasticWeightAveraging`` after it."""
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+
+    averaging = StochasticWeightAveraging(swa_lrs=1e-3)
+    callback.setup(SimpleNamespace(strategy=None, callbacks=[callback, averaging]), ImageClassifier("lenet"), "fit")
+
+
 def _nan_model():
     net = LeNet()
     layers = install_quantizers(net)
