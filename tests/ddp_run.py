@@ -1,5 +1,6 @@
-"""Run by tests/test_ddp.py in a subprocess: self-compression + guard + C-SWAP + LRP-free fit-end pruning under
-``strategy="ddp"`` on CPU (gloo), or in one process. Every rank writes a fingerprint of what it ended with.
+"""Run by tests/test_ddp.py in a subprocess: self-compression + Lightning's EMA weight averaging (where Lightning has
+it) + guard + C-SWAP + LRP-free fit-end pruning under ``strategy="ddp"`` on CPU (gloo), or in one process. Every rank
+writes a fingerprint of what it ended with.
 
     python tests/ddp_run.py OUT_PREFIX DEVICES
 """
@@ -30,12 +31,14 @@ def main(out: str, devices: int) -> None:
     guard = PreservationGuard(fraction=0.1, lam=0.5, max_drop=0.02, check_every_n_steps=5, cooldown_steps=5)
     cswap = CSWAPPruning(target_ratio=0.3, samples_per_class=4, curves=())
     layers = AttributionPruning(mode="zero", num_batches=1, apply=False)
+    averaging = getattr(pl.callbacks, "EMAWeightAveraging", None)  # Lightning >= 2.5
+    ema = [averaging(decay=0.9, update_starting_at_step=40)] if averaging is not None else []  # 80 % of 4 epochs
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=devices,
         strategy="ddp" if devices > 1 else "auto",
         max_epochs=4,
-        callbacks=[sc, guard, cswap, layers],
+        callbacks=[sc, *ema, guard, cswap, layers],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -59,8 +62,15 @@ def main(out: str, devices: int) -> None:
         "layers_pruned": layers.result["pruned"],
         "params": sum(p.numel() for p in model.parameters()),
         "test_acc": acc,
+        # the averaging callback's copy is the final (C-SWAP-pruned) model on every rank, or None without one
+        "average_is_model": _same(ema[0]._average_model.module, model) if ema else None,
     }
     Path(f"{out}.{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning.pytorch as pl
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -35,3 +37,6 @@ def test_ddp_ranks_agree_and_match_the_single_process_run(tmp_path):
     assert abs(rank0["test_acc"] - single["test_acc"]) <= 0.05  # same global batch; DDP shards the data
     assert abs(rank0["params"] - single["params"]) <= 0.05 * single["params"]
     assert rank0["params"] < 0.75 * 20166  # C-SWAP removed ~30 % of the parameters on both
+    # with Lightning's EMA (>= 2.5) in the run: its copy is the pruned model on every rank
+    expected = True if hasattr(pl.callbacks, "EMAWeightAveraging") else None
+    assert [r["average_is_model"] for r in (rank0, rank1, single)] == [expected] * 3
