@@ -31,7 +31,8 @@ def assert_same_state(model: nn.Module, saved: dict) -> None:
 
 
 def quiet_trainer(root, callbacks, max_epochs=2, logger=False, **kw) -> pl.Trainer:
-    """A deterministic CPU Trainer without progress bars, sanity checks or validation."""
+    """A deterministic CPU Trainer without progress bars, sanity checks or validation (``limit_val_batches=1.0``
+    turns validation back on)."""
     return pl.Trainer(
         default_root_dir=root,
         max_epochs=max_epochs,
@@ -41,9 +42,8 @@ def quiet_trainer(root, callbacks, max_epochs=2, logger=False, **kw) -> pl.Train
         enable_model_summary=False,
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
         num_sanity_val_steps=0,
-        limit_val_batches=0,
         deterministic=True,
-        **kw,
+        **{"limit_val_batches": 0, **kw},
     )
 
 

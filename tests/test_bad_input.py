@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from bad_input_cases import CASES
+from helpers import assert_same_state, state_copy
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
@@ -275,9 +276,8 @@ def test_every_callback_refuses_a_sharded_strategy_before_touching_the_model(mak
     names itself and the strategy at ``setup``, and the model is left exactly as it was (no quantizer, no hook)."""
     callback = make()
     model = ImageClassifier("lenet")
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = state_copy(model)
     with pytest.raises(ValueError, match=rf"{type(callback).__name__} does not support `strategy`=FSDPStrategy"):
         callback.setup(SimpleNamespace(strategy=FSDPStrategy(), callbacks=[callback]), model, "fit")
-    after = model.state_dict()
-    assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
+    assert_same_state(model, before)
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())

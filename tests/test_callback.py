@@ -6,7 +6,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import quiet_trainer
+from helpers import assert_same_state, quiet_trainer, state_copy
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
@@ -343,10 +343,8 @@ class _AverageAtTrainEnd(pl.Callback):
     averaged weights back and before ``SelfCompression``'s fit-end removal."""
 
     def on_train_end(self, trainer, pl_module):
-        self.state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
-        self.average = {
-            k: v.detach().clone() for k, v in _averaging(trainer)._average_model.module.state_dict().items()
-        }
+        self.state = state_copy(pl_module)
+        self.average = state_copy(_averaging(trainer)._average_model.module)
 
 
 @pytest.mark.skipif(EMAWeightAveraging is None, reason="Lightning < 2.5 has no EMAWeightAveraging")
@@ -364,16 +362,7 @@ def test_lightning_weight_averaging_after_self_compression_trains_and_exports_th
     probe = _AverageAtTrainEnd()
     ema = EMAWeightAveraging(decay=0.9, update_starting_at_step=46)  # from the bit depths' freeze (0.8 of 57 steps)
     dm = DigitsDataModule()
-    trainer = pl.Trainer(
-        default_root_dir=tmp_path,
-        max_epochs=3,
-        callbacks=[cb, ema, probe],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        deterministic=True,
-    )
+    trainer = _trainer(tmp_path, [cb, ema, probe], max_epochs=3, limit_val_batches=1.0)
     trainer.fit(model, dm)
     assert probe.state.keys() == probe.average.keys()
     for k, v in probe.average.items():  # the model trained on, replaced by its average
@@ -399,14 +388,13 @@ def test_weight_averaging_listed_before_self_compression_is_refused_before_the_m
     """Its setup would copy the model before the quantizers exist, so its average would not match the model (found
     failing when training ended, after the whole run): refused at setup, naming the order to use."""
     model = ImageClassifier("lenet")
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = state_copy(model)
     swa = pl.callbacks.StochasticWeightAveraging(swa_lrs=1e-3)
     with pytest.raises(
         ValueError, match=r"lists StochasticWeightAveraging before SelfCompression.*Put SelfCompression before it"
     ):
         _trainer(tmp_path, [swa, SelfCompression()], max_epochs=1, limit_train_batches=2).fit(model, DigitsDataModule())
-    assert list(model.state_dict()) == list(before)
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert_same_state(model, before)
 
 
 @pytest.mark.skipif(EMAWeightAveraging is None, reason="Lightning < 2.5 has no EMAWeightAveraging")
@@ -426,21 +414,9 @@ def test_fit_end_compression_hands_weight_averaging_the_compressed_model(tmp_pat
     torch.manual_seed(0)
     dm = DigitsDataModule(batch_size=64, seed=0)
     model = ImageClassifier(SmallResNet(1, 10, width=4))
-    trainer = pl.Trainer(
-        default_root_dir=tmp_path,
-        max_epochs=1,
-        callbacks=[make[name](), EMAWeightAveraging(decay=0.9)],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-    )
+    trainer = _trainer(tmp_path, [make[name](), EMAWeightAveraging(decay=0.9)], max_epochs=1, limit_val_batches=1.0)
     trainer.fit(model, dm)
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    held = _averaging(trainer)._average_model.module.state_dict()
-    assert held.keys() == state.keys()
-    assert all(torch.equal(held[k], v) for k, v in state.items())
+    state = state_copy(model)
+    assert_same_state(_averaging(trainer)._average_model.module, state)
     trainer.validate(model, dm, verbose=False)  # swaps the copy in and back
-    after = model.state_dict()
-    assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
+    assert_same_state(model, state)
