@@ -74,6 +74,49 @@ def test_closed_form_penalty_gradient_equals_autograd():
         torch.testing.assert_close(p.grad, g)
 
 
+def _closed_form_matches_autograd(sc):
+    bits = [lay.quantizer.b for lay in sc.layers]
+    expected = torch.autograd.grad(sc.penalty().total, bits)
+    for b in bits:
+        b.grad = None
+    sc.add_penalty_gradients()
+    for b, g in zip(bits, expected):
+        torch.testing.assert_close(b.grad, g)
+
+
+def test_cached_channel_weights_follow_shapes_and_relief():
+    """The per-channel weights ``n_l / N0`` of the penalty are cached between steps: a consumer that lost inputs
+    (``n_l`` shrinks) and a changed relief each rebuild them, so the closed-form gradient keeps matching autograd
+    (a stale cache would keep the old ``n_l`` or the old relief)."""
+    net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    sc = SelfCompressor(gamma=0.5)
+    sc.install(net)
+    _closed_form_matches_autograd(sc)
+    # the second layer loses two input columns by hand (what removal does to a consumer): n_l 5 → 3
+    plist = net[2].parametrizations.weight
+    plist.original = nn.Parameter(plist.original.detach()[:, :3].clone())
+    _closed_form_matches_autograd(sc)
+    assert sc._weights[5:].tolist() == pytest.approx([3 / 45] * 3)
+    with torch.no_grad():
+        sc.layers[0].quantizer.relief[1] = 0.25
+    _closed_form_matches_autograd(sc)
+    assert sc._weights[1].item() == pytest.approx(0.25 * 6 / 45)
+
+
+def test_cached_channel_weights_follow_a_device_move():
+    """After the model moves (here to the meta device; on a GPU a stale CPU cache would fail the step, meta accepts
+    it silently, so the cache itself is inspected), the cached weights are rebuilt on the new device."""
+    net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    sc = SelfCompressor(gamma=0.5)
+    sc.install(net)
+    sc.add_penalty_gradients()
+    assert sc._weights.device.type == "cpu"
+    net.to("meta")
+    sc.add_penalty_gradients()
+    assert sc._weights.device.type == "meta"
+    assert all(lay.quantizer.b.grad.device.type == "meta" for lay in sc.layers)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

@@ -235,7 +235,8 @@ class BatchedQuantization:
             outs = _BatchedQuantizeSTE.apply(meta, serving, *weights, *bits, *exps)
             for (q, w), out in zip(members, outs):
                 SERVED[q] = (out, w, w._version, q.b._version, q.e._version, serving)
-        self._gate_all([layer for layer, _, _ in live], serving)
+        if groups:  # no batched weights (a CPU model): its gates are not batched either, skip looking for them
+            self._gate_all([layer for layer, _, _ in live], serving)
 
     def _gate_all(self, layers: list, serving: Serving) -> None:
         """The bias and batch-norm gates (``tensor · [b > 0]``) of every paired layer in one multiply per

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -146,19 +147,22 @@ class SelfCompressor:
             params += [layer.quantizer.b, layer.quantizer.e]
         return params
 
-    def _channel_weights(self, layers: list[QuantizedLayer]) -> Tensor:
+    def _channel_weights(self, layers: list[QuantizedLayer], pairs: list | None = None) -> Tensor:
         """``n_l / N0`` for every channel of ``layers``, concatenated like their ``b`` (one device tensor, rebuilt
-        only when a layer's shape changed, i.e. after a removal)."""
-        quantizers = [layer.quantizer for layer in layers]
-        key = tuple(
-            (int(q.b.shape[0]), _per_channel(layer), q.b.device, q.b.dtype, id(q.relief), q.relief._version)
-            for q, layer in zip(quantizers, layers)
-        )
+        only when a layer's shape changed, i.e. after a removal). ``pairs``: the layers' (quantizer, latent weight),
+        when the caller already looked them up (each lookup walks the parametrization's module containers)."""
+        if pairs is None:
+            pairs = [(layer.quantizer, layer.original) for layer in layers]
+        # a per-step check in pure Python on cached attributes (shapes, ids, versions): no tensor is created
+        key = tuple((q.b.shape[0], w.shape[1:], id(q.relief), q.relief._version) for q, w in pairs)
+        if pairs:
+            key += ((pairs[0][0].b.device, pairs[0][0].b.dtype),)
         if key != self._weights_key or self._weights is None:
             n0 = float(max(self.initial_weights, 1))
+            quantizers = [q for q, _ in pairs]
             device, dtype = quantizers[0].b.device, quantizers[0].b.dtype
             self._weights = torch.cat(
-                [q.relief.to(dtype) * (k[1] / n0) for q, k in zip(quantizers, key)]
+                [q.relief.to(device=device, dtype=dtype) * (_per_channel(w) / n0) for q, w in pairs]
                 or [torch.zeros(0, device=device, dtype=dtype)]
             )
             self._weights_key = key
@@ -191,11 +195,12 @@ class SelfCompressor:
         gamma = self.gamma * self.gamma_scale
         with torch.no_grad():
             if gamma and bits:
-                trained = [layer for layer in self.layers if layer.quantizer.b.requires_grad]
-                bits = [layer.quantizer.b for layer in trained]
+                pairs = [(layer.quantizer, layer.original) for layer in self.layers]
+                pairs = [(q, w) for q, w in pairs if q.b.requires_grad]
+                bits = [q.b for q, _ in pairs]
                 if bits:
                     flat = torch.cat(bits)
-                    grads = ((flat > 0) * self._channel_weights(trained)) * (scale * gamma)
+                    grads = ((flat > 0) * self._channel_weights([], pairs)) * (scale * gamma)
                     _add_grads(bits, list(grads.split([b.shape[0] for b in bits])))
             alpha = self.alpha * self.gamma_scale
             if alpha:
@@ -220,9 +225,9 @@ class SelfCompressor:
         self.float_bytes = int(state.get("float_bytes", self.float_bytes))
 
 
-def _per_channel(layer: QuantizedLayer) -> int:
-    original = layer.original
-    return int(original[0].numel()) if original.shape[0] else 0
+def _per_channel(weight: Tensor) -> int:
+    """Weights per output channel of ``weight`` (shape ``(C, ...)``)."""
+    return math.prod(weight.shape[1:])
 
 
 def _add_grads(params: list[Tensor], grads: list[Tensor]) -> None:
