@@ -262,6 +262,25 @@ def test_fused_forward_is_bit_exact_over_many_ranges():
         torch.testing.assert_close(ef, ee, rtol=1e-5, atol=1e-6)
 
 
+def test_a_fused_forward_whose_backward_cannot_fuse_falls_back_to_the_eager_backward(monkeypatch):
+    """The fused forward saves the kernels' ranges and ``b``'s gradient factor; when the backward cannot take the
+    fused kernel (a compile that broke in between, compiled autograd tracing it, another gradient dtype), the eager
+    backward runs from those saved tensors and gives the eager quantizer's gradients."""
+    from lightning_xai.quantization import ste
+
+    w, b, e, g = _float32_case(FUSED_SHAPES[1], 3)
+    ref = quantize(w, b, e)
+    (ref * g).sum().backward()
+    expected = [t.grad.clone() for t in (w, b, e)]
+    w.grad = b.grad = e.grad = None
+    q = quantize(w, b, e, fused=True)
+    monkeypatch.setitem(ste._FUSED, "broken", True)
+    (q * g).sum().backward()
+    assert torch.equal(q, ref)
+    for got, want in zip((w.grad, b.grad, e.grad), expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_fused_kernels_keep_a_channels_last_weight_in_its_layout(monkeypatch):
     """A channels_last weight goes through the fused kernels in its own layout (a view, no copy): its quantized
     weight and its gradient come back channels_last, with the values of the contiguous weight's eager path."""

@@ -109,8 +109,8 @@ def _rowsum(t: Tensor) -> Tensor:
 # temporaries. Measured on ResNet-50's 54 layers (2 CPU cores), forward + backward through this Function: ≈ 77 ms
 # fused, ≈ 130 ms eager (≈ 185 ms before the eager backward's workspace); the bare kernels alone take ≈ 45 ms.
 # The kernels also compute the per-channel ranges (from eager 2^e and 2^(b⁺−1): a compiled exp2 rounds differently)
-# and the backward recomputes the quantized weight instead of reading it: the forward of the 54 layers went from
-# ≈ 27 to ≈ 21 ms (medians, same process, alternated), the backward by ≈ 1–2 ms.
+# and hand them to the backward: the forward of the 54 layers went from ≈ 27 to ≈ 21 ms (medians, same process,
+# alternated), the backward about unchanged.
 # Used for float32 CPU layers of at least _FUSE_MIN_NUMEL weights when ``fused=True`` and nothing else is compiling;
 # a failed compile (no C++ toolchain, …) warns once and leaves the eager path to every later call.
 _FUSE_MIN_NUMEL = 4096
@@ -126,22 +126,21 @@ def _ranges(b: Tensor, s: Tensor, half: Tensor) -> tuple[Tensor, Tensor, Tensor,
     return alive, hs, torch.where(alive, -hs, 0.0), torch.where(alive, hs - s, 0.0)
 
 
-def _forward_math(w: Tensor, b: Tensor, s: Tensor, half: Tensor) -> Tensor:
+def _forward_math(w: Tensor, b: Tensor, s: Tensor, half: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The fused forward on rows ``w`` ``(C, N)`` with per-channel ``(C, 1)`` columns: the range is computed inside
-    the kernel instead of by channel-sized eager ops per layer."""
-    _, _, lo, hi = _ranges(b, s, half)
-    return torch.round(torch.clamp(w, lo, hi) / s) * s
-
-
-def _backward_math(grad: Tensor, w: Tensor, b: Tensor, s: Tensor, half: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The fused backward: the weight gradient and the finished ``b``/``e`` gradients (``(C,)`` each). The quantized
-    weight is recomputed (the forward's exact operations) rather than read: one weight-sized pass less."""
+    the kernel instead of by channel-sized eager ops per layer, and returned with ``b``'s gradient factor
+    ``−ln2·hs·[b > 0]`` for the backward."""
     alive, hs, lo, hi = _ranges(b, s, half)
-    c = torch.clamp(w, lo, hi)
-    out = torch.round(c / s) * s
-    d = c - w
+    return torch.round(torch.clamp(w, lo, hi) / s) * s, lo, hi, torch.where(alive, hs, 0.0) * -LN2
+
+
+def _backward_math(
+    grad: Tensor, w: Tensor, out: Tensor, lo: Tensor, hi: Tensor, factor: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The fused backward: the weight gradient and the finished ``b``/``e`` gradients (``(C,)`` each)."""
+    d = torch.clamp(w, lo, hi) - w
     grad_in = torch.where(d == 0, grad, 0.0)
-    grad_b = (grad * torch.sign(d)).sum(1) * (torch.where(alive, hs, 0.0) * -LN2).squeeze(1)
+    grad_b = (grad * torch.sign(d)).sum(1) * factor.squeeze(1)
     grad_e = (grad * out - grad_in * w).sum(1) * LN2
     return grad_in, grad_b, grad_e
 
@@ -190,10 +189,11 @@ class _QuantizeSTE(torch.autograd.Function):
         ctx.cl = cl = channels_last(weight)  # the fused kernels read and write a channels_last weight in its layout
         if ctx.fused:
             cols = (b.detach().view(-1, 1), torch.exp2(e.detach()).view(-1, 1), _half(b.detach()).view(-1, 1))
-            out = _run_fused("forward", _forward_math, rows(weight, cl), *cols)
-            if out is not None:
+            res = _run_fused("forward", _forward_math, rows(weight, cl), *cols)
+            if res is not None:
+                out, lo, hi, factor = res
                 out = unrows(out, weight.shape, cl)
-                ctx.save_for_backward(weight, out, *cols)
+                ctx.save_for_backward(weight, out, lo, hi, factor)
                 return out
             ctx.fused = False
         shape = (-1,) + (1,) * (weight.dim() - 1)
@@ -211,17 +211,18 @@ class _QuantizeSTE(torch.autograd.Function):
     @once_differentiable  # the STE's gradient is not itself differentiated (and the workspaces must not be recorded)
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         if ctx.fused:
-            weight, out, *cols = ctx.saved_tensors
-            if grad.dtype == torch.float32 and _fusable(weight, cols[0]):
+            weight, out, lo, hi, factor = ctx.saved_tensors
+            if grad.dtype == torch.float32 and _fusable(weight, lo):
                 cl = ctx.cl
-                res = _run_fused("backward", _backward_math, rows(grad, cl), rows(weight, cl), *cols)
+                args = (rows(grad, cl), rows(weight, cl), rows(out, cl), lo, hi, factor)
+                res = _run_fused("backward", _backward_math, *args)
                 if res is not None:
                     grad_in, grad_b, grad_e = res
                     grad_w = unrows(grad_in, weight.shape, cl) if ctx.needs_input_grad[0] else None
                     return grad_w, grad_b if ctx.needs_input_grad[1] else None, grad_e, None
             # a gradient of another dtype, or a failed compile: the eager backward, from the same saved tensors
-            alive, hs, lo, hi = _ranges(*(c.view(-1) for c in cols))
             shape = (-1,) + (1,) * (weight.dim() - 1)
+            hs, alive = factor.view(-1) / -LN2, torch.ones_like(factor.view(-1))  # factor is 0 for dead channels
             lo, hi = lo.view(shape), hi.view(shape)
         else:
             weight, out, lo, hi, hs, alive = ctx.saved_tensors
