@@ -147,12 +147,10 @@ class SelfCompressor:
             params += [layer.quantizer.b, layer.quantizer.e]
         return params
 
-    def _channel_weights(self, layers: list[QuantizedLayer], pairs: list | None = None) -> Tensor:
-        """``n_l / N0`` for every channel of ``layers``, concatenated like their ``b`` (one device tensor, rebuilt
-        only when a layer's shape changed, i.e. after a removal). ``pairs``: the layers' (quantizer, latent weight),
-        when the caller already looked them up (each lookup walks the parametrization's module containers)."""
-        if pairs is None:
-            pairs = [(layer.quantizer, layer.original) for layer in layers]
+    def _channel_weights(self, pairs: list[tuple[Any, Tensor]]) -> Tensor:
+        """``n_l / N0`` for every channel of the layers whose (quantizer, latent weight) are ``pairs`` (looked up
+        once per step by the caller: each lookup walks the parametrization's module containers), concatenated like
+        their ``b`` (one device tensor, rebuilt only when a layer's shape, relief or device changed)."""
         # a per-step check in pure Python on cached attributes (shapes, ids, versions): no tensor is created
         key = tuple((q.b.shape[0], w.shape[1:], id(q.relief), q.relief._version) for q, w in pairs)
         if pairs:
@@ -173,8 +171,9 @@ class SelfCompressor:
         """``gamma_scale·(γ·Q + α·L1)`` as differentiable tensors (one concatenation over all layers, not a loop of
         small ops); ``gamma_scale`` is the callback's warm-up ramp (1 without one)."""
         layers = self.layers
-        bits = [layer.quantizer.b for layer in layers]
-        q = (torch.cat(bits).clamp(min=0) * self._channel_weights(layers)).sum()
+        pairs = [(layer.quantizer, layer.original) for layer in layers]
+        bits = [quantizer.b for quantizer, _ in pairs]
+        q = (torch.cat(bits).clamp(min=0) * self._channel_weights(pairs)).sum()
         if self.alpha:
             n0 = max(self.initial_weights, 1)
             l1 = torch.stack([layer.original.abs().sum() for layer in layers]).sum() / n0
@@ -200,7 +199,7 @@ class SelfCompressor:
                 bits = [q.b for q, _ in pairs]
                 if bits:
                     flat = torch.cat(bits)
-                    grads = ((flat > 0) * self._channel_weights([], pairs)) * (scale * gamma)
+                    grads = ((flat > 0) * self._channel_weights(pairs)) * (scale * gamma)
                     _add_grads(bits, list(grads.split([b.shape[0] for b in bits])))
             alpha = self.alpha * self.gamma_scale
             if alpha:
