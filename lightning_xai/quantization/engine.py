@@ -157,8 +157,7 @@ class SelfCompressor:
             key += ((pairs[0][0].b.device, pairs[0][0].b.dtype),)
         if key != self._weights_key or self._weights is None:
             n0 = float(max(self.initial_weights, 1))
-            quantizers = [q for q, _ in pairs]
-            device, dtype = quantizers[0].b.device, quantizers[0].b.dtype
+            device, dtype = pairs[0][0].b.device, pairs[0][0].b.dtype
             self._weights = torch.cat(
                 [q.relief.to(device=device, dtype=dtype) * (_per_channel(w) / n0) for q, w in pairs]
                 or [torch.zeros(0, device=device, dtype=dtype)]

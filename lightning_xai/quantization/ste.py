@@ -109,29 +109,31 @@ def _rowsum(t: Tensor) -> Tensor:
 # temporaries. Measured on ResNet-50's 54 layers (2 CPU cores), forward + backward through this Function: ≈ 77 ms
 # fused, ≈ 130 ms eager (≈ 185 ms before the eager backward's workspace); the bare kernels alone take ≈ 45 ms.
 # The kernels also compute the per-channel ranges (from eager 2^e and 2^(b⁺−1): a compiled exp2 rounds differently)
-# and hand them to the backward: the forward of the 54 layers went from ≈ 27 to ≈ 21 ms (medians, same process,
-# alternated), the backward about unchanged.
+# and hand them to the backward: forward of the 54 layers ≈ 3–5 ms faster, backward ≈ 3–11 ms (three alternated
+# runs in one process, BENCHMARKS.md `overhead` notes).
 # Used for float32 CPU layers of at least _FUSE_MIN_NUMEL weights when ``fused=True`` and nothing else is compiling;
 # a failed compile (no C++ toolchain, …) warns once and leaves the eager path to every later call.
 _FUSE_MIN_NUMEL = 4096
 _FUSED: dict[str, object] = {}
 
 
-def _ranges(b: Tensor, s: Tensor, half: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``alive``, ``hs`` and the clamp range ``[lo, hi]`` in weight units from ``s = 2^e`` and ``half = 2^(b⁺−1)``;
-    traced into the fused kernels (products and selections: exact in any order of evaluation; the powers of two come
-    from eager ``exp2``, whose rounding a compiled kernel need not reproduce)."""
+def _ranges(b: Tensor, s: Tensor, half: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The clamp range ``[lo, hi]`` in weight units, ``[-half·s, (half-1)·s]``, and ``b``'s gradient factor
+    ``−ln2·s·half·[b > 0]`` from ``s = 2^e`` and ``half = 2^(b⁺−1)``. A 0-bit channel gets the range ``[0, 0]``, so
+    its codes are +0 (the formula's ``[-0.5, -0.5]`` rounds to −0). Traced into the fused kernels as well (products
+    and selections: exact in any order of evaluation; the powers of two come from eager ``exp2``, whose rounding a
+    compiled kernel need not reproduce)."""
     alive = b > 0
     hs = half * s
-    return alive, hs, torch.where(alive, -hs, 0.0), torch.where(alive, hs - s, 0.0)
+    return torch.where(alive, -hs, 0.0), torch.where(alive, hs - s, 0.0), torch.where(alive, hs, 0.0) * -LN2
 
 
 def _forward_math(w: Tensor, b: Tensor, s: Tensor, half: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The fused forward on rows ``w`` ``(C, N)`` with per-channel ``(C, 1)`` columns: the range is computed inside
-    the kernel instead of by channel-sized eager ops per layer, and returned with ``b``'s gradient factor
-    ``−ln2·hs·[b > 0]`` for the backward."""
-    alive, hs, lo, hi = _ranges(b, s, half)
-    return torch.round(torch.clamp(w, lo, hi) / s) * s, lo, hi, torch.where(alive, hs, 0.0) * -LN2
+    the kernel instead of by channel-sized eager ops per layer, and returned with ``b``'s gradient factor for the
+    backward."""
+    lo, hi, factor = _ranges(b, s, half)
+    return torch.round(torch.clamp(w, lo, hi) / s) * s, lo, hi, factor
 
 
 def _backward_math(
@@ -198,20 +200,18 @@ class _QuantizeSTE(torch.autograd.Function):
             ctx.fused = False
         shape = (-1,) + (1,) * (weight.dim() - 1)
         s = torch.exp2(e)
-        # the range in weight units, [-half·s, (half-1)·s]; a 0-bit channel gets [0, 0], so its codes are +0 (the
-        # formula's [-0.5, -0.5] rounds to -0)
-        alive, hs, lo, hi = _ranges(b, s, _half(b))
+        lo, hi, factor = _ranges(b, s, _half(b))
         lo, hi = lo.view(shape), hi.view(shape)
         sv = s.view(shape)
         out = torch.clamp(weight, lo, hi).div_(sv).round_().mul_(sv)
-        ctx.save_for_backward(weight, out, lo, hi, hs, alive)
+        ctx.save_for_backward(weight, out, lo, hi, factor)
         return out if out.dtype == weight.dtype else out.to(weight.dtype)
 
     @staticmethod
     @once_differentiable  # the STE's gradient is not itself differentiated (and the workspaces must not be recorded)
     def backward(ctx, grad: Tensor):  # type: ignore[override]
+        weight, out, lo, hi, factor = ctx.saved_tensors
         if ctx.fused:
-            weight, out, lo, hi, factor = ctx.saved_tensors
             if grad.dtype == torch.float32 and _fusable(weight, lo):
                 cl = ctx.cl
                 args = (rows(grad, cl), rows(weight, cl), rows(out, cl), lo, hi, factor)
@@ -219,13 +219,12 @@ class _QuantizeSTE(torch.autograd.Function):
                 if res is not None:
                     grad_in, grad_b, grad_e = res
                     grad_w = unrows(grad_in, weight.shape, cl) if ctx.needs_input_grad[0] else None
-                    return grad_w, grad_b if ctx.needs_input_grad[1] else None, grad_e, None
-            # a gradient of another dtype, or a failed compile: the eager backward, from the same saved tensors
+                    need_b, need_e = ctx.needs_input_grad[1:3]
+                    return grad_w, grad_b if need_b else None, grad_e if need_e else None, None
+            # a gradient of another dtype, or a failed compile: the eager backward, from the same saved tensors (the
+            # fused forward saved the ranges as (C, 1) columns)
             shape = (-1,) + (1,) * (weight.dim() - 1)
-            hs, alive = factor.view(-1) / -LN2, torch.ones_like(factor.view(-1))  # factor is 0 for dead channels
-            lo, hi = lo.view(shape), hi.view(shape)
-        else:
-            weight, out, lo, hi, hs, alive = ctx.saved_tensors
+            lo, hi, factor = lo.view(shape), hi.view(shape), factor.view(-1)
         w = weight if weight.dtype == out.dtype else weight.to(out.dtype)  # half weights: compute in b/e's dtype
         if grad.dtype != out.dtype:
             grad = grad.to(out.dtype)
@@ -234,7 +233,7 @@ class _QuantizeSTE(torch.autograd.Function):
         grad_w = grad_in.to(weight.dtype) if ctx.needs_input_grad[0] else None
         grad_b = grad_e = None
         if ctx.needs_input_grad[1]:  # ln2·s·2^(b−1)·Σ g·(+1 above, −1 below), 0 for b ≤ 0
-            grad_b = _rowsum(d.sign_().mul_(grad)).mul_(hs * alive).mul_(-LN2)
+            grad_b = _rowsum(d.sign_().mul_(grad)).mul_(factor)
         if ctx.needs_input_grad[2]:  # ln2·Σ g·(q − w·[inside]), summed as −ln2·Σ (g_in·w − g·q)
             grad_e = _rowsum(torch.mul(grad_in, w, out=d).addcmul_(grad, out, value=-1.0)).mul_(-LN2)
         return grad_w, grad_b, grad_e, None
