@@ -36,6 +36,7 @@ from lightning_xai.pruning.layer_pruning import (
     residual_branch_ends,
     select_bottom,
 )
+from lightning_xai.quantization.install import tied_layers
 
 __all__ = ["AttributionPruning", "compare_rankings"]
 
@@ -144,9 +145,19 @@ class AttributionPruning(ResizeOnLoad):
             able = bypassable_layers(pl_module, example, candidates)
             ends = residual_branch_ends(pl_module, example, [c for c in candidates if c not in able])
             candidates = [c for c in candidates if c in able or c in ends]
+        tied: dict[str, list[str]] = {}
+        if self.mode == "zero":  # zeroing a tied weight zeroes every layer holding it: such layers are not candidates
+            tied = tied_layers(pl_module, candidates)
+            if tied:
+                rank_zero_info(
+                    "AttributionPruning: not candidates in mode 'zero' (their weight is tied to another module, which "
+                    "zeroing would zero too): " + "; ".join(f"{n} (tied to {', '.join(o)})" for n, o in tied.items())
+                )
+                candidates = [c for c in candidates if c not in tied]
         if not candidates:
             raise ValueError(
                 f"AttributionPruning: no candidate layers for mode {self.mode!r} in {type(pl_module).__name__}"
+                + (f" (layers with tied weights are not candidates: {', '.join(tied)})" if tied else "")
             )
         count = max(1, int(self.fraction * len(candidates) + 0.5))
         if count >= len(candidates):

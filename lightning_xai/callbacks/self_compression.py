@@ -67,7 +67,8 @@ class SelfCompression(Callback):
             Weights it pushes to a zero code cost almost nothing in the entropy-coded export: on full MNIST's
             LeNet-300-100 ``alpha=10`` (with ``gamma=0.02, gamma_warmup=0.5``) is the recommended setting.
         init_bits: initial bit depth of every channel.
-        include: regex (``re.search``) of layer names to quantize; ``None`` means all Conv/Linear layers.
+        include: regex (``re.search``) of layer names to quantize; ``None`` means all Conv/Linear layers. A layer
+            whose weight another module holds too (tied weights) stays in float, with a warning.
         exclude: regex of layer names to keep in float.
         bits_lr: Adam learning rate of ``b`` and ``e``.
         bits_eps: Adam epsilon of ``b`` and ``e``.

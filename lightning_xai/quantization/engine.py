@@ -50,7 +50,8 @@ class SelfCompressor:
         gamma: weight of the size penalty ``Q``.
         alpha: weight of the L1 penalty.
         init_bits: initial bit depth of every channel.
-        include: regex of layer names to quantize (``re.search``); ``None`` selects every Conv/Linear layer.
+        include: regex of layer names to quantize (``re.search``); ``None`` selects every Conv/Linear layer. A layer
+            whose weight another module holds too (tied weights) stays in float, with a warning.
         exclude: regex of layer names to leave in float.
         compile: on the CPU, run the large float32 layers' quantizer through ``torch.compile``'d kernels (one fused
             loop each way: about a quarter of the eager quantizer's time; the first step compiles, ≈ 10–20 s once per
@@ -100,7 +101,8 @@ class SelfCompressor:
         if not layers:
             raise ValueError(
                 f"no layer matched: `include`={self.include!r}, `exclude`={self.exclude!r} select none of the "
-                "Conv1d/Conv2d/Linear/MultiheadAttention layers of the model"
+                "Conv1d/Conv2d/Linear/MultiheadAttention layers of the model (or only ones whose weight is tied to "
+                "another module, which stay in float)"
             )
         if fresh:
             self.initial_weights = sum(layer.original.numel() for layer in layers)

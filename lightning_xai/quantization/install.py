@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ __all__ = [
     "gate_following_batchnorms",
     "prepare_batchnorm_gates",
     "is_batchnorm",
+    "tied_parameters",
+    "tied_layers",
     "BN_TYPES",
 ]
 
@@ -119,6 +122,8 @@ def install_quantizers(
         raise ValueError(f"`init_bits` must be a number in [1, 32], got {init_bits!r}")
     inc = compile_pattern(include, "include")
     exc = compile_pattern(exclude, "exclude")
+    ties = tied_parameters(model)
+    tied: list[str] = []
     for name, module in list(model.named_modules()):
         if inc is not None and not inc.search(name):
             continue
@@ -127,12 +132,65 @@ def install_quantizers(
         for tensor, bias in _targets(module):
             if _is_installed(module, tensor):
                 continue
+            others = ties.get(_qualified(name, tensor))
+            if others:
+                # Tied weights (a language model's output layer sharing the embedding's matrix, …): the other holder
+                # would keep reading the latent float tensor while this layer reads its quantized version, a pair
+                # the packed file (one tensor per tie) cannot hold: the reloaded model would differ. Left in float.
+                tied.append(f"{_qualified(name, tensor)} (tied to {', '.join(others)})")
+                continue
             weight = getattr(module, tensor)
             quantizer = ChannelQuantizer(weight, float(init_bits))
             parametrize.register_parametrization(module, tensor, quantizer)
             if bias is not None:
                 parametrize.register_parametrization(module, bias, BiasGate(quantizer))
+    if tied:
+        warnings.warn(
+            f"left in float, not quantized: {'; '.join(tied)}: a weight shared with another module cannot be "
+            "quantized for one of them only (the export stores one tensor per tie, so the reloaded model would "
+            "differ from the trained one); exclude the layer (`exclude=`) to silence this",
+            UserWarning,
+            stacklevel=2,
+        )
     return quantized_layers(model)
+
+
+def _qualified(module_name: str, tensor: str) -> str:
+    return f"{module_name}.{tensor}" if module_name else tensor
+
+
+def tied_layers(model: nn.Module, names: list[str]) -> dict[str, list[str]]:
+    """The layers among ``names`` whose weight (``in_proj_weight`` for attention) another module holds too, with the
+    other holders: zeroing, pruning or quantizing that tensor for one layer changes the other as well."""
+    ties = tied_parameters(model)
+    modules = dict(model.named_modules())
+    found = {}
+    for name in names:
+        attr = "in_proj_weight" if isinstance(modules.get(name), nn.MultiheadAttention) else "weight"
+        others = ties.get(_qualified(name, attr))
+        if others:
+            found[name] = others
+    return found
+
+
+def tied_parameters(model: nn.Module) -> dict[str, list[str]]:
+    """Tied weights: ``{qualified name: [the other qualified names holding the same tensor]}`` for every parameter of
+    ``model`` that more than one module holds (a language model's output layer sharing the embedding's matrix, …).
+    A module reachable under two names counts once (it computes the same thing either way); a parametrized tensor
+    counts under the module it parametrizes (its latent ``original`` is the shared tensor)."""
+    holders: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, parametrize.ParametrizationList):
+            continue  # its `original` is counted below, under the module it belongs to
+        for pname, param in module._parameters.items():
+            if param is not None:
+                holders.setdefault(id(param), []).append(_qualified(name, pname))
+        if parametrize.is_parametrized(module):
+            for pname, plist in module.parametrizations.items():  # type: ignore[union-attr]
+                original = getattr(plist, "original", None)  # (a parametrization of several tensors has none)
+                if original is not None:
+                    holders.setdefault(id(original), []).append(_qualified(name, pname))
+    return {n: [o for o in names if o != n] for names in holders.values() if len(names) > 1 for n in names}
 
 
 def quantized_layers(model: nn.Module) -> list[QuantizedLayer]:

@@ -242,8 +242,8 @@ def _payload(model: nn.Module, plans: Mapping[str, WeightPlan]) -> tuple[dict[st
         for k, v in t.items():
             tensors[f"{name}.{attr}::{k}"] = v.contiguous()
     for key, value in model.state_dict().items():
-        if key not in planned:
-            tensors[key] = value.detach().cpu().contiguous()
+        if key not in planned:  # a copy: a tied tensor appears under each of its names, and safetensors refuses aliases
+            tensors[key] = value.detach().cpu().clone().contiguous()
     return tensors, layers_meta
 
 
