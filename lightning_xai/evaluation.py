@@ -10,6 +10,8 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
+from lightning_xai.quantization.install import detach_hook_weights
+
 __all__ = ["accuracy", "measure_latency", "latency_ratio", "count_macs", "model_device"]
 
 
@@ -57,6 +59,7 @@ def measure_latency(model: nn.Module, inputs: Any, repeats: int = 20, warmup: in
 
 def count_macs(model: nn.Module, example: Tensor) -> tuple[int, int]:
     """(MACs, parameters) of one forward of ``example`` (torch-pruning's counter; its stray prints are silenced)."""
+    detach_hook_weights(model)  # torch-pruning deep-copies the model
     with contextlib.redirect_stdout(io.StringIO()):
         macs, params = tp.utils.count_ops_and_params(model, example)
     return int(macs), int(params)

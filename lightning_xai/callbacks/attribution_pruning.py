@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -36,7 +35,7 @@ from lightning_xai.pruning.layer_pruning import (
     residual_branch_ends,
     select_bottom,
 )
-from lightning_xai.quantization.install import tied_layers
+from lightning_xai.quantization.install import copy_model, fixed_weights
 
 __all__ = ["AttributionPruning", "compare_rankings"]
 
@@ -145,19 +144,19 @@ class AttributionPruning(ResizeOnLoad):
             able = bypassable_layers(pl_module, example, candidates)
             ends = residual_branch_ends(pl_module, example, [c for c in candidates if c not in able])
             candidates = [c for c in candidates if c in able or c in ends]
-        tied: dict[str, list[str]] = {}
-        if self.mode == "zero":  # zeroing a tied weight zeroes every layer holding it: such layers are not candidates
-            tied = tied_layers(pl_module, candidates)
-            if tied:
+        fixed: dict[str, str] = {}
+        if self.mode == "zero":  # zeroing a tied or computed weight zeroes another layer too, or nothing
+            fixed = fixed_weights(pl_module, candidates)
+            if fixed:
                 rank_zero_info(
-                    "AttributionPruning: not candidates in mode 'zero' (their weight is tied to another module, which "
-                    "zeroing would zero too): " + "; ".join(f"{n} (tied to {', '.join(o)})" for n, o in tied.items())
+                    "AttributionPruning: not candidates in mode 'zero': "
+                    + "; ".join(f"{n} ({why})" for n, why in fixed.items())
                 )
-                candidates = [c for c in candidates if c not in tied]
+                candidates = [c for c in candidates if c not in fixed]
         if not candidates:
             raise ValueError(
                 f"AttributionPruning: no candidate layers for mode {self.mode!r} in {type(pl_module).__name__}"
-                + (f" (layers with tied weights are not candidates: {', '.join(tied)})" if tied else "")
+                + (f" (tied or computed weights are not candidates: {', '.join(fixed)})" if fixed else "")
             )
         count = max(1, int(self.fraction * len(candidates) + 0.5))
         if count >= len(candidates):
@@ -173,12 +172,12 @@ class AttributionPruning(ResizeOnLoad):
         pruned_l1 = from_rank_zero(trainer, select_bottom(l1, self.fraction, candidates))
         bench = vx[: self.batch_size]
         acc_before = accuracy(pl_module, vx, vy, self.batch_size)
-        original = copy.deepcopy(pl_module)
-        l1_model = copy.deepcopy(pl_module)
+        original = copy_model(pl_module)
+        l1_model = copy_model(pl_module)
         prune_layers(l1_model, pruned_l1, self.mode, example)
         acc_l1, lat_l1 = accuracy(l1_model, vx, vy, self.batch_size), latency_ratio(original, l1_model, bench, 5)
         del l1_model
-        target = pl_module if self.apply else copy.deepcopy(pl_module)
+        target = pl_module if self.apply else copy_model(pl_module)
         record = prune_layers(target, pruned_attr, self.mode, example)  # restores the model if it fails
         acc_attr, lat_attr = accuracy(target, vx, vy, self.batch_size), latency_ratio(original, target, bench, 5)
         del original

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 from typing import Any
 
@@ -36,6 +35,7 @@ from lightning_xai.pruning.cswap import (
     random_order,
 )
 from lightning_xai.pruning.units import apply_plan, find_units, save_pruned
+from lightning_xai.quantization.install import copy_model
 
 __all__ = ["CSWAPPruning"]
 
@@ -188,7 +188,7 @@ class CSWAPPruning(ResizeOnLoad):
             for m in self.curves
             if m in orders
         ]
-        original = copy.deepcopy(pl_module)  # to time both alternately (the machine's drifts hit both alike)
+        original = copy_model(pl_module)  # to time both alternately (the machine's drifts hit both alike)
         apply_plan(pl_module, units, plan, example)  # transactional: the model is untouched if this raises
         self.plan = plan
         params_after = sum(p.numel() for p in pl_module.parameters())

@@ -21,7 +21,7 @@ from lightning_xai.callbacks._data import dataset_tensors, from_rank_zero, on_tr
 from lightning_xai.evaluation import accuracy
 from lightning_xai.logging import flush, log_histogram, log_scalars, log_text
 from lightning_xai.pruning.cswap import class_balanced_samples
-from lightning_xai.quantization.install import tied_layers
+from lightning_xai.quantization.install import fixed_weights
 from lightning_xai.quantization.mixed import (
     apply_weight_plans,
     export_mixed,
@@ -131,22 +131,22 @@ class LRPCompression(pl.Callback):
         plans = None
         if trainer.is_global_zero:  # the analysis runs once; every rank applies rank 0's plans
             relevance = weight_relevance(pl_module, x, y, self.composite, self.output, self.batch_size)
-            # a weight tied to another module (an output layer sharing the embedding's matrix, …) is left as it is: a
-            # plan would prune and quantize it for both holders, and the packed file would code it for one of them
-            tied = tied_layers(pl_module, list(relevance))
-            if tied:
+            # a weight tied to another module (an output layer sharing the embedding's matrix, …) or computed by a
+            # parametrization (weight_norm, …) is left as it is: a plan would prune and quantize it for both holders
+            # (and the packed file code it for one), or write into a temporary
+            fixed = fixed_weights(pl_module, list(relevance))
+            if fixed:
                 rank_zero_info(
-                    "LRPCompression: left as they are (their weight is tied to another module): "
-                    + "; ".join(f"{n} (tied to {', '.join(o)})" for n, o in tied.items())
+                    "LRPCompression: left as they are: " + "; ".join(f"{n} ({why})" for n, why in fixed.items())
                 )
             plans = {
-                name: relevance_plan(r, self.prune, self.bits) for name, r in relevance.items() if name not in tied
+                name: relevance_plan(r, self.prune, self.bits) for name, r in relevance.items() if name not in fixed
             }
         plans = from_rank_zero(trainer, plans)
         if not plans:
             raise ValueError(
                 f"LRPCompression: no layer of {type(pl_module).__name__} to compress: every layer LRP reaches holds a "
-                "weight tied to another module; the model is unchanged"
+                "weight tied to another module or computed by a parametrization; the model is unchanged"
             )
         float_bytes = sum(v.numel() * v.element_size() for v in pl_module.state_dict().values())
         acc_before = accuracy(pl_module, vx, vy, self.batch_size)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import lightning.pytorch as pl
@@ -26,7 +25,7 @@ from lightning_xai.figures import gradcam_figure
 from lightning_xai.logging import log_figure, log_scalars, log_text, tensorboard_writers
 from lightning_xai.preservation.scores import UNCERTAINTY_KINDS, gradcam_maps, model_state_guard
 from lightning_xai.preservation.select import build_preservation_set
-from lightning_xai.quantization.install import is_batchnorm, quantized_layers
+from lightning_xai.quantization.install import copy_model, is_batchnorm, quantized_layers
 
 __all__ = ["PreservationGuard", "restore_lost_bits"]
 
@@ -550,4 +549,4 @@ def _float_model(model: nn.Module) -> nn.Module:
     param = next(model.parameters(), None)
     if param is None or param.dtype in (torch.float32, torch.float64):
         return model
-    return copy.deepcopy(model).float()
+    return copy_model(model).float()

@@ -30,7 +30,12 @@ from lightning_xai.pruning.heads import (
     sync_heads,
 )
 from lightning_xai.quantization.batched import per_layer_quantization
-from lightning_xai.quantization.install import BN_TYPES, QuantizedLayer, quantized_layers
+from lightning_xai.quantization.install import (
+    BN_TYPES,
+    QuantizedLayer,
+    foreign_parametrizations,
+    quantized_layers,
+)
 from lightning_xai.quantization.quantizer import ChannelQuantizer
 from lightning_xai.quantization.ste import channels_last
 
@@ -354,6 +359,9 @@ def _group_cuts(
         shared = _tied_with(module, names)
         if shared:
             return [], f"it is coupled with {name}, whose weight is tied to {shared} (removal would untie them)"
+        foreign = foreign_parametrizations(module)
+        if foreign:
+            return [], f"it is coupled with {name}, {_parametrized_by(foreign)} (not sliced here)"
         is_out = DG.is_out_channel_pruning_fn(dep.handler)
         is_in = DG.is_in_channel_pruning_fn(dep.handler)
         if target.type in (tp.ops.OPTYPE.CONV, tp.ops.OPTYPE.DEPTHWISE_CONV) and module.groups != 1:
@@ -407,10 +415,17 @@ def _unseen_reason(model: nn.Module, name: str) -> str:
 
 def _stored_weight(module: nn.Module) -> Tensor | None:
     """The stored ``weight`` tensor (the original if parametrized), without computing a parametrization."""
-    if parametrize.is_parametrized(module, "weight"):
-        return module.parametrizations["weight"].original  # type: ignore[index,return-value]
+    if parametrize.is_parametrized(module, "weight"):  # (a parametrization of several tensors has no `original`)
+        return getattr(module.parametrizations["weight"], "original", None)  # type: ignore[index]
     w = module._parameters.get("weight")
     return w if isinstance(w, Tensor) else None
+
+
+def _parametrized_by(foreign: dict[str, list[str]]) -> str:
+    """Why a layer with other parametrizations is not sliced: slicing their latent tensors (weight_norm's direction,
+    spectral_norm's power-iteration vectors, …) would change what the layer computes."""
+    kinds = "; ".join(f"{tensor} by {', '.join(k)}" for tensor, k in foreign.items())
+    return f"whose tensors are parametrized ({kinds}): slicing their latent tensors would change what it computes"
 
 
 def _tied_with(module: nn.Module, names: dict[nn.Module, str]) -> list[str]:
@@ -494,8 +509,9 @@ def _tensor_names(module: nn.Module) -> list[str]:
     names += [
         n for n in module._buffers if module._buffers[n] is not None and n not in module._non_persistent_buffers_set
     ]
-    if parametrize.is_parametrized(module):
-        names += list(module.parametrizations.keys())  # type: ignore[union-attr]
+    if parametrize.is_parametrized(module):  # a tensor parametrized by weight_norm & co. keeps its latent tensors
+        foreign = foreign_parametrizations(module)
+        names += [n for n in module.parametrizations.keys() if n not in foreign]  # type: ignore[union-attr]
     return names
 
 
@@ -504,8 +520,12 @@ def _plain_tensors(model: nn.Module):
     from lightning_xai.quantization.quantizer import BiasGate, ChannelQuantizer
 
     for name, module in model.named_modules():
-        if isinstance(module, (ChannelQuantizer, BiasGate, parametrize.ParametrizationList)):
+        if isinstance(module, (ChannelQuantizer, BiasGate)):
             continue
+        if isinstance(module, parametrize.ParametrizationList) and all(
+            isinstance(p, (ChannelQuantizer, BiasGate)) for p in module
+        ):
+            continue  # ours: its tensor appears under the plain name; another's keeps its latent tensors (original0…)
         for tensor in _tensor_names(module):
             yield (f"{name}.{tensor}" if name else tensor), module, tensor
 
@@ -589,6 +609,9 @@ def apply_cuts(
                 f"cannot remove channels of {name!r}: its weight is tied to {shared} and slicing would untie them; "
                 "untie the weights or leave these layers out"
             )
+        foreign = foreign_parametrizations(module)
+        if foreign:
+            raise ValueError(f"cannot remove channels of {name!r}: {_parametrized_by(foreign)}")
     edits = [] if edits is None else edits
     per_tensor: dict[tuple[int, str], tuple[nn.Module, str, dict[int, set[int]]]] = {}
     touched: set[nn.Module] = set()

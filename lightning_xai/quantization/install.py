@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 import warnings
 import weakref
@@ -11,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from lightning_xai.quantization.quantizer import BatchNormGate, BiasGate, ChannelQuantizer
 
@@ -31,7 +34,10 @@ __all__ = [
     "prepare_batchnorm_gates",
     "is_batchnorm",
     "tied_parameters",
-    "tied_layers",
+    "fixed_weights",
+    "foreign_parametrizations",
+    "copy_model",
+    "detach_hook_weights",
     "BN_TYPES",
 ]
 
@@ -123,7 +129,7 @@ def install_quantizers(
     inc = compile_pattern(include, "include")
     exc = compile_pattern(exclude, "exclude")
     ties = tied_parameters(model)
-    tied: list[str] = []
+    skipped: list[str] = []
     for name, module in list(model.named_modules()):
         if inc is not None and not inc.search(name):
             continue
@@ -132,44 +138,104 @@ def install_quantizers(
         for tensor, bias in _targets(module):
             if _is_installed(module, tensor):
                 continue
-            others = ties.get(_qualified(name, tensor))
-            if others:
-                # Tied weights (a language model's output layer sharing the embedding's matrix, …): the other holder
-                # would keep reading the latent float tensor while this layer reads its quantized version, a pair
-                # the packed file (one tensor per tie) cannot hold: the reloaded model would differ. Left in float.
-                tied.append(f"{_qualified(name, tensor)} (tied to {', '.join(others)})")
+            reason = _not_quantizable(module, tensor, ties.get(_qualified(name, tensor)))
+            if reason:
+                skipped.append(f"{_qualified(name, tensor)} ({reason})")
                 continue
             weight = getattr(module, tensor)
             quantizer = ChannelQuantizer(weight, float(init_bits))
             parametrize.register_parametrization(module, tensor, quantizer)
             if bias is not None:
                 parametrize.register_parametrization(module, bias, BiasGate(quantizer))
-    if tied:
+    if skipped:
         warnings.warn(
-            f"left in float, not quantized: {'; '.join(tied)}: a weight shared with another module cannot be "
-            "quantized for one of them only (the export stores one tensor per tie, so the reloaded model would "
-            "differ from the trained one); exclude the layer (`exclude=`) to silence this",
+            f"left in float, not quantized: {'; '.join(skipped)}; exclude the layer (`exclude=`) to silence this",
             UserWarning,
             stacklevel=2,
         )
     return quantized_layers(model)
 
 
+def _not_quantizable(module: nn.Module, tensor: str, tied_to: list[str] | None) -> str | None:
+    """Why ``module.<tensor>`` cannot take a quantizer, or ``None`` when it can."""
+    if tied_to:
+        # Tied weights (a language model's output layer sharing the embedding's matrix, …): the other holder would
+        # keep reading the latent float tensor while this layer reads its quantized version, a pair the packed file
+        # (one tensor per tie) cannot hold: the reloaded model would differ.
+        return (
+            f"tied to {', '.join(tied_to)}; a weight shared with another module cannot be quantized for one of them "
+            "only"
+        )
+    foreign = foreign_parametrizations(module).get(tensor)
+    if foreign:
+        # weight_norm, spectral_norm, orthogonal, …: the latent tensors are the parametrization's (``original0``,
+        # ``original1``, …), which the penalty, the channel removal and the packed export do not know how to slice
+        return f"already parametrized by {', '.join(foreign)}; remove that parametrization to quantize the layer"
+    if not isinstance(module._parameters.get(tensor), nn.Parameter):
+        return (
+            "not a parameter: computed by a hook, as the deprecated torch.nn.utils.weight_norm/spectral_norm do; use "
+            "their torch.nn.utils.parametrizations versions and remove them, or exclude the layer"
+        )
+    return None
+
+
 def _qualified(module_name: str, tensor: str) -> str:
     return f"{module_name}.{tensor}" if module_name else tensor
 
 
-def tied_layers(model: nn.Module, names: list[str]) -> dict[str, list[str]]:
-    """The layers among ``names`` whose weight (``in_proj_weight`` for attention) another module holds too, with the
-    other holders: zeroing, pruning or quantizing that tensor for one layer changes the other as well."""
+def foreign_parametrizations(module: nn.Module) -> dict[str, list[str]]:
+    """``{tensor: [parametrization class names]}`` for the tensors of ``module`` parametrized by something other than
+    this library's quantizer and gates (``weight_norm``, ``spectral_norm``, ``orthogonal``, …)."""
+    found: dict[str, list[str]] = {}
+    # the deprecated hook versions (torch.nn.utils.weight_norm / spectral_norm) recompute the tensor from their own
+    # parameters (weight_g and weight_v, …) before every forward
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, (WeightNorm, SpectralNorm)):
+            found.setdefault(hook.name, []).append(f"{type(hook).__name__} hook")
+    if not parametrize.is_parametrized(module):
+        return found
+    ours = (ChannelQuantizer, BiasGate)  # BatchNormGate is a BiasGate
+    for tensor, plist in module.parametrizations.items():  # type: ignore[union-attr]
+        kinds = [type(p).__name__ for p in plist if not isinstance(p, ours)]
+        if kinds:
+            found.setdefault(tensor, []).extend(kinds)
+    return found
+
+
+def detach_hook_weights(model: nn.Module) -> None:
+    """The deprecated weight_norm/spectral_norm hooks leave the weight they computed last on the module as a non-leaf
+    tensor, which ``copy.deepcopy`` refuses; every forward recomputes it, so a detached value changes nothing (a
+    backward still running holds the computed tensor itself, not the attribute)."""
+    for module in model.modules():
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, (WeightNorm, SpectralNorm)):
+                value = module.__dict__.get(hook.name)
+                if isinstance(value, Tensor) and value.grad_fn is not None:
+                    setattr(module, hook.name, value.detach())
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)``, also for a model with the deprecated weight_norm/spectral_norm hooks."""
+    detach_hook_weights(model)
+    return copy.deepcopy(model)
+
+
+def fixed_weights(model: nn.Module, names: list[str]) -> dict[str, str]:
+    """The layers among ``names`` whose weight (``in_proj_weight`` for attention) cannot be changed in place for that
+    layer alone, with the reason: another module holds the same tensor (zeroing, pruning or quantizing it would change
+    both), or it is computed (weight_norm, spectral_norm, …: writing into it changes a temporary, nothing stays)."""
     ties = tied_parameters(model)
     modules = dict(model.named_modules())
     found = {}
     for name in names:
-        attr = "in_proj_weight" if isinstance(modules.get(name), nn.MultiheadAttention) else "weight"
+        module = modules[name]
+        attr = "in_proj_weight" if isinstance(module, nn.MultiheadAttention) else "weight"
         others = ties.get(_qualified(name, attr))
+        foreign = foreign_parametrizations(module).get(attr)
         if others:
-            found[name] = others
+            found[name] = f"its weight is tied to {', '.join(others)}"
+        elif foreign:
+            found[name] = f"its weight is computed by {', '.join(foreign)}"
     return found
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lightning_xai.quantization.install import QuantizedLayer, quantized_layers
+from lightning_xai.quantization.install import QuantizedLayer, foreign_parametrizations, quantized_layers
 from lightning_xai.quantization.ste import bits_needed, quantize_to_int
 
 __all__ = ["LayerSize", "SizeReport", "size_report", "float_state_bytes", "plain_state_items"]
@@ -92,8 +92,17 @@ def plain_state_items(model: nn.Module) -> dict[str, torch.Tensor]:
     Quantized tensors are returned as their *original* float values under their plain name.
     """
     out: dict[str, torch.Tensor] = {}
+    # tensors parametrized by something else (weight_norm, spectral_norm, …) keep their keys: a fresh model of the
+    # same architecture has those parametrizations and loads their latent tensors (original0, _u, …) as they are
+    foreign = {
+        f"{name}.parametrizations.{tensor}." if name else f"parametrizations.{tensor}."
+        for name, module in model.named_modules()
+        for tensor in foreign_parametrizations(module)
+    }
     for key, value in model.state_dict(keep_vars=True).items():
-        if ".parametrizations." in f".{key}":
+        if any(key.startswith(f) for f in foreign):
+            out[key] = value
+        elif ".parametrizations." in f".{key}":
             prefix, _, rest = f".{key}".partition(".parametrizations.")
             tensor, _, tail = rest.partition(".")
             if tail != "original":
