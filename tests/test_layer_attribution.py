@@ -322,6 +322,8 @@ def test_attribution_pruning_refuses_to_prune_every_candidate(tmp_path):
     torch.manual_seed(0)
     model = ImageClassifier("mlp")  # three Linear layers: the middle one is the only candidate
     cb = AttributionPruning(num_batches=1)
-    with pytest.raises(ValueError, match=r"of 1 candidate layer\(s\).*would prune all of them"):
+    with pytest.raises(ValueError, match=r"of 1 candidate layer\(s\).*would prune all of them") as err:
         quiet_trainer(tmp_path, [cb], max_epochs=1).fit(model, DigitsDataModule(batch_size=64))
     assert cb.result is None or not cb.result.get("pruned")
+    # the remedies it names are ones that help: already in mode 'zero', one candidate (no `fraction` helps)
+    assert str(err.value).endswith("layer pruning needs a deeper model or `include_first_last=True`")

@@ -29,6 +29,9 @@ from lightning_xai import (
 from lightning_xai.quantization.install import fixed_weights, install_quantizers, tied_parameters
 
 
+pytestmark = pytest.mark.filterwarnings("ignore:.*torch.nn.utils.weight_norm.*is deprecated:FutureWarning")
+
+
 class TiedLM(pl.LightningModule):
     """Next-token model whose output layer is the embedding's matrix (GPT-2's tying)."""
 

@@ -160,10 +160,14 @@ class AttributionPruning(ResizeOnLoad):
             )
         count = max(1, int(self.fraction * len(candidates) + 0.5))
         if count >= len(candidates):
+            remedies = ["a deeper model"]
+            remedies += ["a smaller `fraction`"] if len(candidates) > 1 else []
+            remedies += ["mode='zero'"] if self.mode != "zero" else []
+            remedies += ["`include_first_last=True`"] if not self.include_first_last else []
             raise ValueError(
                 f"AttributionPruning: `fraction`={self.fraction} of {len(candidates)} candidate layer(s) in mode "
                 f"{self.mode!r} ({', '.join(candidates)}) would prune all of them (at least one layer is always "
-                "pruned); layer pruning needs a deeper model (or mode='zero', or `include_first_last=True`)"
+                f"pruned); layer pruning needs {' or '.join(remedies)}"
             )
         cls = GradientActivationScorer if self.scorer_name == "gradxact" else TaylorScorer
         attr = cls(self.loss_fn, self.num_batches, layers=candidates).score(pl_module, batches)
