@@ -28,7 +28,6 @@ from lightning_xai import (
 )
 from lightning_xai.quantization.install import fixed_weights, install_quantizers, tied_parameters
 
-
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.nn.utils.weight_norm.*is deprecated:FutureWarning")
 
 
