@@ -130,3 +130,32 @@ def test_the_resize_hook_does_not_drag_the_trainer_into_deep_copies():
     clone = copy.deepcopy(module)
     assert torch.equal(clone.weight, module.weight)
     clone.load_state_dict(module.state_dict())  # the copied hook still runs (a weak reference, no checkpoint)
+
+
+def test_evaluating_without_fit_leaves_an_uncompressed_model_as_it_is_and_a_checkpoint_tests_the_same(tmp_path):
+    """`trainer.validate/test` with SelfCompression attached train nothing: a model that was never compressed is
+    not touched (before, the quantizers were installed and its 8-bit version evaluated); a checkpoint of a compressed
+    run, tested on a fresh model through such a Trainer, gives the trained model's metrics exactly."""
+    dm = DigitsDataModule(batch_size=64)
+    torch.manual_seed(0)
+    base = ImageClassifier("lenet")
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    dm.setup("fit")
+    loader = dm.test_dataloader()
+    for run in ("validate", "test"):
+        trainer = quiet_trainer(str(tmp_path), [SelfCompression()], limit_val_batches=1.0)
+        getattr(trainer, run)(base, loader, verbose=False)
+    assert not quantized_layers(base)
+    assert list(base.state_dict()) == list(before)
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
+
+    ck = ModelCheckpoint(dirpath=str(tmp_path / "ck"), save_last=True)
+    trained = ImageClassifier("lenet")
+    trainer = quiet_trainer(str(tmp_path), [SelfCompression(gamma=0.02), ck], max_epochs=2, limit_val_batches=1.0)
+    trainer.fit(trained, dm)
+    expected = trainer.test(trained, dm, verbose=False)[0]
+    fresh = ImageClassifier("lenet")
+    got = quiet_trainer(str(tmp_path), [SelfCompression(gamma=0.02)]).test(
+        fresh, dm, ckpt_path=ck.last_model_path, verbose=False
+    )[0]
+    assert got == expected

@@ -28,7 +28,7 @@ from lightning_xai.pruning.heads import dead_heads
 from lightning_xai.pruning.surgery import apply_cuts, dead_channels, plain_gate_keys, remove_dead_channels
 from lightning_xai.quantization.engine import SelfCompressor
 from lightning_xai.quantization.export import export_compressed
-from lightning_xai.quantization.install import BatchNormFollowerRecorder, apply_batchnorm_gates
+from lightning_xai.quantization.install import BatchNormFollowerRecorder, apply_batchnorm_gates, quantized_layers
 from lightning_xai.quantization.keep import KEEP_CHOICES, StrongestHold, dead_layers, output_cutting_layers
 
 __all__ = ["SelfCompression"]
@@ -208,6 +208,15 @@ class SelfCompression(Callback):
                 "SelfCompression: a weight-averaging callback keeps a copy of the model, so 0-bit channels are removed "
                 "at fit end only (they output zero meanwhile)"
             )
+        if stage != "fit" and not quantized_layers(pl_module):
+            # `trainer.validate/test/predict` train nothing: a model that was never compressed is evaluated as it is
+            # (installing the quantizers would change it and evaluate its 8-bit version); a SelfCompression checkpoint
+            # holds the plain, quantized weights, which such a model loads as they are
+            rank_zero_info(
+                f"SelfCompression: `trainer.{stage}` on a model without quantizers evaluates it as it is (nothing is "
+                "installed outside `fit`)"
+            )
+            return
         self.compressor.install(pl_module)
         if isinstance(pl_module, CompressionMixin):
             pl_module._lxai_compressor = self.compressor
