@@ -12,6 +12,8 @@ CASES = [
     ("SelfCompression: unknown keep_channels choice", "SelfCompression(keep_channels='yes')"),
     ("quantizers: initial bit depth out of range", "install_quantizers(LeNet(), init_bits=0)"),
     ("quantizers: not a module", "install_quantizers('lenet')"),
+    ("quantizers: a lazy layer not initialized yet", "install_quantizers(nn.Sequential(nn.LazyLinear(4), nn.ReLU()))"),
+    ("SelfCompression: a lazy layer not initialized yet", "_fit([SelfCompression()], net='mlp', lazy=True)"),
     ("PreservationGuard: empty preservation set", "PreservationGuard(fraction=0.0)"),
     ("PreservationGuard: negative λ", "PreservationGuard(lam=-0.5)"),
     ("PreservationGuard: both accuracy rules", "PreservationGuard(min_accuracy=0.9, max_drop=0.02)"),

@@ -62,8 +62,9 @@ def _file():
     return str(TMP / "lxai_out.safetensors")
 
 
-def _fit(callbacks, val_size=None, net="lenet"):
-    """Fit a small digits classifier with ``callbacks`` for 2 batches (the error is expected on the way)."""
+def _fit(callbacks, val_size=None, net="lenet", lazy=False):
+    """Fit a small digits classifier with ``callbacks`` for 2 batches (the error is expected on the way); ``lazy``:
+    its first Linear layer replaced by an ``nn.LazyLinear`` that no forward has initialized yet."""
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -84,7 +85,13 @@ def _fit(callbacks, val_size=None, net="lenet"):
         num_sanity_val_steps=0,
         default_root_dir=str(TMP / "lxai_fit"),
     )
-    trainer.fit(ImageClassifier(net), train_dataloaders=dm.train_dataloader(), val_dataloaders=val)
+    model = ImageClassifier(net)
+    if lazy:
+        first = next(name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear))
+        parent, _, attr = first.rpartition(".")
+        out = model.get_submodule(first).out_features
+        setattr(model.get_submodule(parent), attr, torch.nn.LazyLinear(out))
+    trainer.fit(model, train_dataloaders=dm.train_dataloader(), val_dataloaders=val)
 
 
 def _setup(callback, strategy):

@@ -18,6 +18,7 @@ from lightning_xai.quantization.install import (
     install_quantizers,
     prepare_batchnorm_gates,
     quantized_layers,
+    refuse_lazy,
 )
 from lightning_xai.quantization.size import SizeReport, float_state_bytes, size_report
 
@@ -93,6 +94,7 @@ class SelfCompressor:
     # -- installation ---------------------------------------------------------------------------------------
     def install(self, model: nn.Module) -> list[QuantizedLayer]:
         """Install quantizers on ``model`` (idempotent) and record its float32 size for the ratios."""
+        refuse_lazy(model)  # before anything is measured or changed
         fresh = not quantized_layers(model)
         if fresh:
             self.float_bytes = float_state_bytes(model)

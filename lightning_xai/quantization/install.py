@@ -128,6 +128,7 @@ def install_quantizers(
         raise ValueError(f"`init_bits` must be a number in [1, 32], got {init_bits!r}")
     inc = compile_pattern(include, "include")
     exc = compile_pattern(exclude, "exclude")
+    refuse_lazy(model)
     ties = tied_parameters(model)
     skipped: list[str] = []
     for name, module in list(model.named_modules()):
@@ -154,6 +155,21 @@ def install_quantizers(
             stacklevel=2,
         )
     return quantized_layers(model)
+
+
+def refuse_lazy(model: nn.Module) -> None:
+    """Raise a clear error, before anything changes, when ``model`` holds lazy layers (``nn.LazyLinear`` & co.) whose
+    parameters do not exist yet: neither their shapes nor their bits can be known."""
+    lazy = [
+        f"{name or type(model).__name__} ({type(module).__name__})"
+        for name, module in model.named_modules()
+        if any(isinstance(p, nn.parameter.UninitializedParameter) for p in module.parameters(recurse=False))
+    ]
+    if lazy:
+        raise ValueError(
+            f"the model has lazy layers whose parameters are not initialized yet: {', '.join(lazy)}; run one forward "
+            "with a batch first (with Lightning: `model(example_batch)` before `trainer.fit`)"
+        )
 
 
 def _not_quantizable(module: nn.Module, tensor: str, tied_to: list[str] | None) -> str | None:
