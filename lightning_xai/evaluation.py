@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -24,6 +25,27 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def class_scores(output: Any) -> Tensor:
+    """The class scores ``(batch, classes)`` in what a model's forward returned: the tensor itself, the ``logits`` of a
+    mapping or of an object (Hugging Face's ``ModelOutput``), or the first element of a tuple/list.
+
+    Example:
+        >>> class_scores({"logits": torch.ones(2, 3), "loss": torch.zeros(())}).shape
+        torch.Size([2, 3])
+    """
+    if isinstance(output, Tensor):
+        return output
+    logits = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise TypeError(
+        f"the model's forward returned {type(output).__name__}; this analysis needs class scores: a (batch, classes) "
+        "tensor, a mapping or object with a `logits` tensor, or a tuple whose first element is that tensor"
+    )
+
+
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 256) -> float:
     """Top-1 accuracy of ``model`` on ``(x, y)`` in its current mode, without gradients. ``x``/``y`` may live on the
     CPU: each batch is moved to the model's device, and the count stays there until one read at the end."""
@@ -33,7 +55,7 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 256) -> f
         for start in range(0, x.shape[0], batch_size):
             xb = x[start : start + batch_size].to(device, non_blocking=True)
             yb = y[start : start + batch_size].to(device, non_blocking=True)
-            correct += (model(xb).argmax(-1) == yb).sum()
+            correct += (class_scores(model(xb)).argmax(-1) == yb).sum()
     return int(correct) / max(1, x.shape[0])
 
 

@@ -25,6 +25,7 @@ from scipy import stats
 from torch import Tensor, nn
 
 from lightning_xai._validation import validate_number
+from lightning_xai.evaluation import class_scores
 
 __all__ = [
     "CRITICAL",
@@ -184,11 +185,11 @@ def reference_causal_scores(
     try:
         model.eval()
         with torch.no_grad():
-            sigma = score_fn(model(inputs), labels)
+            sigma = score_fn(class_scores(model(inputs)), labels)
             stars = []
             for n in neurons:
                 with cut_channels(consumers, [n]):
-                    stars.append(score_fn(model(inputs), labels))
+                    stars.append(score_fn(class_scores(model(inputs)), labels))
     finally:
         for m, mode in modes.items():
             m.train(mode)

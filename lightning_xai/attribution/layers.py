@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_xai.evaluation import model_device
+from lightning_xai.evaluation import class_scores, model_device
 from lightning_xai.preservation.scores import model_state_guard
 
 __all__ = [
@@ -62,7 +62,7 @@ def classification_loss(model: nn.Module, batch: Any) -> tuple[Tensor, int]:
     """Summed cross-entropy of ``batch = (x, y, ...)`` in eval mode."""
     x, y = batch[0], batch[1]
     model.eval()
-    return F.cross_entropy(model(x), y, reduction="sum"), int(y.shape[0])
+    return F.cross_entropy(class_scores(model(x)), y, reduction="sum"), int(y.shape[0])
 
 
 def detection_loss(model: nn.Module, batch: Any) -> tuple[Tensor, int]:

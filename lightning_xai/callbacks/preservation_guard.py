@@ -20,7 +20,7 @@ from lightning_xai.callbacks._checks import (
     weight_averaging_order,
 )
 from lightning_xai.callbacks._data import dataset_inputs, dataset_labels, from_rank_zero, split_dataset
-from lightning_xai.evaluation import accuracy
+from lightning_xai.evaluation import accuracy, class_scores
 from lightning_xai.figures import gradcam_figure
 from lightning_xai.logging import log_figure, log_scalars, log_text, tensorboard_writers
 from lightning_xai.preservation.scores import UNCERTAINTY_KINDS, gradcam_maps, model_state_guard
@@ -300,7 +300,7 @@ class PreservationGuard(Callback):
             with torch.random.fork_rng(devices=devices, device_type=x.device.type), torch.enable_grad():
                 torch.manual_seed(step_seed)
                 with plugin.forward_context():
-                    logits = pl_module(plugin.convert_input(x))
+                    logits = class_scores(pl_module(plugin.convert_input(x)))
             if counters:
                 torch._foreach_sub_(counters, 1)
             loss = F.cross_entropy(logits.float(), y) * (self.lam / max(trainer.accumulate_grad_batches, 1))

@@ -26,7 +26,7 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import Tensor, nn
 
-from lightning_xai.evaluation import model_device
+from lightning_xai.evaluation import class_scores, model_device
 
 __all__ = [
     "gradcam_scores",
@@ -74,6 +74,18 @@ def last_conv(model: nn.Module) -> nn.Module:
     return convs[-1]
 
 
+class _Scores(nn.Module):
+    """``model`` returning only its class scores (pytorch-grad-cam indexes the output as a ``(batch, classes)``
+    tensor); the target layer is hooked on ``model``'s own module, so nothing is renamed."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return class_scores(self.model(x))
+
+
 class _RawGradCAM(GradCAM):
     """Grad-CAM that also keeps the unnormalised maps (the package rescales each map to [0, 1])."""
 
@@ -101,7 +113,7 @@ def gradcam_scores(
     out: list[Tensor] = []
     with model_state_guard(model), torch.enable_grad():
         # not `with GradCAM(...)`: its __exit__ swallows exceptions; release the hooks ourselves instead
-        cam = _RawGradCAM(model=model, target_layers=[layer])
+        cam = _RawGradCAM(model=_Scores(model), target_layers=[layer])
         try:
             device = model_device(model)
             for start in range(0, inputs.shape[0], batch_size):
@@ -120,7 +132,7 @@ def gradcam_maps(model: nn.Module, inputs: Tensor, labels: Tensor, target_layer:
     """Grad-CAM maps for each sample's label, as the package returns them: ``(N, H, W)`` in [0, 1], input size."""
     layer = last_conv(model) if target_layer is None else target_layer
     with model_state_guard(model), torch.enable_grad():
-        cam = GradCAM(model=model, target_layers=[layer])
+        cam = GradCAM(model=_Scores(model), target_layers=[layer])
         try:
             maps = cam(
                 input_tensor=inputs.to(model_device(model)),
@@ -155,7 +167,7 @@ def gradient_embedding_scores(
                 captured.clear()
                 x = tokens[start : start + batch_size].to(device)
                 y = labels[start : start + batch_size].to(device)
-                logits = model(x)
+                logits = class_scores(model(x))
                 logits.gather(1, y[:, None]).sum().backward()
                 e = captured[0]
                 scores.append((e.grad * e).abs().flatten(1).sum(1).detach().float().cpu())
@@ -176,7 +188,7 @@ def gradient_input_scores(model: nn.Module, inputs: Tensor, labels: Tensor, batc
         for start in range(0, inputs.shape[0], batch_size):
             x = inputs[start : start + batch_size].to(device).float().requires_grad_(True)
             y = labels[start : start + batch_size].to(device)
-            logits = model(x)
+            logits = class_scores(model(x))
             (grad,) = torch.autograd.grad(logits.gather(1, y[:, None]).sum(), x)
             scores.append((grad * x).abs().flatten(1).sum(1).detach().float().cpu())
     return torch.cat(scores)
@@ -211,7 +223,7 @@ def penultimate_embeddings(model: nn.Module, inputs: Tensor, batch_size: int = 5
             model.eval()
             for start in range(0, inputs.shape[0], batch_size):
                 before = len(feats)
-                outs.append(model(inputs[start : start + batch_size].to(device)).detach().float().cpu())
+                outs.append(class_scores(model(inputs[start : start + batch_size].to(device))).detach().float().cpu())
                 if len(feats) > before + 1:  # head called more than once (e.g. per token): keep the last call
                     feats[before:] = feats[-1:]
     finally:

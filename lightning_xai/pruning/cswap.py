@@ -53,7 +53,7 @@ from lightning_xai.attribution.causal import (
     classify_neurons,
     true_class_probability,
 )
-from lightning_xai.evaluation import accuracy
+from lightning_xai.evaluation import accuracy, class_scores
 from lightning_xai.pruning.heads import attention_of
 from lightning_xai.pruning.surgery import _eval_mode
 from lightning_xai.pruning.units import ChannelMasker, Plan, PrunableUnit, count_parameters, names_to
@@ -386,7 +386,7 @@ class _FastEngine(_Engine):
                 sl = slice(start, min(m, start + step))
                 env: dict[torch.fx.Node, Any] = {}
                 for node, value in self.frontier.items():
-                    if node in self.batchy and isinstance(value, Tensor):
+                    if node in self.batchy and isinstance(value, Tensor) and value.dim() > 0:
                         value = value[sl]
                         value = value.repeat(k, *([1] * (value.dim() - 1))) if k > 1 else value
                     env[node] = value
@@ -423,6 +423,11 @@ def _make_engine(
     score_fn: ScoreFn,
     batch_size: int,
 ) -> _Engine:
+    user_fn = score_fn
+
+    def score_fn(output: Any, labels: Tensor) -> Tensor:  # models may return a dict / tuple / ModelOutput
+        return user_fn(class_scores(output), labels)
+
     if mode == "reference":
         return _Engine(model, units, masker, inputs, labels, score_fn, batch_size)
     if mode != "fast":

@@ -1,0 +1,113 @@
+"""Models whose forward returns more than a tensor: a dict with ``logits`` (Hugging Face's ``ModelOutput`` is one) or
+a tuple whose first element is the class scores (``class_scores`` also reads an object's ``logits`` attribute). Every
+analysis that reads class scores (accuracy, the guard's loss and selection, C-SWAP's σ, layer scores, Grad-CAM) takes
+them out the same way and decides exactly what it decides for the same network returning the bare tensor."""
+
+from types import SimpleNamespace
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from helpers import quiet_trainer
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_xai import AttributionPruning, CSWAPPruning, PreservationGuard, SelfCompression
+from lightning_xai.evaluation import class_scores
+from lightning_xai.preservation.scores import gradcam_scores
+
+
+def test_class_scores_takes_the_logits_out_of_every_usual_output():
+    t = torch.randn(4, 3)
+    assert class_scores(t) is t
+    assert class_scores({"loss": torch.zeros(()), "logits": t}) is t
+    assert class_scores(SimpleNamespace(logits=t, hidden_states=None)) is t
+    assert class_scores((t, torch.zeros(4, 8))) is t
+    with pytest.raises(TypeError, match=r"returned str; this analysis needs class scores"):
+        class_scores("logits")
+    with pytest.raises(TypeError, match=r"returned dict"):
+        class_scores({"scores": t})
+
+
+class Net(pl.LightningModule):
+    """A CNN classifier whose forward returns ``kind``: a tensor, a dict, an object or a tuple."""
+
+    def __init__(self, kind: str = "tensor") -> None:
+        super().__init__()
+        self.kind = kind
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+        )  # fmt: skip
+        self.head = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+        self.example_input_array = torch.zeros(2, 1, 8, 8)
+
+    def forward(self, x):
+        logits = self.head(self.features(x))
+        probs = logits.softmax(-1)
+        if self.kind == "dict":
+            return {"logits": logits, "probs": probs}
+        if self.kind == "object":
+            return SimpleNamespace(logits=logits, probs=probs)
+        if self.kind == "tuple":
+            return logits, probs
+        return logits
+
+    def training_step(self, batch, _):
+        x, y = batch
+        return nn.functional.cross_entropy(class_scores(self(x)), y)
+
+    def validation_step(self, batch, _):
+        pass
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(192, 1, 8, 8, generator=g)
+    y = (x[:, 0, :4].mean((1, 2)) > 0).long() + (x[:, 0, 4:].mean((1, 2)) > 0.2).long()
+    return DataLoader(TensorDataset(x, y), batch_size=32)
+
+
+def _fit(kind, callbacks, epochs=2):
+    torch.manual_seed(0)
+    model = Net(kind)
+    data = _data()
+    quiet_trainer(None, callbacks, max_epochs=epochs, limit_val_batches=1.0).fit(model, data, data)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["dict", "tuple"])
+def test_fit_end_analyses_decide_as_for_the_bare_tensor(kind):
+    runs = {}
+    for k in ("tensor", kind):
+        cswap = CSWAPPruning(target_ratio=0.8, samples_per_class=8, curves=())
+        layers = AttributionPruning(fraction=0.34, mode="zero")
+        model = _fit(k, [cswap, layers])
+        runs[k] = (cswap.plan, layers.result["pruned"], {n: v.clone() for n, v in model.state_dict().items()})
+    assert runs[kind][0] == runs["tensor"][0] and runs[kind][0]  # C-SWAP's channels
+    assert runs[kind][1] == runs["tensor"][1]  # the layer chosen
+    assert all(torch.equal(runs[kind][2][n], v) for n, v in runs["tensor"][2].items())
+
+
+@pytest.mark.parametrize("kind", ["dict", "tuple"])
+def test_the_guard_selects_and_restores_as_for_the_bare_tensor(kind):
+    runs = {}
+    for k in ("tensor", kind):
+        guard = PreservationGuard(fraction=0.1, check_every_n_steps=2)
+        model = _fit(k, [SelfCompression(gamma=0.5, log_every_n_steps=0), guard], epochs=3)
+        runs[k] = (guard.indices, guard.restorations, {n: v.clone() for n, v in model.state_dict().items()})
+    assert runs[kind][0] is not None and np.array_equal(runs[kind][0], runs["tensor"][0])
+    assert runs[kind][1] == runs["tensor"][1]
+    assert all(torch.equal(runs[kind][2][n], v) for n, v in runs["tensor"][2].items())
+
+
+def test_gradcam_reads_the_logits_of_a_dict_output():
+    torch.manual_seed(0)
+    plain, wrapped = Net("tensor").eval(), Net("dict").eval()
+    wrapped.load_state_dict(plain.state_dict())
+    x, y = torch.randn(6, 1, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])
+    assert torch.equal(gradcam_scores(wrapped, x, y), gradcam_scores(plain, x, y))
