@@ -420,3 +420,24 @@ def test_fit_end_compression_hands_weight_averaging_the_compressed_model(tmp_pat
     assert_same_state(_averaging(trainer)._average_model.module, state)
     trainer.validate(model, dm, verbose=False)  # swaps the copy in and back
     assert_same_state(model, state)
+
+
+def test_a_second_fit_with_a_new_callback_continues_from_the_uncompressed_counts(tmp_path):
+    """Compressing further with a new SelfCompression (a new Trainer, another run) on a model an earlier run compressed
+    and pruned: the new callback's N0 and float size are the original model's (before, both were 0: every channel's
+    share of Q became its whole weight count, so one epoch drove the bit depths from ≈ 7.5 to ≈ 0.3, and the size
+    ratios were NaN)."""
+    torch.manual_seed(0)
+    model = ImageClassifier("lenet")
+    dm = DigitsDataModule(batch_size=64)
+    first = SelfCompression(gamma=0.3, log_every_n_steps=0)
+    quiet_trainer(str(tmp_path), [first], max_epochs=2).fit(model, dm)
+    assert first.channels_removed > 0  # the second run starts from a smaller model
+    bits_before = torch.cat([layer.quantizer.b.detach().clamp(min=0) for layer in quantized_layers(model)]).mean()
+    second = SelfCompression(gamma=0.02, log_every_n_steps=0)
+    quiet_trainer(str(tmp_path), [second], max_epochs=1).fit(model, dm)
+    assert second.compressor.initial_weights == first.compressor.initial_weights
+    assert second.compressor.float_bytes == first.compressor.float_bytes
+    bits_after = torch.cat([layer.quantizer.b.detach().clamp(min=0) for layer in quantized_layers(model)]).mean()
+    assert bits_after > 0.8 * bits_before  # a gentle γ stays gentle
+    assert 0 < second.compressor.size().size_ratio < 1

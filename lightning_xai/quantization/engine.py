@@ -20,7 +20,7 @@ from lightning_xai.quantization.install import (
     quantized_layers,
     refuse_lazy,
 )
-from lightning_xai.quantization.size import SizeReport, float_state_bytes, size_report
+from lightning_xai.quantization.size import SizeReport, float_state_bytes, plain_state_items, size_report
 
 __all__ = ["SelfCompressor", "PenaltyTerms"]
 
@@ -108,6 +108,8 @@ class SelfCompressor:
             )
         if fresh:
             self.initial_weights = sum(layer.original.numel() for layer in layers)
+        elif not self.initial_weights:  # compressed by an earlier run: count what the model had before it
+            self.initial_weights, self.float_bytes = _uncompressed_counts(model, layers)
         fuse = self.compile
         if fuse == "auto":
             fuse = sum(layer.original.numel() for layer in layers) >= AUTO_COMPILE_MIN_WEIGHTS
@@ -225,6 +227,21 @@ class SelfCompressor:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.initial_weights = int(state.get("initial_weights", self.initial_weights))
         self.float_bytes = int(state.get("float_bytes", self.float_bytes))
+
+
+def _uncompressed_counts(model: nn.Module, layers: list[QuantizedLayer]) -> tuple[int, int]:
+    """(quantized weights, float32 bytes of the plain state) of ``model`` before any channel was removed, for a model
+    that an earlier run compressed (a new callback's ``N0`` must be that run's: with ``N0 = 0`` every channel's share
+    of ``Q`` would be its whole weight count, and the size penalty thousands of times too strong)."""
+    from lightning_xai.pruning.surgery import original_shapes  # surgery imports the quantization package
+
+    shapes = original_shapes(model)
+    weights = sum(math.prod(shapes.get(layer.qualified, layer.original.shape)) for layer in layers)
+    total = 0
+    for key, value in plain_state_items(model).items():
+        count = math.prod(shapes.get(key, value.shape))
+        total += count * (4 if value.is_floating_point() else value.element_size())
+    return weights, total
 
 
 def _per_channel(weight: Tensor) -> int:
