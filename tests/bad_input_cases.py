@@ -14,6 +14,8 @@ CASES = [
     ("quantizers: not a module", "install_quantizers('lenet')"),
     ("quantizers: a lazy layer not initialized yet", "install_quantizers(nn.Sequential(nn.LazyLinear(4), nn.ReLU()))"),
     ("SelfCompression: a lazy layer not initialized yet", "_fit([SelfCompression()], net='mlp', lazy=True)"),
+    ("LRPCompression: in the same Trainer as SelfCompression", "_fit([SelfCompression(), LRPCompression()])"),
+    ("LRPCompression: listed before SelfCompression", "_fit([LRPCompression(), SelfCompression()])"),
     ("PreservationGuard: empty preservation set", "PreservationGuard(fraction=0.0)"),
     ("PreservationGuard: negative λ", "PreservationGuard(lam=-0.5)"),
     ("PreservationGuard: both accuracy rules", "PreservationGuard(min_accuracy=0.9, max_drop=0.02)"),

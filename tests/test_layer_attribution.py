@@ -327,3 +327,24 @@ def test_attribution_pruning_refuses_to_prune_every_candidate(tmp_path):
     assert cb.result is None or not cb.result.get("pruned")
     # the remedies it names are ones that help: already in mode 'zero', one candidate (no `fraction` helps)
     assert str(err.value).endswith("layer pruning needs a deeper model or `include_first_last=True`")
+
+
+def test_zero_mode_zeroes_a_layer_that_self_compression_quantizes(tmp_path):
+    """Zeroing a quantized layer writes into its latent weight and bias (the quantizer and the bias gate map zero to
+    exactly zero); before, it wrote into the computed tensors, a no-op the report did not notice."""
+    from lightning_xai.callbacks import SelfCompression
+    from lightning_xai.data import DigitsDataModule
+    from lightning_xai.evaluation import accuracy
+    from lightning_xai.models import ImageClassifier
+
+    torch.manual_seed(0)
+    model = ImageClassifier("lenet")
+    dm = DigitsDataModule(batch_size=64)
+    cb = AttributionPruning(mode="zero", num_batches=2)
+    quiet_trainer(tmp_path, [SelfCompression(gamma=0.05, log_every_n_steps=0), cb], max_epochs=2).fit(model, dm)
+    (name,) = cb.result["pruned"]["gradxact"]
+    layer = model.get_submodule(name)
+    assert torch.count_nonzero(layer.weight) == 0 and (layer.bias is None or torch.count_nonzero(layer.bias) == 0)
+    x, y = dm.dataset("val").tensors
+    model.eval()
+    assert accuracy(model, x, y) == pytest.approx(cb.result["accuracy_attr"])

@@ -39,6 +39,21 @@ def refuse_duplicates(trainer: Any, callback: Any) -> None:
         )
 
 
+def refuse_lrp_with_self_compression(trainer: Any) -> None:
+    """SelfCompression and LRPCompression in one Trainer: both quantize the weights. LRP's plans write pruned,
+    mixed-precision weights in place, but under SelfCompression's quantizers a layer's weight is computed from the
+    latent one and learned bit depths, so the write would change a temporary (the model would stay as it was while the
+    report said otherwise). Called in both callbacks' ``setup``, so whichever comes first refuses before its model
+    changes."""
+    names = {type(cb).__name__ for cb in trainer.callbacks}
+    if {"SelfCompression", "LRPCompression"} <= names:
+        raise ValueError(
+            "LRPCompression cannot run in the same Trainer as SelfCompression: both quantize the weights (use one of "
+            "them, or run LRPCompression on the plain model SelfCompression exported: `load_compressed` into a fresh "
+            "instance)"
+        )
+
+
 def refuse_sharded_strategies(trainer: Any, who: str) -> None:
     """Raise a clear error at set-up for strategies that shard parameters (FSDP, DeepSpeed, model parallel).
 

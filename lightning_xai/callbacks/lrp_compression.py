@@ -14,6 +14,7 @@ from lightning_xai.attribution.lrp import Composite, Epsilon, weight_relevance
 from lightning_xai.callbacks._checks import (
     refresh_averaged_copies,
     refuse_duplicates,
+    refuse_lrp_with_self_compression,
     refuse_sharded_strategies,
     resolve_export_path,
 )
@@ -21,7 +22,7 @@ from lightning_xai.callbacks._data import dataset_tensors, from_rank_zero, on_tr
 from lightning_xai.evaluation import accuracy
 from lightning_xai.logging import flush, log_histogram, log_scalars, log_text
 from lightning_xai.pruning.cswap import class_balanced_samples
-from lightning_xai.quantization.install import fixed_weights
+from lightning_xai.quantization.install import fixed_weights, quantized_layers
 from lightning_xai.quantization.mixed import (
     apply_weight_plans,
     export_mixed,
@@ -98,6 +99,13 @@ class LRPCompression(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         refuse_sharded_strategies(trainer, "LRPCompression")
         refuse_duplicates(trainer, self)
+        if stage == "fit":
+            refuse_lrp_with_self_compression(trainer)
+        if stage == "fit" and quantized_layers(pl_module):  # left by an earlier SelfCompression run: same conflict
+            raise ValueError(
+                "LRPCompression needs plain weights, but the model carries SelfCompression's quantizers; load the "
+                "packed export into a fresh instance (`load_compressed`) and compress that"
+            )
 
     @property
     def state_key(self) -> str:

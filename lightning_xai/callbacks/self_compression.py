@@ -15,6 +15,7 @@ from lightning_xai._validation import validate_bool, validate_export_path, valid
 from lightning_xai.callbacks._checks import (
     refresh_averaged_copies,
     refuse_duplicates,
+    refuse_lrp_with_self_compression,
     refuse_sharded_strategies,
     resolve_export_path,
     weight_averaging_order,
@@ -193,6 +194,8 @@ class SelfCompression(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         refuse_sharded_strategies(trainer, "SelfCompression")
         refuse_duplicates(trainer, self)
+        if stage == "fit":
+            refuse_lrp_with_self_compression(trainer)
         # a weight-averaging callback's copy of the model must keep its shapes: removal then waits for fit end, which
         # comes after that callback copied the averaged weights back (so the export holds the averaged model)
         self._averaging = weight_averaging_order(

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_flatten
 
 from lightning_xai.attribution.layers import DEFAULT_TYPES
@@ -367,8 +368,7 @@ def prune_layers(model: nn.Module, layers: Sequence[str], mode: str, example_inp
         if mode == "zero":
             with torch.no_grad():
                 for name in layers:
-                    module = modules[name]
-                    tensors = {k: v for k, v in (("weight", module.weight), ("bias", module.bias)) if v is not None}
+                    tensors = _stored_tensors(modules[name])
                     record.saved[name] = {k: v.detach().clone() for k, v in tensors.items()}
                     for v in tensors.values():
                         v.zero_()
@@ -398,13 +398,27 @@ def prune_layers(model: nn.Module, layers: Sequence[str], mode: str, example_inp
     return record
 
 
+def _stored_tensors(module: nn.Module) -> dict[str, Tensor]:
+    """A layer's ``weight``/``bias`` as stored: the latent ``original`` of a parametrized one (SelfCompression's
+    quantizer and bias gate map a zero original to exactly zero; writing into the computed tensor would change a
+    temporary and nothing else)."""
+    out = {}
+    for name in ("weight", "bias"):
+        if parametrize.is_parametrized(module, name):
+            out[name] = module.parametrizations[name].original  # type: ignore[index]
+        elif isinstance(getattr(module, name, None), Tensor):
+            out[name] = getattr(module, name)
+    return out
+
+
 def undo_layer_pruning(model: nn.Module, record: LayerPruning) -> None:
     """Put back what :func:`prune_layers` changed."""
     modules = dict(model.named_modules())
     with torch.no_grad():
         for name, tensors in record.saved.items():
+            stored = _stored_tensors(modules[name])
             for k, v in tensors.items():
-                getattr(modules[name], k).copy_(v)
+                stored[k].copy_(v)
     for name, module in record.replaced.items():
         _set_module(model, name, module)
     record.saved.clear()
