@@ -23,11 +23,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_flatten
 
 from lightning_xai.attribution.layers import DEFAULT_TYPES
-from lightning_xai.pruning.surgery import _eval_mode, _normalise_inputs, execution_order
+from lightning_xai.pruning.surgery import _eval_mode, _get, _normalise_inputs, execution_order
 from lightning_xai.quantization.install import BN_TYPES
 
 __all__ = [
@@ -399,16 +398,10 @@ def prune_layers(model: nn.Module, layers: Sequence[str], mode: str, example_inp
 
 
 def _stored_tensors(module: nn.Module) -> dict[str, Tensor]:
-    """A layer's ``weight``/``bias`` as stored: the latent ``original`` of a parametrized one (SelfCompression's
-    quantizer and bias gate map a zero original to exactly zero; writing into the computed tensor would change a
-    temporary and nothing else)."""
-    out = {}
-    for name in ("weight", "bias"):
-        if parametrize.is_parametrized(module, name):
-            out[name] = module.parametrizations[name].original  # type: ignore[index]
-        elif isinstance(getattr(module, name, None), Tensor):
-            out[name] = getattr(module, name)
-    return out
+    """A layer's ``weight``/``bias`` as stored (surgery's ``_get``: the latent ``original`` of a parametrized one, which
+    SelfCompression's quantizer and bias gate map from zero to exactly zero; writing into the computed tensor would
+    change a temporary and nothing else)."""
+    return {name: t for name in ("weight", "bias") if isinstance(t := _get(module, name), Tensor)}
 
 
 def undo_layer_pruning(model: nn.Module, record: LayerPruning) -> None:

@@ -20,7 +20,7 @@ from lightning_xai.quantization.install import (
     quantized_layers,
     refuse_lazy,
 )
-from lightning_xai.quantization.size import SizeReport, float_state_bytes, plain_state_items, size_report
+from lightning_xai.quantization.size import SizeReport, float_state_bytes, size_report
 
 __all__ = ["SelfCompressor", "PenaltyTerms"]
 
@@ -237,11 +237,7 @@ def _uncompressed_counts(model: nn.Module, layers: list[QuantizedLayer]) -> tupl
 
     shapes = original_shapes(model)
     weights = sum(math.prod(shapes.get(layer.qualified, layer.original.shape)) for layer in layers)
-    total = 0
-    for key, value in plain_state_items(model).items():
-        count = math.prod(shapes.get(key, value.shape))
-        total += count * (4 if value.is_floating_point() else value.element_size())
-    return weights, total
+    return weights, float_state_bytes(model, shapes)
 
 
 def _per_channel(weight: Tensor) -> int:

@@ -187,11 +187,8 @@ def _not_quantizable(module: nn.Module, tensor: str, tied_to: list[str] | None) 
         # weight_norm, spectral_norm, orthogonal, …: the latent tensors are the parametrization's (``original0``,
         # ``original1``, …), which the penalty, the channel removal and the packed export do not know how to slice
         return f"already parametrized by {', '.join(foreign)}; remove that parametrization to quantize the layer"
-    if not isinstance(module._parameters.get(tensor), nn.Parameter):
-        return (
-            "not a parameter: computed by a hook, as the deprecated torch.nn.utils.weight_norm/spectral_norm do; use "
-            "their torch.nn.utils.parametrizations versions and remove them, or exclude the layer"
-        )
+    if not isinstance(module._parameters.get(tensor), nn.Parameter):  # a buffer, or set by code of its own
+        return "not a parameter of the layer"
     return None
 
 

@@ -12,6 +12,7 @@ Every other parameter and buffer is stored as is. The float32 baseline is the un
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -114,11 +115,13 @@ def plain_state_items(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def float_state_bytes(model: nn.Module) -> int:
-    """float32 bytes of the plain state dict (4 bytes a value; integer buffers at their own width)."""
+def float_state_bytes(model: nn.Module, shapes: Mapping[str, Sequence[int]] | None = None) -> int:
+    """float32 bytes of the plain state dict (4 bytes a value; integer buffers at their own width); ``shapes``: plain
+    key → the shape to count a tensor at instead of its own (a model's shapes before channels were removed)."""
     total = 0
-    for value in plain_state_items(model).values():
-        total += value.numel() * (4 if value.is_floating_point() else value.element_size())
+    for key, value in plain_state_items(model).items():
+        count = math.prod(shapes[key]) if shapes is not None and key in shapes else value.numel()
+        total += count * (4 if value.is_floating_point() else value.element_size())
     return total
 
 
