@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch  # noqa: F401  (used in the docstring example)
+import torch
 from torch import Tensor
 
 __all__ = ["CompressionMixin"]
@@ -31,6 +31,14 @@ class CompressionMixin:
 
     def compressed_loss(self, task_loss: Tensor, log: bool = True) -> Tensor:
         """``task_loss + γ·Q + α·L1``; logs the terms when ``log`` is true."""
+        return task_loss + self._lxai_penalty(task_loss, log)
+
+    # Run eagerly inside a compiled training_step (`trainer.fit(torch.compile(model))`): the penalty reads Python
+    # state that changes every step (the warm-up's scale, the step number, the per-channel weights' cache), which a
+    # traced graph would turn into guards and recompile on, step after step, until dynamo gives up on the whole step.
+    # Here the graph breaks once, around these few ops; gradients flow through as in eager mode.
+    @torch.compiler.disable
+    def _lxai_penalty(self, task_loss: Tensor, log: bool) -> Tensor:
         compressor = self._lxai_compressor
         if compressor is None:
             raise RuntimeError(
@@ -38,7 +46,6 @@ class CompressionMixin:
                 "`SelfCompression(...)` to `Trainer(callbacks=[...])`; it installs the quantizers and owns gamma/alpha"
             )
         terms = compressor.penalty()
-        total = task_loss + terms.total
         trainer = getattr(self, "_trainer", None)
         if trainer is not None and getattr(self, "training", False):
             self._lxai_penalty_step = trainer.global_step
@@ -53,4 +60,4 @@ class CompressionMixin:
                 on_step=True,
                 on_epoch=False,
             )
-        return total
+        return terms.total

@@ -20,6 +20,7 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import nn
 
+from lightning_xai._compile import eager_hooks
 from lightning_xai._validation import check_layer_names
 from lightning_xai.callbacks._checks import refuse_duplicates, refuse_sharded_strategies
 from lightning_xai.pruning.surgery import padded_state_dict, resize_to_state_dict, restore_layout, tensor_layout
@@ -86,6 +87,7 @@ def plain_weights_for_spawn(trainer: Any, pl_module: nn.Module) -> None:
     pl_module._lxai_spawn_hook = handle  # type: ignore[assignment]
 
 
+@eager_hooks
 class ResizeOnLoad(pl.Callback):
     """Base of the fit-end callbacks that change shapes: the resize hook for the duration of a Trainer run, plain
     full-size checkpoints, and the ``ddp_spawn`` hand-back."""

@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from scipy import stats
 from torch import nn
 
+from lightning_xai._compile import eager_hooks
 from lightning_xai._validation import validate_bool, validate_number
 from lightning_xai.attribution.layers import (
     DEFAULT_TYPES,
@@ -49,6 +50,7 @@ def compare_rankings(a: dict[str, float], b: dict[str, float], layers: Sequence[
     return {"spearman": float(stats.spearmanr(x, y).statistic), "kendall": float(stats.kendalltau(x, y).statistic)}
 
 
+@eager_hooks
 class AttributionPruning(ResizeOnLoad):
     """Layer-wise pruning at fit end guided by gradient × activation, with L1 as the baseline.
 

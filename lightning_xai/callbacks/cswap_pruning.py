@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from lightning_xai._compile import eager_hooks
 from lightning_xai._validation import (
     validate_bool,
     validate_export_path,
@@ -40,6 +41,7 @@ from lightning_xai.quantization.install import copy_model
 __all__ = ["CSWAPPruning"]
 
 
+@eager_hooks
 class CSWAPPruning(ResizeOnLoad):
     """Prune the trained model at fit end with C-SWAP (or C-BP / OMP / random), without fine-tuning.
 

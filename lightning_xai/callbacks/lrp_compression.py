@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_xai._compile import eager_hooks
 from lightning_xai._validation import validate_export_path, validate_number
 from lightning_xai.attribution.lrp import Composite, Epsilon, weight_relevance
 from lightning_xai.callbacks._checks import (
@@ -34,6 +35,7 @@ from lightning_xai.quantization.mixed import (
 __all__ = ["LRPCompression"]
 
 
+@eager_hooks
 class LRPCompression(pl.Callback):
     """Compress the trained model at fit end with LRP weight relevance (arXiv 2507.05286).
 

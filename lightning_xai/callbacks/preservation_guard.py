@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_xai._compile import eager_hooks
 from lightning_xai._validation import check_layer_names, validate_number
 from lightning_xai.callbacks._checks import (
     refresh_averaged_copies,
@@ -53,6 +54,7 @@ def restore_lost_bits(
     return lost
 
 
+@eager_hooks
 class PreservationGuard(Callback):
     r"""Preservation set, ``λ·L_pres`` and precision restoration (safety-guided self-compression, arXiv 2505.00350).
 

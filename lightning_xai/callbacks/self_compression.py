@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_xai._compile import eager_hooks, is_compiled
 from lightning_xai._validation import validate_bool, validate_export_path, validate_number
 from lightning_xai.callbacks._checks import (
     refresh_averaged_copies,
@@ -35,6 +36,7 @@ from lightning_xai.quantization.keep import KEEP_CHOICES, StrongestHold, dead_la
 __all__ = ["SelfCompression"]
 
 
+@eager_hooks
 class SelfCompression(Callback):
     r"""Learn a bit depth per output channel while training, and remove channels that reach 0 bits.
 
@@ -58,7 +60,9 @@ class SelfCompression(Callback):
       them, batch norms and residual partners), carrying optimizer state along; the outputs are checked unchanged.
       Under multi-process strategies removal waits for ``on_fit_end`` (the channels output zero meanwhile), and so it
       does with Lightning's ``EMAWeightAveraging`` / ``WeightAveraging`` / ``StochasticWeightAveraging``, whose copy of
-      the model must keep its shapes (list them after this callback; the export then holds the averaged weights).
+      the model must keep its shapes (list them after this callback; the export then holds the averaged weights),
+      and with a compiled model (``trainer.fit(torch.compile(model))``), whose step would recompile at each change of
+      shape. The callbacks' own forwards of a compiled model (checks, analyses) run eagerly; its step stays compiled.
     * every ``log_every_n_steps``: logs ``compression/bits_total``, ``compression/bits_ratio``,
       ``compression/size_ratio``, ``compression/channels_alive``, per-layer channels and bit histograms.
 
@@ -181,6 +185,7 @@ class SelfCompression(Callback):
         self._recorder: BatchNormFollowerRecorder | None = None
         self._last_periodic = -1
         self._averaging = False  # a weight-averaging callback follows (set at setup): removal waits for fit end
+        self._compiled = False  # Lightning compiled the model's steps (set at setup): removal waits for fit end
         self._warned_inputs = False
         self._unremovable: dict[str, str] = {}
 
@@ -211,12 +216,22 @@ class SelfCompression(Callback):
                 "SelfCompression: a weight-averaging callback keeps a copy of the model, so 0-bit channels are removed "
                 "at fit end only (they output zero meanwhile)"
             )
+        # a compiled model (`trainer.fit(torch.compile(model))`): every change of a parameter's shape recompiles the
+        # step, and after 8 of them dynamo runs it eagerly for good; removal waits for fit end instead
+        self._compiled = is_compiled(pl_module)
+        if self._compiled and self.remove_every_n_steps and stage == "fit":
+            rank_zero_info(
+                "SelfCompression: the model's steps are compiled (torch.compile), so 0-bit channels are removed at fit "
+                "end only (removing them during training would recompile the step each time; they output zero "
+                "meanwhile)"
+            )
         if stage != "fit" and not quantized_layers(pl_module):
             # `trainer.validate/test/predict` train nothing: a model that was never compressed is evaluated as it is
             # (installing the quantizers would change it and evaluate its 8-bit version); a SelfCompression checkpoint
             # holds the plain, quantized weights, which such a model loads as they are
+            call = getattr(stage, "value", stage)  # a TrainerFn prints as "TrainerFn.VALIDATING"
             rank_zero_info(
-                f"SelfCompression: `trainer.{stage}` on a model without quantizers evaluates it as it is (nothing is "
+                f"SelfCompression: `trainer.{call}` on a model without quantizers evaluates it as it is (nothing is "
                 "installed outside `fit`)"
             )
             return
@@ -399,7 +414,7 @@ class SelfCompression(Callback):
         logging = self.log_every_n_steps and step % self.log_every_n_steps == 0
         if removal or logging:
             self._warn_dead_layers(step)
-        if removal and trainer.world_size == 1 and not self._averaging:
+        if removal and trainer.world_size == 1 and not self._averaging and not self._compiled:
             self._remove(trainer, pl_module)
         if logging:
             self.log_state(trainer, step, figure=step % (10 * self.log_every_n_steps) == 0)

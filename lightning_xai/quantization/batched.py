@@ -178,12 +178,14 @@ class BatchedQuantization:
 
         # a deep copy of the model copies these hooks too: they act only on the model they were attached to
         def pre_hook(module: nn.Module, args: Any) -> None:
+            if torch.compiler.is_compiling():  # a user's compiled step: its graph quantizes (and fuses) each layer
+                return
             owner = ref()
             if owner is not None and target() is module:
                 owner.quantize_all()
 
         def post_hook(module: nn.Module, args: Any, output: Any) -> None:
-            if target() is module:
+            if not torch.compiler.is_compiling() and target() is module:
                 box[0].active = False
 
         self._handles = [

@@ -441,7 +441,7 @@ class BatchNormFollowerRecorder:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.pairs: set[tuple[str, str]] = set()
-        self._outputs: dict[int, tuple[Tensor, str]] = {}
+        self._outputs: list[tuple[Tensor, str]] = []
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     @property
@@ -454,18 +454,19 @@ class BatchNormFollowerRecorder:
             if layer.tensor != "weight":
                 continue
 
+            # identity comparisons only (no id() keys): traceable inside a user's torch.compile'd step
             def record(module: nn.Module, args: tuple, output: object, _name: str = layer.name) -> None:
                 if isinstance(output, Tensor):
-                    self._outputs[id(output)] = (output, _name)
+                    self._outputs.append((output, _name))
 
             self._handles.append(layer.module.register_forward_hook(record))
         for module in self.model.modules():
             if is_batchnorm(module):
 
                 def consume(module: nn.Module, args: tuple, _bn: str = names[module]) -> None:
-                    hit = self._outputs.get(id(args[0])) if args else None
-                    if hit is not None and hit[0] is args[0]:
-                        self.pairs.add((_bn, hit[1]))
+                    for output, name in self._outputs:
+                        if args and output is args[0]:
+                            self.pairs.add((_bn, name))
 
                 self._handles.append(module.register_forward_pre_hook(consume))
 
@@ -474,7 +475,7 @@ class BatchNormFollowerRecorder:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._outputs = {}
+        self._outputs = []
         return sorted(self.pairs)
 
 

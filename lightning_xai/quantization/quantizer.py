@@ -94,7 +94,9 @@ class ChannelQuantizer(nn.Module):
     compiled: bool = False  # set by SelfCompression(compile=...): fused torch.compile'd kernels on the CPU
 
     def forward(self, weight: Tensor) -> Tensor:
-        served = SERVED.get(self)
+        # inside a torch.compile'd forward (a user's compiled model) the graph computes the weight itself: the lookup
+        # would break the graph (a weak-keyed dict) and the compiler fuses the per-layer maths anyway
+        served = None if torch.compiler.is_compiling() else SERVED.get(self)
         if served is not None and fresh(served, weight, self):
             return served[0]
         return quantize(weight, self.b, self.e, fused=self.compiled)
@@ -153,7 +155,7 @@ class BiasGate(nn.Module):
         q = self.quantizer
         if q is None or q.b.shape[0] != tensor.shape[0]:
             return tensor
-        served = SERVED.get(self)
+        served = None if torch.compiler.is_compiling() else SERVED.get(self)
         if served is not None and fresh(served, tensor, q):
             return served[0]
         return tensor * (q.b > 0)  # a bool factor: no gradient into b, dtype of ``tensor``

@@ -1,0 +1,59 @@
+"""Callbacks on a model whose steps Lightning compiled (``trainer.fit(torch.compile(model))``).
+
+Lightning compiles the LightningModule's ``forward`` and ``*_step`` methods (``from_compiled``). The callbacks'
+own forwards of that model (removal checks, torch-pruning's graph tracing, the preservation pass, the fit-end
+analyses) then went through the compiled ``forward`` too: under other grad modes, batch sizes and hooks, so each
+one recompiled it (dynamo's limit of 8 was reached within a few removals, after which the user's own step ran
+eagerly), and torch-pruning's tracing broke the graph. :func:`eager_hooks` runs every hook of a callback with the
+compiler set to eager when (and only when) the model is a compiled one; the user's training step stays compiled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+__all__ = ["eager_hooks", "eager_model", "is_compiled"]
+
+T = TypeVar("T", bound=type)
+
+
+def is_compiled(module: Any) -> bool:
+    """Whether ``module`` is a LightningModule that Lightning compiled (it unwraps ``torch.compile(model)``)."""
+    return getattr(module, "_compiler_ctx", None) is not None
+
+
+@contextlib.contextmanager
+def eager_model(module: Any) -> Iterator[None]:
+    """Run compiled code eagerly inside the block when ``module`` is a compiled LightningModule (costs ≈ 0.1 ms,
+    so it is entered only then)."""
+    if is_compiled(module):
+        with torch.compiler.set_stance("force_eager"):
+            yield
+    else:
+        yield
+
+
+def eager_hooks(cls: T) -> T:
+    """Class decorator: each ``setup``/``teardown``/``on_*`` hook that ``cls`` defines runs inside
+    :func:`eager_model` of its LightningModule (the hooks' second argument)."""
+    for name, fn in list(vars(cls).items()):
+        if callable(fn) and (name.startswith("on_") or name in ("setup", "teardown")):
+            setattr(cls, name, _eager(fn))
+    return cls
+
+
+def _eager(fn: Any) -> Any:
+    @functools.wraps(fn)
+    def hook(self: Any, trainer: Any = None, pl_module: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(pl_module, nn.Module) and is_compiled(pl_module):
+            with torch.compiler.set_stance("force_eager"):
+                return fn(self, trainer, pl_module, *args, **kwargs)
+        return fn(self, trainer, pl_module, *args, **kwargs)
+
+    return hook
