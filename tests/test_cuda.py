@@ -143,3 +143,23 @@ def test_guard_batch_choice_uses_a_cuda_generator():
         model, DigitsDataModule()
     )
     assert guard._gen is not None and guard._gen.device.type == "cuda"
+
+
+def test_a_compiled_model_keeps_one_graph_on_gpu():
+    """``trainer.fit(torch.compile(model))`` under AMP on the GPU, where the batched quantization normally serves
+    every layer: the compiled step quantizes each layer itself (dynamo + AOT autograd, no code generation, to stay
+    quick), with no graph break or abandoned frame (Lightning's own ``self.log`` aside) and at most four compiled
+    versions of the step (the three of ``test_compiled_model.py`` and digits' last, smaller batch)."""
+    from test_compiled_model import _graph_breaks, _versions
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    pl.seed_everything(0)
+    model = ImageClassifier("resnet", width=8)
+    sc = SelfCompression(gamma=0.5, log_every_n_steps=0)
+    guard = PreservationGuard(fraction=0.1, check_every_n_steps=5)
+    _trainer("16-mixed", [sc, guard]).fit(torch.compile(model, backend="aot_eager"), DigitsDataModule())
+    assert _graph_breaks() == 0
+    assert _versions(ImageClassifier.training_step) <= 4
+    assert sc.channels_removed >= 0 and guard.indices is not None
+    torch._dynamo.reset()
