@@ -111,3 +111,46 @@ def test_gradcam_reads_the_logits_of_a_dict_output():
     wrapped.load_state_dict(plain.state_dict())
     x, y = torch.randn(6, 1, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])
     assert torch.equal(gradcam_scores(wrapped, x, y), gradcam_scores(plain, x, y))
+
+
+class FeatureNet(Net):
+    """Returns its pooled features (``"features"``) or its last hidden layer (``"hidden"``) next to the logits, as
+    models trained with a feature loss, or read by a probe, do."""
+
+    def forward(self, x):
+        features = self.features(x)
+        hidden = self.head[:4](features)
+        logits = self.head[4](hidden)
+        if self.kind == "features":
+            return {"logits": logits, "features": features}
+        if self.kind == "hidden":
+            return logits, hidden
+        return SimpleNamespace(logits=logits, features=features)
+
+
+@pytest.mark.parametrize(("kind", "producer", "width"), [("features", "features.2", 32), ("hidden", "head.2", 16)])
+def test_cswap_keeps_a_returned_intermediate_tensor_whole(kind, producer, width):
+    """C-SWAP leaves the channels of a returned intermediate tensor alone (they are model outputs) and prunes the
+    rest. Before, torch-pruning took them for inner channels (it marks as an output only a tensor's last operation
+    it has not met on another output's path), C-SWAP pruned them, the returned tensor changed width, and the check
+    after the removal restored the model at fit end with an error."""
+    torch.manual_seed(0)
+    model = FeatureNet(kind)
+    cswap = CSWAPPruning(target_ratio=0.8, samples_per_class=8, curves=())
+    data = _data()
+    quiet_trainer(None, [cswap], max_epochs=2, limit_val_batches=1.0).fit(model, data, data)
+    assert "model outputs" in cswap.result["refused"][producer]
+    assert producer not in cswap.plan and cswap.plan  # something else was pruned
+    out = model(torch.zeros(2, 1, 8, 8))
+    returned = out["features"] if kind == "features" else out[1]
+    assert returned.shape == (2, width)
+
+
+def test_cswap_reads_an_object_output():
+    torch.manual_seed(0)
+    model = FeatureNet("object")
+    cswap = CSWAPPruning(target_ratio=0.8, samples_per_class=8, curves=())
+    data = _data()
+    quiet_trainer(None, [cswap], max_epochs=2, limit_val_batches=1.0).fit(model, data, data)
+    assert cswap.plan and "features.2" not in cswap.plan
+    assert model(torch.zeros(2, 1, 8, 8)).features.shape == (2, 32)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -771,7 +771,7 @@ def remove_dead_channels(
         try:
             with torch.enable_grad(), per_layer_quantization():  # tracing reads the autograd graph
                 DG = tp.DependencyGraph().build_dependency(
-                    model, example_inputs=_tp_inputs(args, kwargs), verbose=False
+                    model, example_inputs=_tp_inputs(args, kwargs), output_transform=_tp_outputs, verbose=False
                 )
         except Exception as err:  # noqa: BLE001 - tracing arbitrary user models can fail in many ways
             for layer in candidates:
@@ -974,6 +974,39 @@ def _normalise_inputs(example_inputs: Any) -> tuple[tuple, dict]:
         "`example_inputs` must be a tensor, a tuple of positional arguments, a dict of keyword arguments or "
         f"(args, kwargs), got {type(example_inputs).__name__}"
     )
+
+
+def _tp_outputs(out: Any) -> Any:
+    """torch-pruning's ``output_transform``: every tensor a model returns becomes its own graph output.
+
+    torch-pruning marks as a model output only the last operation of each returned tensor that it has not already
+    met while tracing another one. A model that returns an intermediate tensor next to its logits (``{"logits": …,
+    "features": flatten(x)}``, a tuple with a hidden state) had that tensor's channels taken for ordinary inner
+    channels (met first on the logits' path), so C-SWAP pruned them and the returned features changed width (the
+    check after the removal then restored the model, at fit end). A copy of each returned tensor gives every one an
+    operation of its own, which torch-pruning marks as an output. A single tensor is left as it is. Objects with
+    attributes (``SimpleNamespace``, dataclasses), which torch-pruning cannot flatten, are read through ``vars``.
+    """
+    tensors: list[Tensor] = []
+
+    def walk(obj: Any) -> None:
+        if isinstance(obj, Tensor):
+            tensors.append(obj)
+        elif isinstance(obj, Mapping):
+            for value in obj.values():
+                walk(value)
+        elif isinstance(obj, (list, tuple)):
+            for value in obj:
+                walk(value)
+        elif hasattr(obj, "__dict__") and not isinstance(obj, nn.Module):
+            for value in vars(obj).values():
+                walk(value)
+
+    walk(out)
+    traced = [t for t in tensors if t.grad_fn is not None]
+    if len(tensors) == 1:
+        return out if isinstance(out, Tensor) else tensors[0]
+    return [t.clone() for t in traced]
 
 
 def _tp_inputs(args: tuple, kwargs: dict) -> Any:

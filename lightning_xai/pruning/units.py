@@ -43,6 +43,7 @@ from lightning_xai.pruning.surgery import (
     _outputs,
     _rollback,
     _tp_inputs,
+    _tp_outputs,
     apply_cuts,
     effective_state_dict,
     execution_order,
@@ -124,7 +125,9 @@ def find_units(
     with _eval_mode(model):
         order = execution_order(model, (args, kwargs))
         with torch.enable_grad(), per_layer_quantization():  # tracing reads the autograd graph
-            DG = tp.DependencyGraph().build_dependency(model, example_inputs=_tp_inputs(args, kwargs), verbose=False)
+            DG = tp.DependencyGraph().build_dependency(
+                model, example_inputs=_tp_inputs(args, kwargs), output_transform=_tp_outputs, verbose=False
+            )
         ignored = [m for n, m in model.named_modules() if n in set(ignore)]
         for root, group, reason in _all_groups(DG, ignored):
             root_name = names[root]
