@@ -13,7 +13,8 @@ from helpers import quiet_trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_xai import AttributionPruning, CSWAPPruning, PreservationGuard, SelfCompression
+from lightning_xai import AttributionPruning, CSWAPPruning, LRPCompression, PreservationGuard, SelfCompression
+from lightning_xai.attribution.lrp import lrp
 from lightning_xai.evaluation import class_scores
 from lightning_xai.preservation.scores import gradcam_scores
 
@@ -154,3 +155,40 @@ def test_cswap_reads_an_object_output():
     quiet_trainer(None, [cswap], max_epochs=2, limit_val_batches=1.0).fit(model, data, data)
     assert cswap.plan and "features.2" not in cswap.plan
     assert model(torch.zeros(2, 1, 8, 8)).features.shape == (2, 32)
+
+
+class PlainNet(Net):
+    """The same network returning its logits bare, in a dict next to its pooled features, or first in a tuple (no
+    softmax in the forward: LRP explains the logits)."""
+
+    def forward(self, x):
+        features = self.features(x)
+        logits = self.head(features)
+        if self.kind == "dict":
+            return {"logits": logits, "features": features}
+        if self.kind == "tuple":
+            return logits, features
+        return logits
+
+
+@pytest.mark.parametrize("kind", ["dict", "tuple"])
+def test_lrp_explains_the_logits_of_a_dict_or_tuple_output(kind):
+    """LRP starts its relevance at the logits (the returned features carry none) and gets the bare tensor's
+    relevances exactly; ``LRPCompression`` then plans and compresses exactly as for the bare tensor. Before, both
+    refused: "LRP needs a model whose output is a (batch, classes) tensor"."""
+    torch.manual_seed(0)
+    plain, wrapped = PlainNet("tensor").eval(), PlainNet(kind).eval()
+    wrapped.load_state_dict(plain.state_dict())
+    x = torch.randn(6, 1, 8, 8)
+    a, b = lrp(plain, x), lrp(wrapped, x)
+    assert torch.equal(a.input, b.input) and a.weights.keys() == b.weights.keys() and a.input.abs().sum() > 0
+    assert all(torch.equal(a.weights[k], b.weights[k]) for k in a.weights)
+    runs = {}
+    for k in ("tensor", kind):
+        torch.manual_seed(0)
+        model = PlainNet(k)
+        data = _data()
+        quiet_trainer(None, [LRPCompression(prune=0.3)], max_epochs=2, limit_val_batches=1.0).fit(model, data, data)
+        runs[k] = {n: v.clone() for n, v in model.state_dict().items()}
+    assert runs[kind].keys() == runs["tensor"].keys()
+    assert all(torch.equal(runs[kind][n], v) for n, v in runs["tensor"].items())

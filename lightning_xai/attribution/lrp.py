@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_xai._fx import symbolic_trace
+from lightning_xai.evaluation import class_scores
 
 __all__ = [
     "Rule",
@@ -599,6 +600,13 @@ def _session(model: nn.Module) -> Iterator[Callable[..., LRPResult]]:
             m.train(mode)
 
 
+def _output_nodes(arg: Any) -> list[torch.fx.Node]:
+    """The graph nodes in the (possibly nested) structure the output node returns."""
+    found: list[torch.fx.Node] = []
+    torch.fx.node.map_arg(arg, lambda a: found.append(a) or a)
+    return found
+
+
 def _propagate(gm, modules, nodes, kinds, x, target, composite, eps_pool, output) -> LRPResult:
     interp = torch.fx.Interpreter(gm)
     env: dict[torch.fx.Node, Any] = {}
@@ -613,8 +621,8 @@ def _propagate(gm, modules, nodes, kinds, x, target, composite, eps_pool, output
                         f"LRP explains a model of one input; `forward` argument `{node.target}` has no default"
                     )
                 env[node] = node.args[0]
-            elif node.op == "output":
-                env[node] = env[node.args[0]] if isinstance(node.args[0], torch.fx.Node) else None
+            elif node.op == "output":  # what forward returns: a tensor, or a dict/tuple/object holding the logits
+                env[node] = torch.fx.node.map_arg(node.args[0], lambda a: env[a])
             else:
                 args = torch.fx.node.map_arg(node.args, lambda a: env[a])
                 kwargs = torch.fx.node.map_arg(node.kwargs, lambda a: env[a])
@@ -622,9 +630,17 @@ def _propagate(gm, modules, nodes, kinds, x, target, composite, eps_pool, output
                     kwargs = {**kwargs, "inplace": False}
                 env[node] = getattr(interp, node.op)(node.target, args, kwargs)
     out_node = next(n for n in nodes if n.op == "output")
-    logits = env[out_node]
-    if not isinstance(logits, Tensor) or logits.dim() != 2:
-        raise ValueError("LRP needs a model whose output is a (batch, classes) tensor")
+    try:  # the class scores, taken out of a dict/tuple output as every other analysis does
+        logits = class_scores(env[out_node])
+    except TypeError:
+        logits = None
+    # the node that computed them: relevance starts there (other returned tensors, such as features, carry none)
+    logits_node = next((a for a in _output_nodes(out_node.args[0]) if env[a] is logits), None)
+    if logits_node is None or not isinstance(logits, Tensor) or logits.dim() != 2:
+        raise ValueError(
+            "LRP needs a model whose output is a (batch, classes) tensor, or a dict/object with such a `logits` "
+            "tensor, or a tuple whose first element is one"
+        )
     if target is None:
         target = logits.argmax(1)
     onehot = torch.zeros_like(logits).scatter_(1, target[:, None], 1.0)
@@ -635,7 +651,7 @@ def _propagate(gm, modules, nodes, kinds, x, target, composite, eps_pool, output
     else:
         raise ValueError(f"`output` must be 'target' or 'contrastive', got {output!r}")
     first_layer = next((n for n in nodes if kinds[n] == "layer"), None)
-    rel: dict[torch.fx.Node, Tensor] = {out_node.args[0]: r_out}
+    rel: dict[torch.fx.Node, Tensor] = {logits_node: r_out}
     weights: dict[str, Tensor] = {}
     activations: dict[str, Tensor] = {}
     input_rel = torch.zeros_like(x)
