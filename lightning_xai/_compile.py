@@ -1,6 +1,7 @@
 """Callbacks on a model whose steps Lightning compiled (``trainer.fit(torch.compile(model))``).
 
-Lightning compiles the LightningModule's ``forward`` and ``*_step`` methods (``from_compiled``). The callbacks'
+Lightning compiles the LightningModule's ``forward`` and ``*_step`` methods (``from_compiled``); users also compile a
+submodule themselves (``self.net = torch.compile(net)``). The callbacks'
 own forwards of that model (removal checks, torch-pruning's graph tracing, the preservation pass, the fit-end
 analyses) then went through the compiled ``forward`` too: under other grad modes, batch sizes and hooks, so each
 one recompiled it (dynamo's limit of 8 was reached within a few removals, after which the user's own step ran
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 from collections.abc import Iterator
 from typing import Any, TypeVar
 
@@ -23,9 +25,21 @@ __all__ = ["eager_hooks", "eager_model", "is_compiled"]
 T = TypeVar("T", bound=type)
 
 
+_HOLDS_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def is_compiled(module: Any) -> bool:
-    """Whether ``module`` is a LightningModule that Lightning compiled (it unwraps ``torch.compile(model)``)."""
-    return getattr(module, "_compiler_ctx", None) is not None
+    """Whether ``module`` is a LightningModule that Lightning compiled (it unwraps ``torch.compile(model)``) or holds
+    a compiled submodule (``self.net = torch.compile(net)``; looked up once per module)."""
+    if getattr(module, "_compiler_ctx", None) is not None:
+        return True
+    if not isinstance(module, nn.Module):
+        return False
+    held = _HOLDS_COMPILED.get(module)
+    if held is None:
+        held = any(isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in module.modules())
+        _HOLDS_COMPILED[module] = held
+    return held
 
 
 @contextlib.contextmanager
@@ -51,7 +65,7 @@ def eager_hooks(cls: T) -> T:
 def _eager(fn: Any) -> Any:
     @functools.wraps(fn)
     def hook(self: Any, trainer: Any = None, pl_module: Any = None, *args: Any, **kwargs: Any) -> Any:
-        if isinstance(pl_module, nn.Module) and is_compiled(pl_module):
+        if is_compiled(pl_module):
             with torch.compiler.set_stance("force_eager"):
                 return fn(self, trainer, pl_module, *args, **kwargs)
         return fn(self, trainer, pl_module, *args, **kwargs)

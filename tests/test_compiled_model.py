@@ -24,6 +24,7 @@ from lightning_xai import (
 )
 from lightning_xai._compile import is_compiled
 from lightning_xai.quantization import batched as batched_module
+from lightning_xai.quantization.export import export_compressed
 
 
 class Net(pl.LightningModule):
@@ -190,3 +191,32 @@ def test_the_mixin_in_a_compiled_step_breaks_the_graph_once_and_trains_as_eagerl
     for eager, comp in zip(runs[False], runs[True]):
         assert comp.keys() == eager.keys() and len(comp) == 4
         assert all(torch.allclose(comp[n], g, rtol=1e-4, atol=1e-7) for n, g in eager.items())
+
+
+class SubCompiledNet(Net):
+    """The user compiles a submodule themselves (its parameters' names then hold ``_orig_mod``)."""
+
+    def __init__(self, lr: float = 1e-2) -> None:
+        super().__init__(lr)
+        self.net = torch.compile(self.net, backend="aot_eager")
+
+
+def test_a_compiled_submodule_is_treated_like_a_compiled_model(tmp_path):
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = SubCompiledNet()
+    assert is_compiled(model)
+    sc = SelfCompression(gamma=2.0, remove_every_n_steps=4)
+    cswap = CSWAPPruning(target_ratio=0.6, samples_per_class=8, curves=("cswap",))
+    guard = PreservationGuard(fraction=0.1, check_every_n_steps=2)
+    quiet_trainer(None, [sc, guard, cswap], max_epochs=4, limit_val_batches=1.0).fit(model, _data(), _data())
+    assert _graph_breaks() == 0
+    # the submodule: compiled for training, again without the first batch's hooks and after the freeze (a graph
+    # each); removal waited for fit end, and the callbacks' own forwards ran eagerly
+    assert 1 <= torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3
+    assert sc.channels_removed > 0 and cswap.plan
+    export_compressed(model, tmp_path / "m.safetensors")  # after C-SWAP too (as recipes/chain.py does)
+    fresh = load_compressed(tmp_path / "m.safetensors", SubCompiledNet()).eval()
+    x = next(iter(_data()))[0]
+    with torch.compiler.set_stance("force_eager"):
+        assert torch.equal(fresh(x), model.eval()(x))

@@ -221,9 +221,8 @@ class SelfCompression(Callback):
         self._compiled = is_compiled(pl_module)
         if self._compiled and self.remove_every_n_steps and stage == "fit":
             rank_zero_info(
-                "SelfCompression: the model's steps are compiled (torch.compile), so 0-bit channels are removed at fit "
-                "end only (removing them during training would recompile the step each time; they output zero "
-                "meanwhile)"
+                "SelfCompression: the model is compiled (torch.compile), so 0-bit channels are removed at fit end "
+                "only (removing them during training would recompile it each time; they output zero meanwhile)"
             )
         if stage != "fit" and not quantized_layers(pl_module):
             # `trainer.validate/test/predict` train nothing: a model that was never compressed is evaluated as it is
