@@ -112,6 +112,44 @@ def test_penultimate_embeddings_are_the_head_input():
     torch.testing.assert_close(net.classifier[3](feats), logits)
 
 
+class _AuxHeads(nn.Module):
+    """A classifier that registers an auxiliary Linear after its head and calls a side Linear (another width) after
+    the head: the head is still the Linear whose output width is the class count."""
+
+    def __init__(self, call_side: bool) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU())
+        self.head = nn.Linear(16, 3)
+        self.side = nn.Linear(16, 5)  # registered last
+        self.call_side = call_side
+
+    def forward(self, x):
+        h = self.body(x)
+        logits = self.head(h)
+        if self.call_side:
+            self.aux = self.side(h)
+        return logits
+
+
+@pytest.mark.parametrize("call_side", [False, True], ids=["unused_aux_head", "side_head_called_last"])
+def test_penultimate_embeddings_find_the_head_among_other_linears(call_side):
+    """Before, the last *registered* Linear was taken: unused, it left nothing to read (``torch.cat(): expected a
+    non-empty list``, the guard failed when training started)."""
+    torch.manual_seed(0)
+    net = _AuxHeads(call_side)
+    x = torch.randn(5, 1, 8, 8)
+    feats, logits = penultimate_embeddings(net, x)
+    torch.testing.assert_close(feats, net.body(x))
+    torch.testing.assert_close(net.head(feats), logits)
+
+
+def test_penultimate_embeddings_refuse_a_model_that_calls_no_linear():
+    net = _AuxHeads(call_side=False)
+    net.forward = lambda x: net.body[0](x)[:, :3]  # calls no Linear at all
+    with pytest.raises(ValueError, match=r"none of the 3 Linear layer\(s\) of _AuxHeads was called"):
+        penultimate_embeddings(net, torch.randn(2, 1, 8, 8))
+
+
 def test_set_is_class_balanced_reproducible_and_training_only():
     dm = DigitsDataModule(seed=0)
     dm.setup()

@@ -208,24 +208,39 @@ def uncertainty_scores(logits: Tensor, kind: str = "entropy") -> Tensor:
 
 
 def penultimate_embeddings(model: nn.Module, inputs: Tensor, batch_size: int = 512) -> tuple[Tensor, Tensor]:
-    """(embeddings, logits): the input of the last ``nn.Linear`` and the model output, in eval mode."""
+    """(embeddings, logits): the input of the model's head and the class scores, in eval mode.
+
+    The head is the ``nn.Linear`` called last in the forward among those with as many outputs as there are classes
+    (or, if none has, the Linear called last). Not the last one *registered*: a model may register a Linear it does
+    not call on this input (an auxiliary head, a layer of another mode) after its head, which left nothing to read.
+    A head called several times per sample (per token) gives its last call's input."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise ValueError("penultimate embeddings need an nn.Linear head in `model`")
+    last: dict[int, Tensor] = {}  # output width -> input of the last call of a Linear of that width (this batch)
+
+    def record(module: nn.Linear, args: tuple) -> None:
+        last[module.out_features] = last[-1] = args[0].detach()
+
+    handles = [m.register_forward_pre_hook(record) for m in linears]
     feats: list[Tensor] = []
-    handle = linears[-1].register_forward_pre_hook(
-        lambda m, args: feats.append(args[0].detach().flatten(1).float().cpu())
-    )
     outs: list[Tensor] = []
     device = model_device(model)
     try:
         with model_state_guard(model), torch.no_grad():
             model.eval()
             for start in range(0, inputs.shape[0], batch_size):
-                before = len(feats)
-                outs.append(class_scores(model(inputs[start : start + batch_size].to(device))).detach().float().cpu())
-                if len(feats) > before + 1:  # head called more than once (e.g. per token): keep the last call
-                    feats[before:] = feats[-1:]
+                last.clear()
+                logits = class_scores(model(inputs[start : start + batch_size].to(device))).detach()
+                head_input = last.get(logits.shape[-1], last.get(-1))
+                if head_input is None:
+                    raise ValueError(
+                        f"penultimate embeddings need an nn.Linear head called in the forward; none of the "
+                        f"{len(linears)} Linear layer(s) of {type(model).__name__} was called"
+                    )
+                feats.append(head_input.flatten(1).float().cpu())
+                outs.append(logits.float().cpu())
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     return torch.cat(feats), torch.cat(outs)

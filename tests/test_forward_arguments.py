@@ -1,0 +1,103 @@
+"""A forward with further arguments that have defaults — ``forward(x, mask=None, return_features=False)``, as
+Hugging Face-style and multi-task models have. The analyses call the model with its input alone, so the defaults
+are what runs; torch.fx tracing (LRP, C-SWAP's fast engine) fixes them at their defaults. Before, ``mask`` traced as
+a proxy took the ``is not None`` branch (LRP then called ``linear(None)``, C-SWAP's fast engine failed on the missing
+argument) and ``if return_features:`` could not be traced at all."""
+
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from helpers import quiet_trainer
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_xai import CSWAPPruning, LRPCompression
+from lightning_xai._fx import symbolic_trace
+from lightning_xai.attribution.lrp import lrp
+
+
+class Net(pl.LightningModule):
+    def __init__(self, extras: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.extras = extras
+        self.body = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 16))
+        self.head = nn.Sequential(nn.ReLU(), nn.Linear(16, 3))
+        self.side = nn.Linear(4, 3)  # used only when `side_input` is given
+
+    def forward(self, x, side_input=None, return_features=False, scale=1.0):
+        if not self.extras:
+            return self.head(self.body(x))
+        features = self.body(x) * scale
+        logits = self.head(features)
+        if side_input is not None:
+            logits = logits + self.side(side_input)
+        if return_features:
+            return logits, features
+        return logits
+
+    def training_step(self, batch, _):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, _):
+        pass
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(192, 1, 8, 8, generator=g)
+    y = (x[:, 0, :4].mean((1, 2)) > 0).long() + (x[:, 0, 4:].mean((1, 2)) > 0.2).long()
+    return DataLoader(TensorDataset(x, y), batch_size=32)
+
+
+def test_tracing_fixes_further_arguments_at_their_defaults():
+    model = Net(extras=True).eval()
+    gm = symbolic_trace(model)
+    assert [n.target for n in gm.graph.nodes if n.op == "placeholder"] == ["x"]
+    called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    assert "side" not in called and "body.3" in called
+    x = torch.randn(4, 1, 8, 8)
+    assert torch.equal(gm(x), model(x))
+
+
+def test_lrp_and_cswap_decide_as_for_the_plain_forward():
+    x = torch.randn(6, 1, 8, 8)
+    plain, extras = Net(extras=False).eval(), Net(extras=True).eval()
+    extras.load_state_dict(plain.state_dict())
+    a, b = lrp(plain, x), lrp(extras, x)
+    assert a.input.abs().sum() > 0 and torch.equal(a.input, b.input)
+    assert all(torch.equal(a.weights[k], b.weights[k]) for k in a.weights)
+    runs = {}
+    for with_extras in (False, True):
+        torch.manual_seed(0)
+        model = Net(with_extras)
+        cswap = CSWAPPruning(target_ratio=0.7, samples_per_class=8, curves=(), mode="fast")
+        data = _data()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            quiet_trainer(None, [cswap, LRPCompression(prune=0.3)], max_epochs=2, limit_val_batches=1.0).fit(
+                model, data, data
+            )
+        assert not [w for w in caught if "could not trace" in str(w.message)]  # the fast engine ran
+        runs[with_extras] = (cswap.plan, {n: v.clone() for n, v in model.state_dict().items()})
+    assert runs[True][0] == runs[False][0] and runs[True][0]
+    assert all(torch.equal(runs[True][1][n], v) for n, v in runs[False][1].items())
+
+
+def test_a_further_argument_without_a_default_is_still_refused():
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 2)
+
+        def forward(self, x, y):
+            return self.a(x) + self.a(y)
+
+    with pytest.raises(ValueError, match="`forward` argument `y` has no default"):
+        lrp(Two(), torch.randn(2, 3))
