@@ -12,7 +12,15 @@ import torch
 from torch import Tensor
 from torch.utils.data import Subset, TensorDataset
 
-__all__ = ["dataset_labels", "dataset_inputs", "dataset_tensors", "split_sample", "INPUT_KEYS", "LABEL_KEYS"]
+__all__ = [
+    "dataset_labels",
+    "dataset_inputs",
+    "dataset_tensors",
+    "split_sample",
+    "check_first_sample",
+    "INPUT_KEYS",
+    "LABEL_KEYS",
+]
 
 
 def dataset_labels(dataset: Any) -> Tensor:
@@ -81,7 +89,28 @@ def dataset_inputs(dataset: Any, indices: Sequence[int] | Tensor | np.ndarray) -
         return dataset_inputs(dataset.dataset, base)
     if isinstance(dataset, TensorDataset):
         return dataset.tensors[0][idx.to(dataset.tensors[0].device)]
-    return torch.stack([torch.as_tensor(split_sample(dataset[int(i)])[0]) for i in idx.tolist()])
+    return torch.stack([_input(dataset[int(i)]) for i in idx.tolist()])
+
+
+def _input(item: Any) -> Tensor:
+    """The input of one sample as a tensor; a structure of several inputs is a clear error."""
+    x = split_sample(item)[0]
+    if isinstance(x, (tuple, list, dict)):
+        kind = f"a {type(x).__name__} of {len(x)} items"
+        raise ValueError(
+            f"the analyses take one input tensor per sample (the model's forward is called with it alone); this "
+            f"dataset's samples hold {kind} as their input (a model of several inputs is not supported)"
+        )
+    return torch.as_tensor(x)
+
+
+def check_first_sample(dataset: Any) -> None:
+    """Read sample 0 of ``dataset`` as the analyses will (one input tensor, one integer class label), so that a
+    dataset they cannot use is refused before training rather than at fit end."""
+    if len(dataset) > 0:
+        item = dataset[0]
+        _input(item)
+        _label(item)
 
 
 def dataset_tensors(dataset: Any) -> tuple[Tensor, Tensor]:

@@ -97,6 +97,8 @@ CASES = [
     ("PreservationGuard: indices outside the training set", "_fit([PreservationGuard(indices=[10**6])])"),
     ("PreservationGuard: restored channels penalised more than others", "PreservationGuard(restored_penalty=2)"),
     ("PreservationGuard: an empty candidate pool", "PreservationGuard(max_candidates=0)"),
+    ("PreservationGuard: samples of two inputs", "_fit([SelfCompression(), PreservationGuard()], paired=True)"),
+    ("CSWAPPruning: samples of two inputs (refused before training)", "_fit([CSWAPPruning()], paired=True)"),
     ("files: a packed file with a flipped byte", "load_compressed(_flipped(), ImageClassifier('lenet'))"),
     (
         "files: a 10-class model loaded into a 5-class one",

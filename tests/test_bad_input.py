@@ -62,9 +62,10 @@ def _file():
     return str(TMP / "lxai_out.safetensors")
 
 
-def _fit(callbacks, val_size=None, net="lenet", lazy=False):
+def _fit(callbacks, val_size=None, net="lenet", lazy=False, paired=False):
     """Fit a small digits classifier with ``callbacks`` for 2 batches (the error is expected on the way); ``lazy``:
-    its first Linear layer replaced by an ``nn.LazyLinear`` that no forward has initialized yet."""
+    its first Linear layer replaced by an ``nn.LazyLinear`` that no forward has initialized yet; ``paired``: samples
+    of two inputs, ``((image, image), label)``, as a model of several inputs reads."""
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -91,7 +92,24 @@ def _fit(callbacks, val_size=None, net="lenet", lazy=False):
         parent, _, attr = first.rpartition(".")
         out = model.get_submodule(first).out_features
         setattr(model.get_submodule(parent), attr, torch.nn.LazyLinear(out))
-    trainer.fit(model, train_dataloaders=dm.train_dataloader(), val_dataloaders=val)
+    train = dm.train_dataloader()
+    if paired:
+        train, val = (DataLoader(_Paired(loader.dataset), batch_size=32) for loader in (train, val))
+    trainer.fit(model, train_dataloaders=train, val_dataloaders=val)
+
+
+class _Paired:
+    """A map-style dataset whose samples are ``((x, x), y)``."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        x, y = self.dataset[i]
+        return (x, x), y
 
 
 def _setup(callback, strategy):

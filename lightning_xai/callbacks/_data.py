@@ -14,10 +14,11 @@ import torch
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from torch import Tensor
 
-from lightning_xai._datasets import dataset_inputs, dataset_labels, dataset_tensors
+from lightning_xai._datasets import check_first_sample, dataset_inputs, dataset_labels, dataset_tensors
 
 __all__ = [
     "split_dataset",
+    "check_splits",
     "dataset_tensors",
     "dataset_labels",
     "dataset_inputs",
@@ -50,6 +51,20 @@ def split_dataset(trainer: Any, split: str, who: str) -> Any:
     if len(dataset) == 0:
         raise ValueError(f"{who} needs samples from the `{split}` dataloader, but its dataset is empty (0 samples)")
     return dataset
+
+
+def check_splits(trainer: Any, splits: tuple[str, ...], who: str) -> None:
+    """At training start, refuse a split whose samples the fit-end analysis could not read (several inputs, a label
+    that is not one class), naming ``who``; a split whose loader does not exist yet is checked at fit end."""
+    for split in splits:
+        try:
+            dataset = split_dataset(trainer, split, who)
+        except ValueError:
+            continue  # no such loader (yet): fit end says so
+        try:
+            check_first_sample(dataset)
+        except ValueError as err:
+            raise ValueError(f"{who} ({split} split): {err}") from None
 
 
 def from_rank_zero(trainer: Any, obj: Any) -> Any:

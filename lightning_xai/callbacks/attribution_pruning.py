@@ -23,7 +23,13 @@ from lightning_xai.attribution.layers import (
     classification_loss,
 )
 from lightning_xai.callbacks._checks import refresh_averaged_copies
-from lightning_xai.callbacks._data import dataset_tensors, from_rank_zero, on_training_device, split_dataset
+from lightning_xai.callbacks._data import (
+    check_splits,
+    dataset_tensors,
+    from_rank_zero,
+    on_training_device,
+    split_dataset,
+)
 from lightning_xai.callbacks._resize import ResizeOnLoad
 from lightning_xai.evaluation import accuracy, latency_ratio
 from lightning_xai.figures import layer_rankings_figure
@@ -116,6 +122,11 @@ class AttributionPruning(ResizeOnLoad):
     @property
     def state_key(self) -> str:
         return self._generate_state_key(scorer=self.scorer_name, mode=self.mode, fraction=self.fraction)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        check_splits(
+            trainer, ("val",), "AttributionPruning"
+        )  # a dataset it cannot read is refused now, not after training
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.pruned is not None:

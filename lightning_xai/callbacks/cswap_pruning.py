@@ -17,7 +17,13 @@ from lightning_xai._validation import (
     validate_number,
 )
 from lightning_xai.callbacks._checks import refresh_averaged_copies, resolve_export_path
-from lightning_xai.callbacks._data import dataset_tensors, from_rank_zero, on_training_device, split_dataset
+from lightning_xai.callbacks._data import (
+    check_splits,
+    dataset_tensors,
+    from_rank_zero,
+    on_training_device,
+    split_dataset,
+)
 from lightning_xai.callbacks._resize import ResizeOnLoad, plain_weights_for_spawn
 from lightning_xai.evaluation import accuracy, count_macs, latency_ratio, measure_latency
 from lightning_xai.figures import categories_figure, pruning_curves_figure
@@ -141,6 +147,11 @@ class CSWAPPruning(ResizeOnLoad):
         if method == "omp":
             return magnitude_order(units)
         return random_order(units, self.seed)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        check_splits(
+            trainer, (self.analysis_split, "val"), "CSWAPPruning"
+        )  # a dataset it cannot read is refused now, not after training
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.plan is not None:  # already pruned (e.g. a resumed run that reached fit end before)

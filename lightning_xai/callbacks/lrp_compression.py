@@ -19,7 +19,13 @@ from lightning_xai.callbacks._checks import (
     refuse_sharded_strategies,
     resolve_export_path,
 )
-from lightning_xai.callbacks._data import dataset_tensors, from_rank_zero, on_training_device, split_dataset
+from lightning_xai.callbacks._data import (
+    check_splits,
+    dataset_tensors,
+    from_rank_zero,
+    on_training_device,
+    split_dataset,
+)
 from lightning_xai.evaluation import accuracy
 from lightning_xai.logging import flush, log_histogram, log_scalars, log_text
 from lightning_xai.pruning.cswap import class_balanced_samples
@@ -112,6 +118,11 @@ class LRPCompression(pl.Callback):
     @property
     def state_key(self) -> str:
         return self._generate_state_key(prune=str(self.prune), bits=self.bits)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        check_splits(
+            trainer, (self.analysis_split, "val"), "LRPCompression"
+        )  # a dataset it cannot read is refused now, not after training
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.done:

@@ -20,7 +20,13 @@ from lightning_xai.callbacks._checks import (
     refuse_sharded_strategies,
     weight_averaging_order,
 )
-from lightning_xai.callbacks._data import dataset_inputs, dataset_labels, from_rank_zero, split_dataset
+from lightning_xai.callbacks._data import (
+    check_splits,
+    dataset_inputs,
+    dataset_labels,
+    from_rank_zero,
+    split_dataset,
+)
 from lightning_xai.evaluation import accuracy, class_scores
 from lightning_xai.figures import gradcam_figure
 from lightning_xai.logging import log_figure, log_scalars, log_text, tensorboard_writers
@@ -269,6 +275,7 @@ class PreservationGuard(Callback):
             check_layer_names("target_layer", [self.target_layer], pl_module)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        check_splits(trainer, ("train",), "PreservationGuard")  # also when the set is built later (build_at_step)
         if self.build_at_step == 0 or (self.indices is not None and trainer.global_step >= self.build_at_step):
             self._build(trainer, pl_module)
 
