@@ -13,6 +13,7 @@ ALLOWED = {
     ("_datasets.py", "dataset_labels"): "labels are read on the CPU to choose samples by index",
     ("_datasets.py", "dataset_inputs"): "indices into a CPU dataset",
     ("_datasets.py", "_label"): "one label read on the CPU (labels are chosen from by index)",
+    ("_datasets.py", "_input"): "one sample's input as the dataset holds it (moved to the device batch by batch)",
     ("pruning/surgery.py", "_compose_origin"): "which original channels a tensor kept: CPU bookkeeping",
     ("pruning/surgery.py", "restore_layout"): "the same bookkeeping read back from a checkpoint",
     ("callbacks/preservation_guard.py", "channels_removed"): "bookkeeping mask over a CPU-stored snapshot",

@@ -1,7 +1,6 @@
 """Lightning-native reload: ``YourModule.load_from_checkpoint`` on checkpoints written during and after compression and
 pruning (a fresh, full-size instance of the user's class, no callback), and ``strategy="ddp_spawn"``."""
 
-import logging
 import tempfile
 
 import lightning.pytorch as pl
@@ -11,6 +10,7 @@ from helpers import quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_xai import CSWAPPruning, DigitsDataModule, LRPCompression, SelfCompression, load_pruned
+from lightning_xai.callbacks import self_compression as self_compression_module
 from lightning_xai.models import ImageClassifier
 from lightning_xai.quantization.install import quantized_layers
 
@@ -133,7 +133,9 @@ def test_the_resize_hook_does_not_drag_the_trainer_into_deep_copies():
     clone.load_state_dict(module.state_dict())  # the copied hook still runs (a weak reference, no checkpoint)
 
 
-def test_evaluating_without_fit_leaves_an_uncompressed_model_as_it_is_and_a_checkpoint_tests_the_same(tmp_path, caplog):
+def test_evaluating_without_fit_leaves_an_uncompressed_model_as_it_is_and_a_checkpoint_tests_the_same(
+    tmp_path, monkeypatch
+):
     """`trainer.validate/test` with SelfCompression attached train nothing: a model that was never compressed is
     not touched (before, the quantizers were installed and its 8-bit version evaluated); a checkpoint of a compressed
     run, tested on a fresh model through such a Trainer, gives the trained model's metrics exactly."""
@@ -143,11 +145,12 @@ def test_evaluating_without_fit_leaves_an_uncompressed_model_as_it_is_and_a_chec
     before = {k: v.clone() for k, v in base.state_dict().items()}
     dm.setup("fit")
     loader = dm.test_dataloader()
+    said: list[str] = []  # the callback's info lines (not through logging: other tests reconfigure its loggers)
+    monkeypatch.setattr(self_compression_module, "rank_zero_info", lambda message, *a, **k: said.append(message))
     for run in ("validate", "test"):
         trainer = quiet_trainer(str(tmp_path), [SelfCompression()], limit_val_batches=1.0)
-        with caplog.at_level(logging.INFO):
-            getattr(trainer, run)(base, loader, verbose=False)
-        assert f"`trainer.{run}` on a model without quantizers evaluates it as it is" in caplog.text
+        getattr(trainer, run)(base, loader, verbose=False)
+        assert f"`trainer.{run}` on a model without quantizers evaluates it as it is" in said[-1]
     assert not quantized_layers(base)
     assert list(base.state_dict()) == list(before)
     assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
