@@ -124,9 +124,8 @@ class AttributionPruning(ResizeOnLoad):
         return self._generate_state_key(scorer=self.scorer_name, mode=self.mode, fraction=self.fraction)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        check_splits(
-            trainer, ("val",), "AttributionPruning"
-        )  # a dataset it cannot read is refused now, not after training
+        # a dataset the fit-end analysis cannot read is refused now, not after the training
+        check_splits(trainer, ("val",), "AttributionPruning")
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.pruned is not None:

@@ -149,9 +149,8 @@ class CSWAPPruning(ResizeOnLoad):
         return random_order(units, self.seed)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        check_splits(
-            trainer, (self.analysis_split, "val"), "CSWAPPruning"
-        )  # a dataset it cannot read is refused now, not after training
+        # a dataset the fit-end analysis cannot read is refused now, not after the training
+        check_splits(trainer, (self.analysis_split, "val"), "CSWAPPruning")
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.plan is not None:  # already pruned (e.g. a resumed run that reached fit end before)

@@ -120,9 +120,8 @@ class LRPCompression(pl.Callback):
         return self._generate_state_key(prune=str(self.prune), bits=self.bits)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        check_splits(
-            trainer, (self.analysis_split, "val"), "LRPCompression"
-        )  # a dataset it cannot read is refused now, not after training
+        # a dataset the fit-end analysis cannot read is refused now, not after the training
+        check_splits(trainer, (self.analysis_split, "val"), "LRPCompression")
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.done:
