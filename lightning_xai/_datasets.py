@@ -104,13 +104,19 @@ def _input(item: Any) -> Tensor:
     return torch.as_tensor(x)
 
 
-def check_first_sample(dataset: Any) -> None:
+def check_first_sample(dataset: Any) -> list[str]:
     """Read sample 0 of ``dataset`` as the analyses will (one input tensor, one integer class label), so that a
-    dataset they cannot use is refused before training rather than at fit end."""
-    if len(dataset) > 0:
-        item = dataset[0]
-        _input(item)
-        _label(item)
+    dataset they cannot use is refused before training rather than at fit end. Returns the other keys of a dict
+    sample (``attention_mask``, …), which the analyses do not pass to the model."""
+    if len(dataset) == 0:
+        return []
+    item = dataset[0]
+    _input(item)
+    _label(item)
+    if not isinstance(item, dict):
+        return []
+    used = {next(k for k in INPUT_KEYS if k in item), next(k for k in LABEL_KEYS if k in item)}
+    return sorted(str(k) for k in item if k not in used)
 
 
 def dataset_tensors(dataset: Any) -> tuple[Tensor, Tensor]:

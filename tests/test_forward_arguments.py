@@ -101,3 +101,37 @@ def test_a_further_argument_without_a_default_is_still_refused():
 
     with pytest.raises(ValueError, match="`forward` argument `y` has no default"):
         lrp(Two(), torch.randn(2, 3))
+
+
+class _DictSamples(torch.utils.data.Dataset):
+    """``{"x", "side_input", "id", "y"}`` samples: ``side_input`` is an argument of ``Net.forward``, ``id`` is not."""
+
+    def __init__(self, loader):
+        self.base = loader.dataset
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y = self.base[i]
+        return {"x": x, "side_input": torch.zeros(4), "id": i, "y": y}
+
+
+class _DictNet(Net):
+    def training_step(self, batch, _):
+        return nn.functional.cross_entropy(self(batch["x"], batch["side_input"]), batch["y"])
+
+
+def test_dict_samples_with_a_forward_argument_get_a_warning_at_training_start(monkeypatch):
+    """The analyses call ``forward`` with the input alone: a Hugging Face ``attention_mask`` in the samples is not
+    passed, which no error would show. Only keys that ``forward`` takes are named."""
+    import lightning_xai.callbacks._data as data_module
+
+    said: list[str] = []
+    monkeypatch.setattr(data_module, "rank_zero_warn", lambda message, *a, **k: said.append(message))
+    loader = DataLoader(_DictSamples(_data()), batch_size=32)
+    cswap = CSWAPPruning(target_ratio=0.7, samples_per_class=8, curves=())
+    quiet_trainer(None, [cswap], max_epochs=1, limit_val_batches=1.0).fit(_DictNet(True), loader, loader)
+    assert len(said) == 2  # the train (analysis) split and the val split
+    assert all("hold ['side_input'], which the model's forward takes" in m and "'id'" not in m for m in said)
+    assert cswap.plan  # a warning, not a refusal

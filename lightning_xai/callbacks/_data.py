@@ -7,11 +7,13 @@ gathered, and later moved to the device batch by batch by the code that evaluate
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_xai._datasets import check_first_sample, dataset_inputs, dataset_labels, dataset_tensors
@@ -55,16 +57,30 @@ def split_dataset(trainer: Any, split: str, who: str) -> Any:
 
 def check_splits(trainer: Any, splits: tuple[str, ...], who: str) -> None:
     """At training start, refuse a split whose samples the fit-end analysis could not read (several inputs, a label
-    that is not one class), naming ``who``; a split whose loader does not exist yet is checked at fit end."""
+    that is not one class), naming ``who``; a split whose loader does not exist yet is checked at fit end.
+
+    Dict samples whose other keys name arguments of the model's ``forward`` (a Hugging Face ``attention_mask``) get a
+    warning: the analysis calls ``forward`` with the input alone, so it sees, say, padded positions unmasked."""
+    forward = getattr(getattr(trainer, "lightning_module", None), "forward", None)
+    try:
+        accepted = set(inspect.signature(forward).parameters) if forward is not None else set()
+    except (TypeError, ValueError):
+        accepted = set()
     for split in splits:
         try:
             dataset = split_dataset(trainer, split, who)
         except ValueError:
             continue  # no such loader (yet): fit end says so
         try:
-            check_first_sample(dataset)
+            extra = check_first_sample(dataset)
         except ValueError as err:
             raise ValueError(f"{who} ({split} split): {err}") from None
+        passed = [k for k in extra if k in accepted]
+        if passed:
+            rank_zero_warn(
+                f"{who}: the {split} samples also hold {passed}, which the model's forward takes; the analysis calls "
+                "forward with the input alone, so it runs without them (e.g. without an attention mask)"
+            )
 
 
 def from_rank_zero(trainer: Any, obj: Any) -> Any:
