@@ -8,7 +8,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_xai.evaluation import class_scores
 from lightning_xai.quantization.install import QuantizedLayer
 
 
@@ -56,3 +58,30 @@ def load_benchmark(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def halves_task(n: int, side: int, threshold: float) -> DataLoader:
+    """``n`` random one-channel ``side × side`` images in batches of 32, three classes: (top half's mean > 0) +
+    (bottom half's mean > ``threshold``). Learnable by a small CNN in a few epochs."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 1, side, side, generator=g)
+    half = side // 2
+    y = (x[:, 0, :half].mean((1, 2)) > 0).long() + (x[:, 0, half:].mean((1, 2)) > threshold).long()
+    return DataLoader(TensorDataset(x, y), batch_size=32)
+
+
+class ClassifierSteps:
+    """Mix into a LightningModule: cross-entropy on the class scores of ``self(x)``, an empty validation step (the
+    fit-end callbacks read the validation loader themselves), Adam at ``self.lr`` (default 1e-2)."""
+
+    lr = 1e-2
+
+    def training_step(self, batch, _):
+        x, y = batch
+        return nn.functional.cross_entropy(class_scores(self(x)), y)
+
+    def validation_step(self, batch, _):
+        pass
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.lr)

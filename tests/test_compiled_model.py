@@ -10,9 +10,8 @@ arithmetic's rounding, not what is traced)."""
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import quiet_trainer
+from helpers import ClassifierSteps, halves_task, quiet_trainer
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_xai import (
     AttributionPruning,
@@ -27,7 +26,7 @@ from lightning_xai.quantization import batched as batched_module
 from lightning_xai.quantization.export import export_compressed
 
 
-class Net(pl.LightningModule):
+class Net(ClassifierSteps, pl.LightningModule):
     def __init__(self, lr: float = 1e-2) -> None:
         super().__init__()
         self.lr = lr
@@ -41,22 +40,9 @@ class Net(pl.LightningModule):
     def forward(self, x):
         return self.net(x)
 
-    def training_step(self, batch, _):
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
-
-    def validation_step(self, batch, _):
-        pass
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
-
 
 def _data():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(256, 1, 12, 12, generator=g)
-    y = (x[:, :, :6].mean((1, 2, 3)) > 0).long() + (x[:, :, 6:].mean((1, 2, 3)) > 0.15).long()
-    return DataLoader(TensorDataset(x, y), batch_size=32)
+    return halves_task(256, 12, 0.15)
 
 
 def _graph_breaks() -> int:

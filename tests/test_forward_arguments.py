@@ -9,16 +9,16 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import quiet_trainer
+from helpers import ClassifierSteps, halves_task, quiet_trainer
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from lightning_xai import CSWAPPruning, LRPCompression
 from lightning_xai._fx import symbolic_trace
 from lightning_xai.attribution.lrp import lrp
 
 
-class Net(pl.LightningModule):
+class Net(ClassifierSteps, pl.LightningModule):
     def __init__(self, extras: bool) -> None:
         super().__init__()
         torch.manual_seed(0)
@@ -38,22 +38,9 @@ class Net(pl.LightningModule):
             return logits, features
         return logits
 
-    def training_step(self, batch, _):
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
-
-    def validation_step(self, batch, _):
-        pass
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=1e-2)
-
 
 def _data():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(192, 1, 8, 8, generator=g)
-    y = (x[:, 0, :4].mean((1, 2)) > 0).long() + (x[:, 0, 4:].mean((1, 2)) > 0.2).long()
-    return DataLoader(TensorDataset(x, y), batch_size=32)
+    return halves_task(192, 8, 0.2)
 
 
 def test_tracing_fixes_further_arguments_at_their_defaults():

@@ -9,9 +9,8 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from helpers import quiet_trainer
+from helpers import ClassifierSteps, halves_task, quiet_trainer
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_xai import AttributionPruning, CSWAPPruning, LRPCompression, PreservationGuard, SelfCompression
 from lightning_xai.attribution.lrp import lrp
@@ -31,7 +30,7 @@ def test_class_scores_takes_the_logits_out_of_every_usual_output():
         class_scores({"scores": t})
 
 
-class Net(pl.LightningModule):
+class Net(ClassifierSteps, pl.LightningModule):
     """A CNN classifier whose forward returns ``kind``: a tensor, a dict, an object or a tuple."""
 
     def __init__(self, kind: str = "tensor") -> None:
@@ -55,22 +54,9 @@ class Net(pl.LightningModule):
             return logits, probs
         return logits
 
-    def training_step(self, batch, _):
-        x, y = batch
-        return nn.functional.cross_entropy(class_scores(self(x)), y)
-
-    def validation_step(self, batch, _):
-        pass
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=1e-2)
-
 
 def _data():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(192, 1, 8, 8, generator=g)
-    y = (x[:, 0, :4].mean((1, 2)) > 0).long() + (x[:, 0, 4:].mean((1, 2)) > 0.2).long()
-    return DataLoader(TensorDataset(x, y), batch_size=32)
+    return halves_task(192, 8, 0.2)
 
 
 def _fit(kind, callbacks, epochs=2):
