@@ -61,23 +61,63 @@ def per_layer_quantization() -> Iterator[None]:
         _PAUSED -= 1
 
 
+# Every layer's slice of the concatenations starts ALIGN elements apart (zero padding between layers): the slices
+# are handed to kernels as weights, gradients and batch-norm affine parameters, and some CUDA kernels load those with
+# vector instructions that need 16-byte aligned addresses. Unpadded, a slice began wherever the previous layer
+# ended (4-byte aligned): on an H200, channels_last batch norm under 16-mixed then died with "CUDA error: misaligned
+# address". 16 elements are 32 bytes for 2-byte dtypes and 64 for float32.
+ALIGN = 16
+
+
+def _padding(n: int) -> int:
+    return -n % ALIGN
+
+
+def _padded_cat(parts: list[Tensor] | tuple[Tensor, ...], dtype: torch.dtype) -> Tensor:
+    """``torch.cat`` of the 1-D ``parts`` (of one dtype) with zeros after each, so that each part starts at a multiple
+    of ALIGN; then in ``dtype``."""
+    pad = torch.zeros(ALIGN, dtype=parts[0].dtype, device=parts[0].device)
+    out: list[Tensor] = []
+    for t in parts:
+        out.append(t)
+        if _padding(t.numel()):
+            out.append(pad[: _padding(t.numel())])
+    flat = torch.cat(out)
+    return flat if flat.dtype == dtype else flat.to(dtype)
+
+
+def _unpadded_split(t: Tensor, numels: list[int]) -> list[Tensor]:
+    """The parts of :func:`_padded_cat` back, as views of ``t``."""
+    return [part[:n] for part, n in zip(t.split([n + _padding(n) for n in numels]), numels)]
+
+
 class _Meta:
-    """Shapes of one group of layers and the device-side indices that map each weight to its channel."""
+    """Shapes of one group of layers and the device-side indices that map each weight to its channel (the padding
+    after a layer counts as part of its last channel: zeros there add nothing to its sums)."""
 
     def __init__(self, shapes: list[torch.Size], device: torch.device) -> None:
         self.shapes = shapes
         self.channels = [int(s[0]) for s in shapes]
         self.numels = [int(torch.Size(s).numel()) for s in shapes]
         per_channel = [n // c if c else 0 for n, c in zip(self.numels, self.channels)]
-        total = sum(self.numels)
+        total = sum(n + _padding(n) for n in self.numels)
         # built once per set of shapes (a removal changes them): host lists → one copy to the device
-        lengths = torch.tensor(
-            [k for k, c in zip(per_channel, self.channels) for _ in range(c)], dtype=torch.int64, device="cpu"
-        )
+        host: list[int] = []
+        for k, c, n in zip(per_channel, self.channels, self.numels):
+            host += [k] * c
+            if c:
+                host[-1] += _padding(n)
+        lengths = torch.tensor(host, dtype=torch.int64, device="cpu")
         self.lengths = lengths.to(device)
         self.segment = torch.repeat_interleave(
             torch.arange(lengths.numel(), dtype=torch.int32, device=device), self.lengths, output_size=total
         )
+        # per-channel vectors (the b/e gradients) laid out with the same padding: slot → channel (pads: channel 0)
+        start, slots = 0, []
+        for c in self.channels:
+            slots += list(range(start, start + c)) + [0] * _padding(c)
+            start += c
+        self.slots = torch.tensor(slots, dtype=torch.int64, device="cpu").to(device)
 
 
 class _BatchedQuantizeSTE(torch.autograd.Function):
@@ -93,9 +133,7 @@ class _BatchedQuantizeSTE(torch.autograd.Function):
         # channels_last weights are read, and their quantized weights written, in that layout (each channel's values
         # stay one segment): a convolution given both in one layout converts neither
         layouts = ctx.layouts = tuple(channels_last(t) for t in weights)
-        w = torch.cat([(rows(t, cl) if cl else t).reshape(-1) for t, cl in zip(weights, layouts)])
-        if w.dtype != dtype:
-            w = w.to(dtype)
+        w = _padded_cat([(rows(t, cl) if cl else t).reshape(-1) for t, cl in zip(weights, layouts)], dtype)
         alive = b > 0
         s = torch.exp2(e)
         hs = torch.exp2(b.clamp(min=0.0) - 1.0) * s  # the range in weight units: [-half·s, (half-1)·s]
@@ -109,7 +147,9 @@ class _BatchedQuantizeSTE(torch.autograd.Function):
         ctx.save_for_backward(w, out, ranges, hs, alive)
         if out.dtype != weights[0].dtype:
             out = out.to(weights[0].dtype)
-        return tuple(unrows(o, shape, cl) for o, shape, cl in zip(out.split(meta.numels), meta.shapes, layouts))
+        return tuple(
+            unrows(o, shape, cl) for o, shape, cl in zip(_unpadded_split(out, meta.numels), meta.shapes, layouts)
+        )
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
@@ -117,9 +157,7 @@ class _BatchedQuantizeSTE(torch.autograd.Function):
         n = len(meta.shapes)
         w, out, ranges, hs, alive = ctx.saved_tensors
         ctx.serving.done = True  # the graph of these outputs is spent: they are not served again
-        g = torch.cat([(rows(t, cl) if cl else t).reshape(-1) for t, cl in zip(grads, ctx.layouts)])  # weights' order
-        if g.dtype != out.dtype:
-            g = g.to(out.dtype)
+        g = _padded_cat([(rows(t, cl) if cl else t).reshape(-1) for t, cl in zip(grads, ctx.layouts)], out.dtype)
         lo, hi, _ = ranges.index_select(0, meta.segment).unbind(1)
         d = torch.clamp(w, lo, hi).sub_(w)  # < 0 above the range, > 0 below, 0 inside
         grad_in = torch.where(d == 0, g, torch.zeros((), dtype=g.dtype, device=g.device))
@@ -129,17 +167,20 @@ class _BatchedQuantizeSTE(torch.autograd.Function):
         grad_w: list[Tensor | None] = [None] * n
         if need_w:
             gw = grad_in if grad_in.dtype == ctx.weight_dtype else grad_in.to(ctx.weight_dtype)
-            grad_w = [unrows(t, shape, cl) for t, shape, cl in zip(gw.split(meta.numels), meta.shapes, ctx.layouts)]
+            grad_w = [
+                unrows(t, shape, cl) for t, shape, cl in zip(_unpadded_split(gw, meta.numels), meta.shapes, ctx.layouts)
+            ]
         grad_b: list[Tensor | None] = [None] * n
         grad_e: list[Tensor | None] = [None] * n
         if need_b or need_e:
             # per channel: Σ g·(q − w·[inside]) for e and Σ g·sign(clamp(w) − w) for b, in one segment reduction
             terms = torch.stack((g * out - grad_in * w, g * d.sign_()), dim=1)
             sums = torch.segment_reduce(terms, "sum", lengths=meta.lengths, axis=0, unsafe=True)
+            sums = sums.index_select(0, meta.slots)  # padded as the weights, so that each layer's slice is aligned
             if need_e:
-                grad_e = list((sums[:, 0] * LN2).split(meta.channels))
+                grad_e = _unpadded_split(sums[:, 0] * LN2, meta.channels)
             if need_b:
-                grad_b = list((sums[:, 1] * (hs * alive) * -LN2).split(meta.channels))
+                grad_b = _unpadded_split(sums[:, 1] * (hs * alive).index_select(0, meta.slots) * -LN2, meta.channels)
         return (None, None, *grad_w, *grad_b, *grad_e)
 
 
@@ -248,9 +289,9 @@ class BatchedQuantization:
             if _batched_here(tensor, q) and q.b.shape[0] == tensor.shape[0]:
                 groups.setdefault((tensor.device, tensor.dtype), []).append((gate, tensor, q))
         for (_, dtype), members in groups.items():
-            mask = torch.cat([q.b for _, _, q in members]) > 0
-            out = torch.cat([t for _, t, _ in members]) * mask.to(dtype)
-            for (gate, t, q), part in zip(members, out.split([t.shape[0] for _, t, _ in members])):
+            mask = _padded_cat([q.b for _, _, q in members], members[0][2].b.dtype) > 0  # aligned, as the weights
+            out = _padded_cat([t for _, t, _ in members], dtype) * mask.to(dtype)
+            for (gate, t, q), part in zip(members, _unpadded_split(out, [t.shape[0] for _, t, _ in members])):
                 SERVED[gate] = (part, t, t._version, q.b._version, q.e._version, serving)
 
 
