@@ -87,8 +87,12 @@ def _padded_cat(parts: list[Tensor] | tuple[Tensor, ...], dtype: torch.dtype) ->
 
 
 def _unpadded_split(t: Tensor, numels: list[int]) -> list[Tensor]:
-    """The parts of :func:`_padded_cat` back, as views of ``t``."""
-    return [part[:n] for part, n in zip(t.split([n + _padding(n) for n in numels]), numels)]
+    """The parts of :func:`_padded_cat` back, as views of ``t`` (one view op each)."""
+    out, start = [], 0
+    for n in numels:
+        out.append(t.narrow(0, start, n))
+        start += n + _padding(n)
+    return out
 
 
 class _Meta:
@@ -182,6 +186,23 @@ class _BatchedQuantizeSTE(torch.autograd.Function):
             if need_b:
                 grad_b = _unpadded_split(sums[:, 1] * (hs * alive).index_select(0, meta.slots) * -LN2, meta.channels)
         return (None, None, *grad_w, *grad_b, *grad_e)
+
+
+class _GateMul(torch.autograd.Function):
+    """``t_i · mask_i`` for the 1-D tensors ``t_1..t_L`` and their masks, padded and concatenated as
+    :func:`_padded_cat` does (``mask``): one multiply forward and backward, aligned slices out and in. (As one
+    Function: slicing the padded product outside one would add a slice-backward per gate, two kernels each.)"""
+
+    @staticmethod
+    def forward(ctx: Any, mask: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        ctx.save_for_backward(mask)
+        ctx.numels = [t.shape[0] for t in tensors]
+        return tuple(_unpadded_split(_padded_cat(tensors, mask.dtype) * mask, ctx.numels))
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        (mask,) = ctx.saved_tensors
+        return (None, *_unpadded_split(_padded_cat(grads, mask.dtype) * mask, ctx.numels))
 
 
 def batched_quantize(weights: list[Tensor], bits: list[Tensor], exps: list[Tensor]) -> tuple[Tensor, ...]:
@@ -289,9 +310,9 @@ class BatchedQuantization:
             if _batched_here(tensor, q) and q.b.shape[0] == tensor.shape[0]:
                 groups.setdefault((tensor.device, tensor.dtype), []).append((gate, tensor, q))
         for (_, dtype), members in groups.items():
-            mask = _padded_cat([q.b for _, _, q in members], members[0][2].b.dtype) > 0  # aligned, as the weights
-            out = _padded_cat([t for _, t, _ in members], dtype) * mask.to(dtype)
-            for (gate, t, q), part in zip(members, _unpadded_split(out, [t.shape[0] for _, t, _ in members])):
+            mask = _padded_cat([q.b for _, _, q in members], members[0][2].b.dtype) > 0
+            parts = _GateMul.apply(mask.to(dtype), *[t for _, t, _ in members])
+            for (gate, t, q), part in zip(members, parts):
                 SERVED[gate] = (part, t, t._version, q.b._version, q.e._version, serving)
 
 
