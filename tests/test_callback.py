@@ -441,3 +441,23 @@ def test_a_second_fit_with_a_new_callback_continues_from_the_uncompressed_counts
     bits_after = torch.cat([layer.quantizer.b.detach().clamp(min=0) for layer in quantized_layers(model)]).mean()
     assert bits_after > 0.8 * bits_before  # a gentle γ stays gentle
     assert 0 < second.compressor.size().size_ratio < 1
+
+
+@pytest.mark.skipif(not hasattr(torch, "amp") or not hasattr(torch.amp, "GradScaler"), reason="torch.amp.GradScaler")
+def test_fp16_overflows_only_bits_see_lower_the_grad_scale(tmp_path):
+    """16-mixed with a loss scaler (as on a GPU; here fp16 autocast on the CPU with ``GradScaler("cpu")``). Clipped
+    weights get a zero weight gradient from the straight-through estimator, so an fp16 overflow there reaches only
+    ``b``/``e``: the scaler must hear of it and lower its scale. Before, it never did, the bit-depth step was
+    skipped on half the steps for good, and nothing was removed (an H200 run: 17–20 of 38 steps skipped, 0 removed;
+    bf16-mixed: 28 channels removed)."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    pl.seed_everything(0)
+    model = ImageClassifier("resnet", width=8)
+    sc = SelfCompression(gamma=0.5, remove_every_n_steps=10, log_every_n_steps=0)
+    scaler = torch.amp.GradScaler("cpu")
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
+    quiet_trainer(tmp_path, [sc], plugins=[plugin]).fit(model, DigitsDataModule())
+    assert scaler.get_scale() < 65536.0  # the overflows were heard (the first steps' overflow-free scale is 2^16)
+    assert int(sc._skipped) <= 8, int(sc._skipped)  # a few steps while the scale comes down, not half of them
+    assert sc.channels_removed > 0
