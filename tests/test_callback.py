@@ -444,7 +444,8 @@ def test_a_second_fit_with_a_new_callback_continues_from_the_uncompressed_counts
 
 
 @pytest.mark.skipif(not hasattr(torch, "amp") or not hasattr(torch.amp, "GradScaler"), reason="torch.amp.GradScaler")
-def test_fp16_overflows_only_bits_see_lower_the_grad_scale(tmp_path):
+@pytest.mark.parametrize("cls", [ImageClassifier, MixinClassifier], ids=["callback", "mixin"])
+def test_fp16_overflows_only_bits_see_lower_the_grad_scale(tmp_path, cls):
     """16-mixed with a loss scaler (as on a GPU; here fp16 autocast on the CPU with ``GradScaler("cpu")``). Clipped
     weights get a zero weight gradient from the straight-through estimator, so an fp16 overflow there reaches only
     ``b``/``e``: the scaler must hear of it and lower its scale. Before, it never did, the bit-depth step was
@@ -453,7 +454,7 @@ def test_fp16_overflows_only_bits_see_lower_the_grad_scale(tmp_path):
     from lightning.pytorch.plugins import MixedPrecision
 
     pl.seed_everything(0)
-    model = ImageClassifier("resnet", width=8)
+    model = cls("resnet", width=8)
     sc = SelfCompression(gamma=0.5, remove_every_n_steps=10, log_every_n_steps=0)
     scaler = torch.amp.GradScaler("cpu")
     plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
