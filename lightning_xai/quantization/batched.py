@@ -73,26 +73,30 @@ def _padding(n: int) -> int:
     return -n % ALIGN
 
 
-def _padded_cat(parts: list[Tensor] | tuple[Tensor, ...], dtype: torch.dtype) -> Tensor:
-    """``torch.cat`` of the 1-D ``parts`` (of one dtype) with zeros after each, so that each part starts at a multiple
-    of ALIGN; then in ``dtype``."""
-    pad = torch.zeros(ALIGN, dtype=parts[0].dtype, device=parts[0].device)
-    out: list[Tensor] = []
-    for t in parts:
-        out.append(t)
-        if _padding(t.numel()):
-            out.append(pad[: _padding(t.numel())])
-    flat = torch.cat(out)
-    return flat if flat.dtype == dtype else flat.to(dtype)
+class _Padded:
+    """The layout of 1-D parts of lengths ``numels`` in one flat tensor, each part starting ALIGN elements after the
+    previous one (zeros between): built once per set of lengths, with its zero pads per dtype, so that a
+    concatenation costs one ``cat`` and a split one ``split`` (no per-part slicing)."""
 
+    def __init__(self, numels: list[int], device: torch.device) -> None:
+        self.numels = list(numels)
+        self.device = device
+        self.sizes = [k for n in self.numels for k in (n, _padding(n))]
+        self._pads: dict[torch.dtype, list[Tensor]] = {}
 
-def _unpadded_split(t: Tensor, numels: list[int]) -> list[Tensor]:
-    """The parts of :func:`_padded_cat` back, as views of ``t`` (one view op each)."""
-    out, start = [], 0
-    for n in numels:
-        out.append(t.narrow(0, start, n))
-        start += n + _padding(n)
-    return out
+    def cat(self, parts: list[Tensor] | tuple[Tensor, ...], dtype: torch.dtype) -> Tensor:
+        """The ``parts`` (of one dtype) concatenated with their padding, then in ``dtype``."""
+        pads = self._pads.get(parts[0].dtype)
+        if pads is None:
+            pads = self._pads[parts[0].dtype] = [
+                torch.zeros(_padding(n), dtype=parts[0].dtype, device=self.device) for n in self.numels
+            ]
+        flat = torch.cat([t for part, pad in zip(parts, pads) for t in (part, pad)])
+        return flat if flat.dtype == dtype else flat.to(dtype)
+
+    def split(self, flat: Tensor) -> list[Tensor]:
+        """The parts back from a tensor laid out like :meth:`cat`'s, as views of it."""
+        return list(flat.split(self.sizes)[::2])
 
 
 class _Meta:
@@ -122,6 +126,8 @@ class _Meta:
             slots += list(range(start, start + c)) + [0] * _padding(c)
             start += c
         self.slots = torch.tensor(slots, dtype=torch.int64, device="cpu").to(device)
+        self.weights = _Padded(self.numels, device)
+        self.per_channel = _Padded(self.channels, device)
 
 
 class _BatchedQuantizeSTE(torch.autograd.Function):
@@ -137,7 +143,7 @@ class _BatchedQuantizeSTE(torch.autograd.Function):
         # channels_last weights are read, and their quantized weights written, in that layout (each channel's values
         # stay one segment): a convolution given both in one layout converts neither
         layouts = ctx.layouts = tuple(channels_last(t) for t in weights)
-        w = _padded_cat([(rows(t, cl) if cl else t).reshape(-1) for t, cl in zip(weights, layouts)], dtype)
+        w = meta.weights.cat([(rows(t, cl) if cl else t).reshape(-1) for t, cl in zip(weights, layouts)], dtype)
         alive = b > 0
         s = torch.exp2(e)
         hs = torch.exp2(b.clamp(min=0.0) - 1.0) * s  # the range in weight units: [-half·s, (half-1)·s]
@@ -151,9 +157,7 @@ class _BatchedQuantizeSTE(torch.autograd.Function):
         ctx.save_for_backward(w, out, ranges, hs, alive)
         if out.dtype != weights[0].dtype:
             out = out.to(weights[0].dtype)
-        return tuple(
-            unrows(o, shape, cl) for o, shape, cl in zip(_unpadded_split(out, meta.numels), meta.shapes, layouts)
-        )
+        return tuple(unrows(o, shape, cl) for o, shape, cl in zip(meta.weights.split(out), meta.shapes, layouts))
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
@@ -161,7 +165,7 @@ class _BatchedQuantizeSTE(torch.autograd.Function):
         n = len(meta.shapes)
         w, out, ranges, hs, alive = ctx.saved_tensors
         ctx.serving.done = True  # the graph of these outputs is spent: they are not served again
-        g = _padded_cat([(rows(t, cl) if cl else t).reshape(-1) for t, cl in zip(grads, ctx.layouts)], out.dtype)
+        g = meta.weights.cat([(rows(t, cl) if cl else t).reshape(-1) for t, cl in zip(grads, ctx.layouts)], out.dtype)
         lo, hi, _ = ranges.index_select(0, meta.segment).unbind(1)
         d = torch.clamp(w, lo, hi).sub_(w)  # < 0 above the range, > 0 below, 0 inside
         grad_in = torch.where(d == 0, g, torch.zeros((), dtype=g.dtype, device=g.device))
@@ -171,9 +175,7 @@ class _BatchedQuantizeSTE(torch.autograd.Function):
         grad_w: list[Tensor | None] = [None] * n
         if need_w:
             gw = grad_in if grad_in.dtype == ctx.weight_dtype else grad_in.to(ctx.weight_dtype)
-            grad_w = [
-                unrows(t, shape, cl) for t, shape, cl in zip(_unpadded_split(gw, meta.numels), meta.shapes, ctx.layouts)
-            ]
+            grad_w = [unrows(t, shape, cl) for t, shape, cl in zip(meta.weights.split(gw), meta.shapes, ctx.layouts)]
         grad_b: list[Tensor | None] = [None] * n
         grad_e: list[Tensor | None] = [None] * n
         if need_b or need_e:
@@ -182,27 +184,27 @@ class _BatchedQuantizeSTE(torch.autograd.Function):
             sums = torch.segment_reduce(terms, "sum", lengths=meta.lengths, axis=0, unsafe=True)
             sums = sums.index_select(0, meta.slots)  # padded as the weights, so that each layer's slice is aligned
             if need_e:
-                grad_e = _unpadded_split(sums[:, 0] * LN2, meta.channels)
+                grad_e = meta.per_channel.split(sums[:, 0] * LN2)
             if need_b:
-                grad_b = _unpadded_split(sums[:, 1] * (hs * alive).index_select(0, meta.slots) * -LN2, meta.channels)
+                grad_b = meta.per_channel.split(sums[:, 1] * (hs * alive).index_select(0, meta.slots) * -LN2)
         return (None, None, *grad_w, *grad_b, *grad_e)
 
 
 class _GateMul(torch.autograd.Function):
-    """``t_i · mask_i`` for the 1-D tensors ``t_1..t_L`` and their masks, padded and concatenated as
-    :func:`_padded_cat` does (``mask``): one multiply forward and backward, aligned slices out and in. (As one
-    Function: slicing the padded product outside one would add a slice-backward per gate, two kernels each.)"""
+    """``t_i · mask_i`` for the 1-D tensors ``t_1..t_L`` and their masks, laid out by ``padded`` (``mask``): one
+    multiply forward and backward, aligned slices out and in. (As one Function: slicing the padded product outside
+    one would add a slice-backward per gate, two kernels each.)"""
 
     @staticmethod
-    def forward(ctx: Any, mask: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+    def forward(ctx: Any, padded: _Padded, mask: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
         ctx.save_for_backward(mask)
-        ctx.numels = [t.shape[0] for t in tensors]
-        return tuple(_unpadded_split(_padded_cat(tensors, mask.dtype) * mask, ctx.numels))
+        ctx.padded = padded
+        return tuple(padded.split(padded.cat(tensors, mask.dtype) * mask))
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         (mask,) = ctx.saved_tensors
-        return (None, *_unpadded_split(_padded_cat(grads, mask.dtype) * mask, ctx.numels))
+        return (None, None, *ctx.padded.split(ctx.padded.cat(grads, mask.dtype) * mask))
 
 
 def batched_quantize(weights: list[Tensor], bits: list[Tensor], exps: list[Tensor]) -> tuple[Tensor, ...]:
@@ -227,6 +229,7 @@ class BatchedQuantization:
     def __init__(self, layers: Any) -> None:
         self._layers = layers  # a callable returning the QuantizedLayer list (the compressor's, kept fresh)
         self._metas: dict[tuple, _Meta] = {}
+        self._gate_layouts: dict[tuple, _Padded] = {}
         self._handles: list[Any] = []
         self._box = [Serving()]
 
@@ -309,9 +312,16 @@ class BatchedQuantization:
         for gate, tensor, q in paired_gates(layers):
             if _batched_here(tensor, q) and q.b.shape[0] == tensor.shape[0]:
                 groups.setdefault((tensor.device, tensor.dtype), []).append((gate, tensor, q))
-        for (_, dtype), members in groups.items():
-            mask = _padded_cat([q.b for _, _, q in members], members[0][2].b.dtype) > 0
-            parts = _GateMul.apply(mask.to(dtype), *[t for _, t, _ in members])
+        for (device, dtype), members in groups.items():
+            sizes = tuple(t.shape[0] for _, t, _ in members)
+            padded = self._gate_layouts.get((device, sizes))
+            if padded is None:
+                if len(self._gate_layouts) > 8:  # as the metas
+                    self._gate_layouts.clear()
+                padded = self._gate_layouts[(device, sizes)] = _Padded(list(sizes), device)
+            with torch.no_grad():
+                mask = padded.cat([q.b for _, _, q in members], members[0][2].b.dtype) > 0
+            parts = _GateMul.apply(padded, mask.to(dtype), *[t for _, t, _ in members])
             for (gate, t, q), part in zip(members, parts):
                 SERVED[gate] = (part, t, t._version, q.b._version, q.e._version, serving)
 
