@@ -6,6 +6,8 @@
 # as it goes, so a part that runs long loses only itself.
 # Results land in $OUT (or ./gpu_check_out): one log per part, the JSON lines, nvidia-smi.
 #   bash tools/gpu_check.sh            (PYTHON=python3 bash tools/gpu_check.sh where `python` is not the right one)
+# A bare GPU machine lacks grad-cam, ttach, torch-pruning and zennit: `bash tools/gpu_wheels.sh` builds their wheels
+# into .whl here, to carry (its header says how to install them there).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu_check_out}"
