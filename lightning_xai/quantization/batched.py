@@ -18,9 +18,10 @@ Results are bit-for-bit those of the per-layer quantizer in the forward; the ``b
 in a different order (float rounding). Activation checkpointing recomputes layers inside the backward: the slices
 are then still served (same tensors, same versions), so the recomputation replays the forward's graph exactly.
 
-Costs: a copy of the weights (the concatenation, saved for the backward), the quantized weights as one tensor (the
-per-layer path allocates them too), an ``int32`` channel index per weight (built once per set of shapes), and a
-``(N, 3)`` gather of the per-channel ranges during forward and backward. Under DDP every weight gradient becomes
+Costs: a copy of the weights (the concatenation, each layer's slice 16-element aligned by zero padding, saved for
+the backward), the quantized weights as one tensor (the per-layer path allocates them too), an ``int32`` channel
+index per weight (built once per set of shapes), and a ``(N, 3)`` gather of the per-channel ranges during forward
+and backward. Under DDP every weight gradient becomes
 ready when the first layer's backward has run, so gradient all-reduce overlaps less with the backward.
 Written by hand: no library quantizes many tensors with per-row learnable ranges in one fused call.
 """
