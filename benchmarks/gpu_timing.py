@@ -10,6 +10,9 @@
    reference engine — seconds, neurons/s, and whether they take the same decisions (how many neurons' categories
    differ when they do not); on CUDA once with PyTorch's defaults (cuDNN may use TF32) and once in full fp32.
 
+3. A profile (``torch.profiler``) of 3 steps of part 1's plain and ``SelfCompression`` runs: device time per step and
+   the operators whose self time per step SelfCompression adds most (on a CPU: CPU time).
+
 Prints one JSON line per part as it ends, and one JSON object with all of them on its last line.
 """
 
@@ -29,7 +32,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import StepProbe  # noqa: E402
+from overhead import StepProbe, _sync  # noqa: E402
 
 from lightning_xai import PreservationGuard, SelfCompression  # noqa: E402
 from lightning_xai.models import ImageClassifier  # noqa: E402
@@ -44,6 +47,40 @@ class _ChannelsLast(torch.nn.Module):
         return x.contiguous(memory_format=torch.channels_last)
 
 
+class _Profile(pl.Callback):
+    """``torch.profiler`` around training steps ``start`` to ``start + steps - 1`` (whole steps: forward, backward,
+    optimizer and every callback's hooks); the per-operator self times land in ``shared["profile"]``."""
+
+    def __init__(self, shared: dict, start: int, steps: int) -> None:
+        self.shared, self.start, self.steps, self.prof = shared, start, steps, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
+        if trainer.global_step == self.start and self.prof is None:
+            cuda = next(pl_module.parameters()).device.type == "cuda"
+            activities = [torch.profiler.ProfilerActivity.CPU] + (
+                [torch.profiler.ProfilerActivity.CUDA] if cuda else []
+            )
+            self.prof = torch.profiler.profile(activities=activities)
+            self.prof.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
+        if self.prof is None or "profile" in self.shared or trainer.global_step < self.start + self.steps:
+            return
+        _sync(pl_module)
+        self.prof.__exit__(None, None, None)
+        cuda = next(pl_module.parameters()).device.type == "cuda"
+        times: dict[str, float] = {}
+        for event in self.prof.key_averages():
+            if cuda:
+                us = getattr(event, "self_device_time_total", None)
+                us = getattr(event, "self_cuda_time_total", 0.0) if us is None else us
+            else:
+                us = event.self_cpu_time_total
+            if us:
+                times[event.key] = times.get(event.key, 0.0) + us / 1e3 / self.steps  # ms per step
+        self.shared["profile"] = times
+
+
 def _step_times(
     variant: str,
     device: str,
@@ -53,7 +90,8 @@ def _step_times(
     steps: int,
     skip: int,
     channels_last: bool = False,
-) -> list:
+    profile: bool = False,
+) -> Any:
     import torchvision
 
     pl.seed_everything(0, verbose=False)
@@ -70,13 +108,17 @@ def _step_times(
     if variant == "sc_guard":
         callbacks.append(PreservationGuard(fraction=0.1, check_every_n_steps=10_000, batch_size=64))
     shared: dict[str, Any] = {}
-    probes = [StepProbe(shared, True, skip, False, False), StepProbe(shared, False, skip, False, False)]
+    probes: list[pl.Callback] = (
+        [_Profile(shared, skip, steps)]
+        if profile
+        else [StepProbe(shared, True, skip, False, False), StepProbe(shared, False, skip, False, False)]
+    )
     trainer = pl.Trainer(
         accelerator=device,
         devices=1,
         precision=precision,
         max_steps=skip + steps,
-        callbacks=[probes[0], *callbacks, probes[1]],
+        callbacks=[probes[0], *callbacks, probes[-1]] if len(probes) > 1 else [*callbacks, *probes],
         logger=False,
         enable_progress_bar=False,
         enable_checkpointing=False,
@@ -85,7 +127,27 @@ def _step_times(
         limit_val_batches=0,
     )
     trainer.fit(model, DataLoader(data, batch_size=batch, shuffle=True, drop_last=True))
-    return shared.get("times", [])
+    return shared.get("profile", {}) if profile else shared.get("times", [])
+
+
+def profile_resnet50_amp(device: str, quick: bool) -> dict[str, Any]:
+    """Part 1's plain and SelfCompression steps under ``torch.profiler``: where SelfCompression's extra time goes."""
+    batch, side = (8, 64) if quick else (128, 224)
+    steps, skip = (1, 2) if quick else (3, 5)
+    precision = "16-mixed" if device == "cuda" else "bf16-mixed"
+    plain, sc = (_step_times(v, device, precision, batch, side, steps, skip, profile=True) for v in ("plain", "sc"))
+    # operator rows (aten::…, kernels on CUDA): on CUDA the kernels carry the device time, the aten rows none
+    added = {k: sc.get(k, 0.0) - plain.get(k, 0.0) for k in set(plain) | set(sc)}
+    top = sorted(added.items(), key=lambda kv: -kv[1])[:15]
+    return {
+        "precision": precision,
+        "batch": batch,
+        "image_side": side,
+        "steps_profiled": steps,
+        "time_ms_per_step_plain": round(sum(plain.values()), 2),
+        "time_ms_per_step_sc": round(sum(sc.values()), 2),
+        "added_by_sc_ms_per_step": [[k[:90], round(v, 3)] for k, v in top],
+    }
 
 
 def resnet50_amp(device: str, quick: bool, channels_last: bool = False) -> dict[str, Any]:
@@ -173,6 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
         # the layout AMP users train in: SelfCompression keeps it (quantized weights and gradients stay channels_last)
         ("resnet50_amp_channels_last", lambda device, quick: resnet50_amp(device, quick, channels_last=True)),
         ("cswap_resnet18", cswap_resnet18),
+        ("profile_resnet50_amp", profile_resnet50_amp),
     ]
     if args.device == "cuda":  # the engines once more without TF32, to tell rounding from a logic difference
         parts.append(("cswap_resnet18_fp32", lambda device, quick: cswap_resnet18(device, quick, tf32=False)))
