@@ -215,12 +215,17 @@ def test_training_with_the_batched_path_removes_exports_and_reloads_exactly(tmp_
     from lightning_xai import DigitsDataModule, PreservationGuard, SelfCompression, load_compressed
     from lightning_xai.models import ImageClassifier
 
-    served = []
+    served, gates_stale = [], []
     original = batched.BatchedQuantization.quantize_all
 
     def spy(self):
         original(self)
-        served.append(sum(SERVED.get(q) is not None for _, q, _ in self._live()))
+        live = self._live()
+        served.append(sum(SERVED.get(q) is not None for _, q, _ in live))
+        # every gate of the current layers is served from the gate's current tensor (the cached list of gates is
+        # looked up again after removals, which replace the tensors)
+        pairs = paired_gates([layer for layer, _, _ in live])
+        gates_stale.append(sum(SERVED.get(g) is None or SERVED[g][1] is not t for g, t, _ in pairs) if pairs else None)
 
     mp = pytest.MonkeyPatch()
     mp.setattr(batched.BatchedQuantization, "quantize_all", spy)
@@ -235,6 +240,8 @@ def test_training_with_the_batched_path_removes_exports_and_reloads_exactly(tmp_
         mp.undo()
     assert served and max(served) == len(quantized_layers(model))  # every layer took its slice from the batch
     assert sc.channels_removed > 0
+    checked = [n for n in gates_stale if n is not None]
+    assert len(checked) > 30 and not any(checked), gates_stale
     fresh = load_compressed(export, ImageClassifier(SmallResNet(1, 10, width=8)))
     x = torch.randn(4, 1, 8, 8)
     model.eval()

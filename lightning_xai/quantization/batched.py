@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_xai.quantization.install import paired_gates
+from lightning_xai.quantization.install import gates_version, paired_gates
 from lightning_xai.quantization.quantizer import SERVED, Serving
 from lightning_xai.quantization.ste import LN2, channels_last, rows, unrows
 
@@ -231,6 +231,7 @@ class BatchedQuantization:
         self._layers = layers  # a callable returning the QuantizedLayer list (the compressor's, kept fresh)
         self._metas: dict[tuple, _Meta] = {}
         self._gate_layouts: dict[tuple, _Padded] = {}
+        self._paired: tuple[int, list, list] | None = None
         self._handles: list[Any] = []
         self._box = [Serving()]
 
@@ -263,6 +264,7 @@ class BatchedQuantization:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._paired = None
         for _, q, _ in self._live():
             SERVED.pop(q, None)
 
@@ -304,13 +306,28 @@ class BatchedQuantization:
             for (q, w), out in zip(members, outs):
                 SERVED[q] = (out, w, w._version, q.b._version, q.e._version, serving)
         if groups:  # no batched weights (a CPU model): its gates are not batched either, skip looking for them
-            self._gate_all([layer for layer, _, _ in live], serving)
+            self._gate_all(live, serving)
 
-    def _gate_all(self, layers: list, serving: Serving) -> None:
+    def _paired_gates(self, live: list[tuple[Any, Any, Tensor]]) -> list:
+        """:func:`paired_gates` of the live layers, looked up again only when a layer, a quantizer, a weight tensor
+        (a removal replaces it) or the set of gated batch norms changed: a walk over every gate costs ≈ 1–2 ms of
+        Python per forward on a ResNet-50, host time that a GPU step waits for."""
+        objects = [x for _, q, w in live for x in (q, w)]
+        cached = self._paired
+        if (
+            cached is None
+            or cached[0] != gates_version()
+            or len(cached[1]) != len(objects)
+            or not all(a is b for a, b in zip(cached[1], objects))  # identities (`==` on tensors compares values)
+        ):
+            cached = self._paired = (gates_version(), objects, paired_gates([layer for layer, _, _ in live]))
+        return cached[2]
+
+    def _gate_all(self, live: list[tuple[Any, Any, Tensor]], serving: Serving) -> None:
         """The bias and batch-norm gates (``tensor · [b > 0]``) of every paired layer in one multiply per
         device/dtype: a ResNet-50 has ~160 of them, each a few kernels forward and backward."""
         groups: dict[tuple, list] = {}
-        for gate, tensor, q in paired_gates(layers):
+        for gate, tensor, q in self._paired_gates(live):
             if _batched_here(tensor, q) and q.b.shape[0] == tensor.shape[0]:
                 groups.setdefault((tensor.device, tensor.dtype), []).append((gate, tensor, q))
         for (device, dtype), members in groups.items():

@@ -309,6 +309,17 @@ _GATES: weakref.WeakKeyDictionary[nn.Module, tuple[ChannelQuantizer, torch.utils
     weakref.WeakKeyDictionary()
 )
 BN_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm,)  # BatchNorm1d/2d/3d, SyncBatchNorm
+_GATES_VERSION = 0  # counts the changes of _GATES: a cache of paired_gates() is valid while it is unchanged
+
+
+def gates_version() -> int:
+    """A number that changes whenever a batch norm is gated or ungated (anywhere)."""
+    return _GATES_VERSION
+
+
+def _gates_changed() -> None:
+    global _GATES_VERSION
+    _GATES_VERSION += 1
 
 
 def is_batchnorm(module: nn.Module) -> bool:
@@ -334,6 +345,7 @@ def _affine(bn: nn.Module) -> bool:
 def _remove_gate(bn: nn.Module, unregister: bool = False) -> None:
     """Unpair ``bn``'s gates (and drop a hook); with ``unregister``, also remove the gate parametrizations."""
     entry = _GATES.pop(bn, None)
+    _gates_changed()
     if entry is not None and entry[1] is not None:
         entry[1].remove()
     for gate in _prepared_gates(bn):
@@ -390,6 +402,7 @@ def gate_batchnorm(bn: nn.Module, quantizer: ChannelQuantizer) -> None:
         _GATES[bn] = (quantizer, None)
     else:
         _GATES[bn] = (quantizer, bn.register_forward_hook(_gate_hook(weakref.ref(quantizer))))
+    _gates_changed()
 
 
 def paired_gates(layers: list[QuantizedLayer]) -> list[tuple[BiasGate, Tensor, ChannelQuantizer]]:
