@@ -52,13 +52,13 @@ class _Profile(pl.Callback):
     optimizer and every callback's hooks); the per-operator self times land in ``shared["profile"]``."""
 
     def __init__(self, shared: dict, start: int, steps: int) -> None:
-        self.shared, self.start, self.steps, self.prof = shared, start, steps, None
+        self.shared, self.start, self.steps, self.prof, self.cuda = shared, start, steps, None, False
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
         if trainer.global_step == self.start and self.prof is None:
-            cuda = next(pl_module.parameters()).device.type == "cuda"
+            self.cuda = next(pl_module.parameters()).device.type == "cuda"
             activities = [torch.profiler.ProfilerActivity.CPU] + (
-                [torch.profiler.ProfilerActivity.CUDA] if cuda else []
+                [torch.profiler.ProfilerActivity.CUDA] if self.cuda else []
             )
             self.prof = torch.profiler.profile(activities=activities)
             self.prof.__enter__()
@@ -68,10 +68,9 @@ class _Profile(pl.Callback):
             return
         _sync(pl_module)
         self.prof.__exit__(None, None, None)
-        cuda = next(pl_module.parameters()).device.type == "cuda"
         times: dict[str, float] = {}
         for event in self.prof.key_averages():
-            if cuda:
+            if self.cuda:
                 us = getattr(event, "self_device_time_total", None)
                 us = getattr(event, "self_cuda_time_total", 0.0) if us is None else us
             else:
@@ -108,17 +107,20 @@ def _step_times(
     if variant == "sc_guard":
         callbacks.append(PreservationGuard(fraction=0.1, check_every_n_steps=10_000, batch_size=64))
     shared: dict[str, Any] = {}
-    probes: list[pl.Callback] = (
-        [_Profile(shared, skip, steps)]
-        if profile
-        else [StepProbe(shared, True, skip, False, False), StepProbe(shared, False, skip, False, False)]
-    )
+    if profile:
+        callbacks = [*callbacks, _Profile(shared, skip, steps)]
+    else:  # the step's clock opens before every other callback's hooks and closes after them
+        callbacks = [
+            StepProbe(shared, True, skip, False, False),
+            *callbacks,
+            StepProbe(shared, False, skip, False, False),
+        ]
     trainer = pl.Trainer(
         accelerator=device,
         devices=1,
         precision=precision,
         max_steps=skip + steps,
-        callbacks=[probes[0], *callbacks, probes[-1]] if len(probes) > 1 else [*callbacks, *probes],
+        callbacks=callbacks,
         logger=False,
         enable_progress_bar=False,
         enable_checkpointing=False,

@@ -639,6 +639,11 @@ def _bits_optimizer(params: list[nn.Parameter], lr: float, eps: float) -> torch.
         return torch.optim.Adam(params, lr=lr, eps=eps, foreach=True)
 
 
+def _scaler(trainer: pl.Trainer) -> Any:
+    """The AMP grad scaler of the trainer's precision plugin (``16-mixed``), or None."""
+    return getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+
+
 def _tell_the_scaler(trainer: pl.Trainer, optimizer: torch.optim.Optimizer, found_inf: Tensor) -> None:
     """Count non-finite ``b``/``e`` gradients as an overflow of the AMP grad scaler (device ops, no host read): the
     scaler then skips this step and lowers its scale, as it does for any other overflowing gradient of the model.
@@ -649,8 +654,7 @@ def _tell_the_scaler(trainer: pl.Trainer, optimizer: torch.optim.Optimizer, foun
     never lowered, and removed nothing, where bf16-mixed removed 28 channels). Uses the scaler's per-optimizer state
     (a private field of ``torch.amp.GradScaler``, filled by its ``unscale_`` before this hook); without it, nothing
     is told and the steps are only skipped and reported."""
-    scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
-    states = getattr(scaler, "_per_optimizer_states", None)
+    states = getattr(_scaler(trainer), "_per_optimizer_states", None)
     state = states.get(id(optimizer)) if isinstance(states, dict) else None
     per_device = state.get("found_inf_per_device") if isinstance(state, dict) else None
     if not per_device:
@@ -661,7 +665,7 @@ def _tell_the_scaler(trainer: pl.Trainer, optimizer: torch.optim.Optimizer, foun
 
 def _inverse_scale(trainer: pl.Trainer, one: Tensor) -> Tensor:
     """``1 / loss scale`` of the AMP grad scaler as a device tensor (no host read), or ``one`` without a scaler."""
-    scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+    scaler = _scaler(trainer)
     scale = getattr(scaler, "_scale", None)
     if isinstance(scale, Tensor):
         return scale.double().reciprocal().float().to(one.device)

@@ -99,6 +99,11 @@ class _Padded:
         """The parts back from a tensor laid out like :meth:`cat`'s, as views of it."""
         return list(flat.split(self.sizes)[::2])
 
+    def aligned(self, packed: Tensor) -> list[Tensor]:
+        """The parts of ``packed`` (1-D, the parts back to back without padding), each starting at an aligned
+        address."""
+        return self.split(self.cat(packed.split(self.numels), packed.dtype))
+
 
 class _Meta:
     """Shapes of one group of layers and the device-side indices that map each weight to its channel (the padding
@@ -121,14 +126,8 @@ class _Meta:
         self.segment = torch.repeat_interleave(
             torch.arange(lengths.numel(), dtype=torch.int32, device=device), self.lengths, output_size=total
         )
-        # per-channel vectors (the b/e gradients) laid out with the same padding: slot → channel (pads: channel 0)
-        start, slots = 0, []
-        for c in self.channels:
-            slots += list(range(start, start + c)) + [0] * _padding(c)
-            start += c
-        self.slots = torch.tensor(slots, dtype=torch.int64, device="cpu").to(device)
         self.weights = _Padded(self.numels, device)
-        self.per_channel = _Padded(self.channels, device)
+        self.per_channel = _Padded(self.channels, device)  # the b/e gradients
 
 
 class _BatchedQuantizeSTE(torch.autograd.Function):
@@ -183,11 +182,10 @@ class _BatchedQuantizeSTE(torch.autograd.Function):
             # per channel: Σ g·(q − w·[inside]) for e and Σ g·sign(clamp(w) − w) for b, in one segment reduction
             terms = torch.stack((g * out - grad_in * w, g * d.sign_()), dim=1)
             sums = torch.segment_reduce(terms, "sum", lengths=meta.lengths, axis=0, unsafe=True)
-            sums = sums.index_select(0, meta.slots)  # padded as the weights, so that each layer's slice is aligned
             if need_e:
-                grad_e = meta.per_channel.split(sums[:, 0] * LN2)
+                grad_e = meta.per_channel.aligned(sums[:, 0] * LN2)
             if need_b:
-                grad_b = meta.per_channel.split(sums[:, 1] * (hs * alive).index_select(0, meta.slots) * -LN2)
+                grad_b = meta.per_channel.aligned(sums[:, 1] * (hs * alive) * -LN2)
         return (None, None, *grad_w, *grad_b, *grad_e)
 
 
