@@ -9,6 +9,7 @@ optimizers) exactly as they were.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import weakref
 from collections import defaultdict
@@ -33,10 +34,11 @@ from lightning_xai.quantization.batched import per_layer_quantization
 from lightning_xai.quantization.install import (
     BN_TYPES,
     QuantizedLayer,
+    batchnorm_gates,
     foreign_parametrizations,
     quantized_layers,
 )
-from lightning_xai.quantization.quantizer import ChannelQuantizer
+from lightning_xai.quantization.quantizer import BiasGate, ChannelQuantizer
 from lightning_xai.quantization.ste import channels_last
 
 __all__ = [
@@ -327,14 +329,206 @@ def pruning_group(DG: tp.DependencyGraph, module: nn.Module, fn: Any, idxs: Sequ
             )
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Channels that are exactly zero whatever the input: a 0-bit channel of a conv/linear layer (its bias gated), the
+# gated batch norm after it, and what element-wise operations make of zeros. Written by hand over torch-pruning's
+# graph, which knows which layers are coupled but not which coupled channels carry nothing: in a squeeze-excitation
+# block (MobileNet-V3, EfficientNet) a channel whose depthwise convolution is at 0 bits is zero after its gated batch
+# norm and activation, so it is zero after the excitation's product too, whatever the expansion layer and the
+# excitation's second layer (coupled producers, still at some bits) do on that channel: all of them can go.
+
+# autograd nodes whose output is exactly zero wherever their input is: f(0) = 0 per element, or pooling within a
+# channel (max or mean of zeros)
+_ZERO_KEEPING = frozenset(
+    {
+        "ReluBackward0",
+        "SiluBackward0",
+        "GeluBackward0",
+        "HardswishBackward0",
+        "LeakyReluBackward0",
+        "EluBackward0",
+        "CeluBackward0",
+        "SeluBackward0",
+        "MishBackward0",
+        "TanhBackward0",
+        "CloneBackward0",
+        "ToCopyBackward0",
+    }
+)
+_POOLING = frozenset(
+    {
+        "MaxPool2DWithIndicesBackward0",
+        "MaxPool1DWithIndicesBackward0",
+        "AvgPool2DBackward0",
+        "AvgPool1DBackward0",
+        "AdaptiveAvgPool2DBackward0",
+        "AdaptiveAvgPool1DBackward0",
+        "AdaptiveMaxPool2DBackward0",
+        "AdaptiveMaxPool1DBackward0",
+    }
+)
+# other element-wise operations that map each channel to the same channel (values need not stay zero)
+_CHANNELWISE = (
+    _ZERO_KEEPING
+    | _POOLING
+    | frozenset(
+        {
+            "MulBackward0",
+            "AddBackward0",
+            "SubBackward0",
+            "DivBackward0",
+            "HardtanhBackward0",
+            "SigmoidBackward0",
+            "HardsigmoidBackward0",
+            "ExpBackward0",
+            "NegBackward0",
+            "AbsBackward0",
+            "SoftplusBackward0",
+        }
+    )
+)
+_CONV_LAYOUT = "channels first"  # (N, C, ...): what convolutions and batch norms produce
+_LINEAR_LAYOUT = "channels last"  # (..., C): what linear layers produce
+
+
+class _Silence:
+    """Which channels of each node of a dependency graph are exactly zero for every input.
+
+    ``zero_out`` maps a module to the output channels it always outputs zero on (0-bit channels of a quantized layer
+    whose bias is gated or absent; the gated channels of a batch norm). Propagation is conservative: an operation not
+    listed here (reshapes, concatenations, attention, sigmoid, …) has no zero channels. Channel indices are followed
+    only through operations that keep them (element-wise ones, batch norms, depthwise convolutions), and pooling is
+    trusted only on tensors known to be channels-first."""
+
+    def __init__(self, zero_out: Mapping[nn.Module, set[int]]) -> None:
+        self.zero_out = zero_out
+        self._memo: dict[int, tuple[frozenset[int], str | None]] = {}
+
+    def at(self, node: Any) -> tuple[frozenset[int], str | None]:
+        """(zero channels, layout) of ``node``'s output."""
+        key = id(node)
+        if key not in self._memo:
+            self._memo[key] = (frozenset(), None)  # a cycle (none expected in a traced graph) proves nothing
+            self._memo[key] = self._compute(node)
+        return self._memo[key]
+
+    def _compute(self, node: Any) -> tuple[frozenset[int], str | None]:
+        none: tuple[frozenset[int], str | None] = (frozenset(), None)
+        module, kind = node.module, node.type
+        own = frozenset(self.zero_out.get(module, ()))
+        if kind == tp.ops.OPTYPE.CONV or kind == tp.ops.OPTYPE.BN:
+            return own, _CONV_LAYOUT
+        if kind == tp.ops.OPTYPE.LINEAR:
+            return own, _LINEAR_LAYOUT
+        if kind == tp.ops.OPTYPE.DEPTHWISE_CONV:
+            # zero input channel -> zero output channel, unless a bias is added to it
+            if _is_depthwise(module) and _get(module, "bias") is None and len(node.inputs) >= 1:
+                # the data input (the weight, when parametrized, is an input node too: it has no zero channels)
+                found = [self.at(n) for n in node.inputs]
+                own |= frozenset().union(*(z for z, layout in found if layout == _CONV_LAYOUT and z))
+            return own, _CONV_LAYOUT
+        if kind != tp.ops.OPTYPE.ELEMENTWISE or node.grad_fn is None:
+            return none
+        op = node.grad_fn.name()
+        inputs = [self.at(n) for n in node.inputs]
+        if not inputs:
+            return none
+        layouts = {layout for zeros, layout in inputs if zeros}
+        if len(layouts) > 1:
+            return none  # operands of different layouts: their channel indices need not agree
+        layout = layouts.pop() if layouts else inputs[0][1]
+        if op == "MulBackward0":  # a product is zero where any factor is
+            return frozenset().union(*(zeros for zeros, _ in inputs)), layout
+        if op in ("AddBackward0", "SubBackward0"):  # a sum is zero where every term is (a constant term: nowhere)
+            if len(inputs) < 2:
+                return none
+            return frozenset.intersection(*(zeros for zeros, _ in inputs)), layout
+        if len(inputs) != 1:
+            return none
+        zeros, layout = inputs[0]
+        if op in _ZERO_KEEPING:
+            return zeros, layout
+        if op == "HardtanhBackward0":  # ReLU6 and other clamps whose range holds 0
+            low, high = getattr(node.grad_fn, "_saved_min_val", 1), getattr(node.grad_fn, "_saved_max_val", -1)
+            return (zeros, layout) if low <= 0 <= high else none
+        if layout != _CONV_LAYOUT:
+            return none
+        if op in _POOLING:
+            return zeros, layout
+        if op == "MeanBackward1" and _spatial_mean(node.grad_fn):  # squeeze-excitation's pooling
+            return zeros, layout
+        return none
+
+    def silent(self, group: Any, root: set[int], DG: tp.DependencyGraph) -> set[int]:
+        """The channels of ``root`` (the group's own indices) that every consumer of ``group`` receives as exact
+        zeros; empty when the group maps indices (concatenations, flattening) or a consumer sees a live value."""
+        found = set(root)
+        consumers = 0
+        for dep, idxs in group:
+            if set(idxs) != root:
+                return set()  # indices mapped on the way: identity is assumed below
+            target = dep.target
+            if target.type in (tp.ops.OPTYPE.CONV, tp.ops.OPTYPE.LINEAR) and DG.is_in_channel_pruning_fn(dep.handler):
+                consumers += 1
+                found &= self.at(dep.source)[0]  # the node whose output channels are the consumer's inputs
+            elif target.type == tp.ops.OPTYPE.ELEMENTWISE and target.inputs:
+                op = target.grad_fn.name() if target.grad_fn is not None else ""
+                if not (op in _CHANNELWISE or (op == "MeanBackward1" and _spatial_mean(target.grad_fn))):
+                    return set()  # the channels leave the group another way (a reduction over them, a matmul, ...)
+            elif target.type not in (
+                tp.ops.OPTYPE.CONV,
+                tp.ops.OPTYPE.LINEAR,
+                tp.ops.OPTYPE.DEPTHWISE_CONV,
+                tp.ops.OPTYPE.BN,
+                tp.ops.OPTYPE.ELEMENTWISE,  # without inputs: a weight's parametrization, sliced with its layer
+            ):
+                return set()  # model outputs, reshapes, concatenations, attention: not followed here
+        return found if consumers else set()
+
+
+def _spatial_mean(grad_fn: Any) -> bool:
+    """Whether a ``MeanBackward1`` node averaged a channels-first tensor over its spatial dimensions only."""
+    sizes = tuple(getattr(grad_fn, "_saved_self_sym_sizes", ()))
+    dims = {int(d) % len(sizes) for d in getattr(grad_fn, "_saved_dim", ())} if sizes else set()
+    return len(sizes) >= 3 and dims == set(range(2, len(sizes)))
+
+
+def _zero_outputs(model: nn.Module, layers: Sequence[QuantizedLayer], dead: Mapping[str, set[int]]) -> dict:
+    """Module -> the output channels it outputs exactly zero on, whatever its input: the ``dead`` channels of a
+    quantized conv/linear layer whose bias is gated (or absent), and the same channels of the batch norm gated by its
+    quantizer (γ = β = 0 there)."""
+    out: dict[nn.Module, set[int]] = {}
+    by_quantizer = {id(layer.quantizer): layer.name for layer in layers}
+    for layer in layers:
+        module = layer.module
+        if layer.tensor != "weight" or not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+            continue
+        if _get(module, "bias") is not None and not (
+            parametrize.is_parametrized(module, "bias") and isinstance(module.parametrizations["bias"][0], BiasGate)
+        ):
+            continue  # an ungated bias: a 0-bit channel still outputs its bias
+        out[module] = set(dead.get(layer.name, ()))
+    for _, bn, quantizer in batchnorm_gates(model):
+        name = by_quantizer.get(id(quantizer))
+        if name is not None:
+            out[bn] = set(dead.get(name, ()))
+    return out
+
+
 def _group_cuts(
-    group: Any, DG: tp.DependencyGraph, names: dict[nn.Module, str], dead: dict[str, set[int]] | None
+    group: Any,
+    DG: tp.DependencyGraph,
+    names: dict[nn.Module, str],
+    dead: dict[str, set[int]] | None,
+    silence: _Silence | None = None,
 ) -> tuple[list[ChannelCut], str | None]:
     """Translate a torch-pruning group into cuts, or give the reason it cannot be removed exactly.
 
-    With ``dead`` given, every coupled producer must be dead on the group's channels; ``None`` skips that check.
+    With ``dead`` given, every coupled producer must be dead on the group's channels, or (with ``silence``) every
+    consumer must receive them as exact zeros; ``None`` skips that check.
     """
     cuts: list[ChannelCut] = []
+    alive: tuple[str, set[int]] | None = None  # a coupled producer still using some of the channels
     for dep, idxs in group:
         target = dep.target
         if target.type in _PASS_THROUGH:
@@ -373,8 +567,8 @@ def _group_cuts(
         if target.type in (tp.ops.OPTYPE.CONV, tp.ops.OPTYPE.LINEAR):
             if is_out:
                 missing = set(idxs) - dead.get(name, set()) if dead is not None else set()
-                if missing:
-                    return [], f"coupled layer {name} still uses channels {sorted(missing)[:8]}"
+                if missing and alive is None:
+                    alive = (name, missing)
                 cuts.append(ChannelCut(name, "out", tuple(sorted(set(idxs)))))
             elif is_in:
                 cuts.append(ChannelCut(name, "in", tuple(sorted(set(idxs)))))
@@ -396,6 +590,10 @@ def _group_cuts(
             return [], f"it is coupled with {name} ({type(module).__name__}), which cannot be sliced here"
     if not any(c.kind == "in" for c in cuts):
         return [], "no layer consumes its channels (they are model outputs)"
+    if alive is not None:
+        root = set(next(iter(group))[1])
+        if silence is None or not root <= silence.silent(group, root, DG):
+            return [], f"coupled layer {alive[0]} still uses channels {sorted(alive[1])[:8]}"
     return cuts, None
 
 
@@ -777,11 +975,13 @@ def remove_dead_channels(
             for layer in candidates:
                 report.rejected[layer.name] = f"dependency tracing failed: {type(err).__name__}: {err}"
             return report
+        silence = _Silence(_zero_outputs(model, layers, dead))  # before idle channels join `dead`: they are not zero
         idle = _idle_channels(layers, DG, names, dead, skip, protect or {})
         for name, extra in idle.items():
             dead[name] |= extra
         candidates = [layer for layer in layers if dead[layer.name] and layer.name not in skip]
         planned: list[tuple[str, list[ChannelCut], int]] = []
+        taken: dict[str, set[int]] = defaultdict(set)  # output channels an earlier planned group already removes
         heads: dict[str, int] = {}
         idle_planned: dict[str, int] = {}
         for layer in candidates:
@@ -804,11 +1004,28 @@ def remove_dead_channels(
                 if not idxs:
                     report.rejected[layer.name] = "all channels are dead; one is kept so the graph stays valid"
                     continue
+            idxs = [i for i in idxs if i not in taken[layer.name]]
+            if not idxs:
+                continue  # removed with a group planned for a coupled layer
             group, reason = pruning_group(DG, layer.module, fn, idxs)
-            cuts, reason = _group_cuts(group, DG, names, dead) if reason is None else ([], reason)
+            cuts, reason = _group_cuts(group, DG, names, dead, silence) if reason is None else ([], reason)
+            if reason is not None and group is not None:
+                # some of the channels may still go: those every consumer receives as exact zeros
+                quiet = sorted(silence.silent(group, set(idxs), DG))
+                if quiet and len(quiet) < len(idxs):
+                    group, again = pruning_group(DG, layer.module, fn, quiet)
+                    if again is None:
+                        cuts, again = _group_cuts(group, DG, names, dead, silence)
+                        if again is None:
+                            rest = sorted(set(idxs) - set(quiet))
+                            report.rejected[layer.name] = f"dead channels {rest[:8]} stayed: {reason}"
+                            idxs, reason = quiet, None
             if reason is not None:
                 report.rejected[layer.name] = reason
                 continue
+            for cut in cuts:
+                if cut.kind == "out":
+                    taken[cut.name].update(cut.idxs)
             planned.append((layer.name, cuts, len(idxs)))
             idle_planned[layer.name] = len(set(idxs) & idle.get(layer.name, set()))
         del DG
@@ -926,13 +1143,27 @@ def _try_apply(model, planned, optimizers, args, kwargs, reference, rtol, atol, 
     if attempt(planned):
         return [(name, n) for name, _, n in planned]
     accepted = []
-    for item in planned:
-        # re-plan is unnecessary: groups of different layers touch disjoint producer channels
-        if attempt([item]):
-            accepted.append((item[0], item[2]))
+    done: dict[tuple[str, str], list[int]] = defaultdict(list)  # indices (as planned) already removed, per dimension
+    for name, cuts, count in planned:
+        # the groups were planned on the model as it was: renumber each cut past the channels accepted before it
+        # (two groups can slice the same layer, e.g. partners of a residual stream on different channels)
+        now = [_renumber(cut, done[(cut.name, cut.kind)]) for cut in cuts]
+        if attempt([(name, [cut for cut in now if cut.idxs], count)]):
+            accepted.append((name, count))
+            for cut in cuts:
+                done[(cut.name, cut.kind)] = sorted(set(done[(cut.name, cut.kind)]) | set(cut.idxs))
         else:
-            report.rejected[item[0]] = "removing its dead channels would change the model's outputs"
+            report.rejected[name] = "removing its dead channels would change the model's outputs"
     return accepted
+
+
+def _renumber(cut: ChannelCut, removed: list[int]) -> ChannelCut:
+    """``cut`` (indices as planned) in the numbering left after the sorted planned indices ``removed`` are gone."""
+    if not removed:
+        return cut
+    gone = set(removed)
+    idxs = tuple(i - bisect.bisect_left(removed, i) for i in cut.idxs if i not in gone)
+    return ChannelCut(cut.name, cut.kind, idxs)
 
 
 def execution_order(model: nn.Module, example_inputs: Any) -> dict[str, int]:
