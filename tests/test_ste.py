@@ -355,3 +355,41 @@ def test_compile_auto_fuses_only_models_large_enough_to_repay_the_compilation():
     ]:
         SelfCompressor(compile=setting).install(model)
         assert [q.quantizer.compiled for q in quantized_layers(model)] == [fused] * len(quantized_layers(model))
+
+
+def test_fused_kernels_compile_a_few_graphs_whatever_the_layer_shapes(monkeypatch):
+    """Removal changes layers' shapes while training runs: the fused kernels are handed the weight rows as tensors of
+    their own, so dynamo guards on the rows' (dynamic) shape only, not on the 4-D or 2-D weight they are a view of.
+    Over conv and linear weights of many shapes, both layouts, the forward and the backward each stay at a few graphs
+    (handed views, the backward needed a graph for nearly every kind of base, and ResNet-50 with removals reached
+    dynamo's limit of 8). Counted with a backend that only counts, so nothing is compiled to C++ here."""
+    from lightning_xai.quantization import ste
+
+    graphs = {"forward": 0, "backward": 0}
+    real_compile = torch.compile
+
+    def counting_compile(fn, **kwargs):
+        name = "forward" if fn is ste._forward_math else "backward"
+
+        def backend(gm, example_inputs):
+            graphs[name] += 1
+            return gm.forward
+
+        return real_compile(fn, backend=backend, **kwargs)
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(ste, "_FUSED", {})
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    shapes = [(64, 64, 3, 3), (64, 64, 1, 1), (60, 64, 3, 3), (64, 60, 1, 1), (300, 784), (290, 700), (512, 1, 3, 3)]
+    shapes += [(128, 256, 1, 1), (96, 48, 3, 3), (40, 3, 7, 7)]
+    try:
+        for seed, shape in enumerate(shapes):
+            for cl in (False, True) if len(shape) == 4 else (False,):
+                w, b, e, g = _float32_case(shape, seed)
+                if cl:
+                    w = w.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+                (quantize(w, b, e, fused=True) * g).sum().backward()
+        assert not ste._FUSED.get("broken")
+        assert graphs["forward"] <= 3 and graphs["backward"] <= 3, graphs
+    finally:
+        torch._dynamo.reset()

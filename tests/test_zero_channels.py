@@ -80,8 +80,9 @@ def test_squeeze_excitation_channels_go_when_their_depthwise_conv_is_dead():
     kill_channels(layers["expand"], [5, 7])  # 7: the depthwise conv is alive there, its batch norm adds a constant
     fresh = torch.randn(6, 3, 8, 8)
     y, y_fresh = _outputs(net, x), _outputs(net, fresh)
-    before = copy.deepcopy(net)
+    before, twin = copy.deepcopy(net), copy.deepcopy(net)
     report = remove_dead_channels(net, x)
+    assert remove_dead_channels(twin, x).removed == report.removed  # a deep copy keeps its gates
     # the expansion layer comes first: its channel 5 goes with its group, the depthwise conv's group takes 2 and 11
     assert report.removed == {"expand": 1, "dw": 2}
     assert report.removed_idxs["expand"] == report.removed_idxs["dw"] == [2, 5, 11]

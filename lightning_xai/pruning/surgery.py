@@ -38,7 +38,7 @@ from lightning_xai.quantization.install import (
     foreign_parametrizations,
     quantized_layers,
 )
-from lightning_xai.quantization.quantizer import BiasGate, ChannelQuantizer
+from lightning_xai.quantization.quantizer import BatchNormGate, BiasGate, ChannelQuantizer
 from lightning_xai.quantization.ste import channels_last
 
 __all__ = [
@@ -508,8 +508,22 @@ def _zero_outputs(model: nn.Module, layers: Sequence[QuantizedLayer], dead: Mapp
         ):
             continue  # an ungated bias: a 0-bit channel still outputs its bias
         out[module] = set(dead.get(layer.name, ()))
-    for _, bn, quantizer in batchnorm_gates(model):
-        name = by_quantizer.get(id(quantizer))
+    hooked = {bn: quantizer for _, bn, quantizer in batchnorm_gates(model)}  # gates of batch norms without γ/β
+    for bn in model.modules():
+        if not isinstance(bn, _BN_TYPES):
+            continue
+        # the gate folded into γ and β (read from the parametrization itself: a deep copy of the model keeps it)
+        gates = [
+            bn.parametrizations[t][0] if parametrize.is_parametrized(bn, t) else None  # type: ignore[index]
+            for t in ("weight", "bias")
+        ]
+        quantizers = {id(g.quantizer) for g in gates if isinstance(g, BatchNormGate) and g.quantizer is not None}
+        if len(quantizers) == 1 and all(isinstance(g, BatchNormGate) for g in gates):
+            name = by_quantizer.get(quantizers.pop())
+        elif bn in hooked:
+            name = by_quantizer.get(id(hooked[bn]))
+        else:
+            name = None
         if name is not None:
             out[bn] = set(dead.get(name, ()))
     return out

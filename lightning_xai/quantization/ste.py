@@ -159,6 +159,14 @@ def _fusable(weight: Tensor, b: Tensor) -> bool:
     )
 
 
+def _alone(t: Tensor) -> Tensor:
+    """``t`` as a tensor of its own (same memory, no autograd history, and not a view): a view hands torch.compile
+    its base's sizes and strides to guard on too, and removals that change a layer's shape then recompiled the kernels
+    for every new base (ResNet-50 with removals reached dynamo's limit of 8 graphs, after which the kernels ran
+    eagerly); on the rows alone the dynamic shapes need about two graphs each way."""
+    return t.detach()
+
+
 def _run_fused(name: str, fn, *args: Tensor):  # type: ignore[no-untyped-def]
     """``fn`` compiled (once per process, dynamic shapes), or ``None`` after warning when compiling fails."""
     try:
@@ -190,8 +198,8 @@ class _QuantizeSTE(torch.autograd.Function):
         ctx.fused = fused and _fusable(weight, b)
         ctx.cl = cl = channels_last(weight)  # the fused kernels read and write a channels_last weight in its layout
         if ctx.fused:
-            cols = (b.detach().view(-1, 1), torch.exp2(e.detach()).view(-1, 1), _half(b.detach()).view(-1, 1))
-            res = _run_fused("forward", _forward_math, rows(weight, cl), *cols)
+            cols = (_alone(b.view(-1, 1)), _alone(torch.exp2(e).view(-1, 1)), _alone(_half(b).view(-1, 1)))
+            res = _run_fused("forward", _forward_math, _alone(rows(weight, cl)), *cols)
             if res is not None:
                 out, lo, hi, factor = res
                 out = unrows(out, weight.shape, cl)
@@ -214,7 +222,7 @@ class _QuantizeSTE(torch.autograd.Function):
         if ctx.fused:
             if grad.dtype == torch.float32 and _fusable(weight, lo):
                 cl = ctx.cl
-                args = (rows(grad, cl), rows(weight, cl), rows(out, cl), lo, hi, factor)
+                args = (_alone(rows(grad, cl)), _alone(rows(weight, cl)), _alone(rows(out, cl)), lo, hi, factor)
                 res = _run_fused("backward", _backward_math, *args)
                 if res is not None:
                     grad_in, grad_b, grad_e = res
