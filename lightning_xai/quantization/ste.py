@@ -198,13 +198,17 @@ class _QuantizeSTE(torch.autograd.Function):
         ctx.fused = fused and _fusable(weight, b)
         ctx.cl = cl = channels_last(weight)  # the fused kernels read and write a channels_last weight in its layout
         if ctx.fused:
-            cols = (_alone(b.view(-1, 1)), _alone(torch.exp2(e).view(-1, 1)), _alone(_half(b).view(-1, 1)))
-            res = _run_fused("forward", _forward_math, _alone(rows(weight, cl)), *cols)
+            bd, ed = b.detach(), e.detach()
+            w_rows = _alone(rows(weight, cl))
+            res = _run_fused(
+                "forward", _forward_math, w_rows, bd.view(-1, 1), torch.exp2(ed).view(-1, 1), _half(bd).view(-1, 1)
+            )
             if res is not None:
-                out, lo, hi, factor = res
-                out = unrows(out, weight.shape, cl)
-                ctx.save_for_backward(weight, out, lo, hi, factor)
-                return out
+                out_rows, lo, hi, factor = res
+                # the backward's kernel takes the rows as they are (no second view of the weight and the output)
+                ctx.save_for_backward(w_rows, out_rows, lo, hi, factor)
+                ctx.shape = weight.shape
+                return unrows(out_rows, weight.shape, cl)
             ctx.fused = False
         shape = (-1,) + (1,) * (weight.dim() - 1)
         s = torch.exp2(e)
@@ -219,18 +223,18 @@ class _QuantizeSTE(torch.autograd.Function):
     @once_differentiable  # the STE's gradient is not itself differentiated (and the workspaces must not be recorded)
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         weight, out, lo, hi, factor = ctx.saved_tensors
-        if ctx.fused:
+        if ctx.fused:  # the fused forward saved the weight and its quantized values as rows (C, N)
+            cl = ctx.cl
             if grad.dtype == torch.float32 and _fusable(weight, lo):
-                cl = ctx.cl
-                args = (_alone(rows(grad, cl)), _alone(rows(weight, cl)), _alone(rows(out, cl)), lo, hi, factor)
-                res = _run_fused("backward", _backward_math, *args)
+                res = _run_fused("backward", _backward_math, _alone(rows(grad, cl)), weight, out, lo, hi, factor)
                 if res is not None:
                     grad_in, grad_b, grad_e = res
-                    grad_w = unrows(grad_in, weight.shape, cl) if ctx.needs_input_grad[0] else None
+                    grad_w = unrows(grad_in, ctx.shape, cl) if ctx.needs_input_grad[0] else None
                     need_b, need_e = ctx.needs_input_grad[1:3]
                     return grad_w, grad_b if need_b else None, grad_e if need_e else None, None
             # a gradient of another dtype, or a failed compile: the eager backward, from the same saved tensors (the
             # fused forward saved the ranges as (C, 1) columns)
+            weight, out = unrows(weight, ctx.shape, cl), unrows(out, ctx.shape, cl)
             shape = (-1,) + (1,) * (weight.dim() - 1)
             lo, hi, factor = lo.view(shape), hi.view(shape), factor.view(-1)
         w = weight if weight.dtype == out.dtype else weight.to(out.dtype)  # half weights: compute in b/e's dtype
