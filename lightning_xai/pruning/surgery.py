@@ -34,11 +34,11 @@ from lightning_xai.quantization.batched import per_layer_quantization
 from lightning_xai.quantization.install import (
     BN_TYPES,
     QuantizedLayer,
-    batchnorm_gates,
     foreign_parametrizations,
+    gate_quantizer,
     quantized_layers,
 )
-from lightning_xai.quantization.quantizer import BatchNormGate, BiasGate, ChannelQuantizer
+from lightning_xai.quantization.quantizer import ChannelQuantizer
 from lightning_xai.quantization.ste import channels_last
 
 __all__ = [
@@ -422,10 +422,9 @@ class _Silence:
             return own, _LINEAR_LAYOUT
         if kind == tp.ops.OPTYPE.DEPTHWISE_CONV:
             # zero input channel -> zero output channel, unless a bias is added to it
-            if _is_depthwise(module) and _get(module, "bias") is None and len(node.inputs) >= 1:
-                # the data input (the weight, when parametrized, is an input node too: it has no zero channels)
-                found = [self.at(n) for n in node.inputs]
-                own |= frozenset().union(*(z for z, layout in found if layout == _CONV_LAYOUT and z))
+            if _is_depthwise(module) and _get(module, "bias") is None:
+                # from the data input (a parametrized weight is an input node too, without zero channels)
+                own = own.union(*(z for z, layout in map(self.at, node.inputs) if layout == _CONV_LAYOUT))
             return own, _CONV_LAYOUT
         if kind != tp.ops.OPTYPE.ELEMENTWISE or node.grad_fn is None:
             return none
@@ -495,37 +494,21 @@ def _spatial_mean(grad_fn: Any) -> bool:
 
 def _zero_outputs(model: nn.Module, layers: Sequence[QuantizedLayer], dead: Mapping[str, set[int]]) -> dict:
     """Module -> the output channels it outputs exactly zero on, whatever its input: the ``dead`` channels of a
-    quantized conv/linear layer whose bias is gated (or absent), and the same channels of the batch norm gated by its
-    quantizer (γ = β = 0 there)."""
+    quantized conv/linear layer (its bias, if any, is gated), and the same channels of the batch norm its quantizer
+    gates (γ = β = 0 there)."""
     out: dict[nn.Module, set[int]] = {}
     by_quantizer = {id(layer.quantizer): layer.name for layer in layers}
     for layer in layers:
         module = layer.module
-        if layer.tensor != "weight" or not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
-            continue
-        if _get(module, "bias") is not None and not (
-            parametrize.is_parametrized(module, "bias") and isinstance(module.parametrizations["bias"][0], BiasGate)
-        ):
-            continue  # an ungated bias: a 0-bit channel still outputs its bias
-        out[module] = set(dead.get(layer.name, ()))
-    hooked = {bn: quantizer for _, bn, quantizer in batchnorm_gates(model)}  # gates of batch norms without γ/β
+        if layer.tensor == "weight" and isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+            if layer.bias is not None or _get(module, "bias") is None:  # an ungated bias would still be output
+                out[module] = set(dead.get(layer.name, ()))
     for bn in model.modules():
-        if not isinstance(bn, _BN_TYPES):
-            continue
-        # the gate folded into γ and β (read from the parametrization itself: a deep copy of the model keeps it)
-        gates = [
-            bn.parametrizations[t][0] if parametrize.is_parametrized(bn, t) else None  # type: ignore[index]
-            for t in ("weight", "bias")
-        ]
-        quantizers = {id(g.quantizer) for g in gates if isinstance(g, BatchNormGate) and g.quantizer is not None}
-        if len(quantizers) == 1 and all(isinstance(g, BatchNormGate) for g in gates):
-            name = by_quantizer.get(quantizers.pop())
-        elif bn in hooked:
-            name = by_quantizer.get(id(hooked[bn]))
-        else:
-            name = None
-        if name is not None:
-            out[bn] = set(dead.get(name, ()))
+        if isinstance(bn, _BN_TYPES):
+            quantizer = gate_quantizer(bn)
+            name = None if quantizer is None else by_quantizer.get(id(quantizer))
+            if name is not None:
+                out[bn] = set(dead.get(name, ()))
     return out
 
 

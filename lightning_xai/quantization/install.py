@@ -382,6 +382,16 @@ def _prepared_gates(bn: nn.Module) -> list[BatchNormGate]:
     return gates
 
 
+def gate_quantizer(bn: nn.Module) -> ChannelQuantizer | None:
+    """The quantizer whose 0-bit channels the gate of ``bn`` zeroes, or ``None`` (no gate, or an unpaired one): read
+    from the gates folded into γ and β (a deep copy of the model keeps them), else from the registry (a hook gate)."""
+    gates = _prepared_gates(bn)
+    if len(gates) == 2 and gates[0].quantizer is not None and gates[0].quantizer is gates[1].quantizer:
+        return gates[0].quantizer
+    entry = _GATES.get(bn)
+    return entry[0] if entry is not None else None
+
+
 def gate_batchnorm(bn: nn.Module, quantizer: ChannelQuantizer) -> None:
     """Zero the outputs of ``bn`` on the channels where ``quantizer`` has 0 bits (idempotent).
 
