@@ -202,7 +202,7 @@ class Ops(nn.Module):
         views = [
             torch.sigmoid(h),  # sigmoid(0) = 0.5
             h.mean((2, 3), keepdim=True),  # spatial mean: zero stays zero
-            h.mean(1, keepdim=True).expand_as(h),  # mean over channels mixes them
+            h.mean(1, keepdim=True).expand_as(h),  # mean over channels, broadcast back: mixes them
             F.hardtanh(h, 0.5, 1.0),  # a clamp whose range excludes 0
             F.relu6(h),
             h * o,  # a product with a live factor
@@ -228,3 +228,13 @@ def test_zero_channels_follow_only_operations_that_keep_zeros(index, silent):
     assert sources, "the consumer is coupled with the producer's channel"
     zeros = set().union(*(silence.at(s)[0] for s in sources))
     assert (1 in zeros) is silent
+
+
+def test_only_a_mean_over_the_spatial_dimensions_counts_as_pooling():
+    x = torch.randn(2, 3, 4, 5, requires_grad=True)
+    assert surgery._spatial_mean(x.mean((2, 3), keepdim=True).grad_fn)
+    assert surgery._spatial_mean(x.mean((-1, -2)).grad_fn)
+    assert surgery._spatial_mean(x[:, :, 0].mean(2).grad_fn)  # (N, C, L)
+    assert not surgery._spatial_mean(x.mean(1, keepdim=True).grad_fn)  # over the channels
+    assert not surgery._spatial_mean(x.mean((1, 2, 3)).grad_fn)
+    assert not surgery._spatial_mean(x[:, :, 0, 0].mean(1).grad_fn)  # (N, C): its only dimension is the channels
